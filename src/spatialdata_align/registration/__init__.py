@@ -1,1 +1,31 @@
-"""registration."""
+"""The registration engine: pure numpy/torch, no SpatialData.
+
+Points are ``(N, 2)`` arrays of ``(x, y)`` in physical units; images are ``(c, y, x)``
+:class:`xarray.DataArray` objects (or arrays) with pixel-centre coordinates in physical units.
+
+* :func:`rasterize` – points (cells, transcripts) → density image on a physical grid.
+* :func:`fit_affine` – affine / similarity / rigid transform from matched landmarks.
+* :func:`auto_init` – affine initialisation without landmarks (rotation/reflection/scale search).
+* :func:`lddmm` – affine + diffeomorphic registration with mixture matching.
+* :class:`Registration` – the result: applies the transform to points and images, both ways.
+"""
+
+from ._utils import Image
+from .init import InitResult, auto_init
+from .landmarks import AffineFit, decompose_affine, fit_affine
+from .lddmm import RegistrationDivergedWarning, lddmm
+from .rasterize import rasterize
+from .result import Registration
+
+__all__ = [
+    "AffineFit",
+    "Image",
+    "InitResult",
+    "Registration",
+    "RegistrationDivergedWarning",
+    "auto_init",
+    "decompose_affine",
+    "fit_affine",
+    "lddmm",
+    "rasterize",
+]

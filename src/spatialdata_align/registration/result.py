@@ -1,0 +1,338 @@
+"""The :class:`Registration` result: owns the transform and applies it to points and images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ._flow import affine_torch, flow_forward, flow_inverse
+from ._utils import apply_affine, as_image, check_points, homogeneous, interp
+
+_DIRECTIONS = ("forward", "inverse")
+
+
+def _check_direction(direction: str) -> str:
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be 'forward' (source -> target) or 'inverse', got {direction!r}.")
+    return direction
+
+
+@dataclass
+class Registration:
+    """A fitted source→target transform: an affine composed with a diffeomorphism.
+
+    A source point ``x`` (source units, e.g. Xenium µm) maps to the target point
+    ``affine @ phi(x)`` (target units, e.g. Visium full-resolution pixels), where ``phi`` is the
+    flow of :attr:`velocity` (see :mod:`spatialdata_align.registration._flow`). With no velocity
+    (``velocity_values`` of zeros or ``None``) the transform is the affine alone.
+
+    Attributes
+    ----------
+    affine
+        ``(3, 3)`` homogeneous matrix, source units → target units, applied after ``phi``.
+    velocity_values
+        ``(nt, 2, ny, nx)`` velocity field (source units per unit time; channel 0 = x, 1 = y) or
+        ``None``.
+    xv, yv
+        Velocity grid node coordinates (source units).
+    energy
+        One row per iteration: ``level``, ``iteration``, ``total``, ``match``, ``reg``,
+        ``landmark``.
+    match_weight
+        ``(ny, nx)`` posterior probability that each target pixel is matched tissue (not background
+        or artifact), on the finest target grid used, as a DataArray with physical coordinates.
+    params
+        The parameters the fit used (JSON-serialisable).
+    source_units, target_units
+        Physical units of the two spaces.
+    """
+
+    affine: np.ndarray
+    velocity_values: np.ndarray | None = None
+    xv: np.ndarray | None = None
+    yv: np.ndarray | None = None
+    energy: pd.DataFrame = field(default_factory=pd.DataFrame)
+    match_weight: xr.DataArray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    source_units: str = "um"
+    target_units: str = "px"
+    source_extent: tuple[float, float, float, float] | None = None
+    target_extent: tuple[float, float, float, float] | None = None
+    contrast: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.affine = homogeneous(self.affine)
+        if self.velocity_values is not None:
+            self.velocity_values = np.asarray(self.velocity_values, dtype=np.float64)
+            if self.velocity_values.ndim != 4 or self.velocity_values.shape[1] != 2:
+                raise ValueError(f"velocity must be (nt, 2, ny, nx), got {self.velocity_values.shape}.")
+            self.xv = np.asarray(self.xv, dtype=np.float64)
+            self.yv = np.asarray(self.yv, dtype=np.float64)
+            if self.xv.shape != (self.velocity_values.shape[3],) or self.yv.shape != (
+                self.velocity_values.shape[2],
+            ):
+                raise ValueError("velocity grid coordinates xv/yv do not match the velocity field's shape.")
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_affine(cls, matrix, **kwargs) -> Registration:
+        """An affine-only registration (no diffeomorphic part)."""
+        return cls(affine=matrix, **kwargs)
+
+    @property
+    def has_velocity(self) -> bool:
+        """Whether a non-linear (diffeomorphic) part is present."""
+        return self.velocity_values is not None and bool(np.any(self.velocity_values))
+
+    @property
+    def velocity(self) -> xr.DataArray | None:
+        """The velocity field as a ``(t, c, y, x)`` DataArray with physical coordinates."""
+        if self.velocity_values is None:
+            return None
+        return xr.DataArray(
+            self.velocity_values,
+            dims=("t", "c", "y", "x"),
+            coords={
+                "t": np.arange(self.velocity_values.shape[0]),
+                "c": ["vx", "vy"],
+                "y": self.yv,
+                "x": self.xv,
+            },
+            attrs={"units": f"{self.source_units} per unit time", "space": "source"},
+            name="velocity",
+        )
+
+    # ------------------------------------------------------------------------ application
+    def _v(self) -> torch.Tensor:
+        return torch.as_tensor(self.velocity_values, dtype=torch.float64)
+
+    def transform_points(self, xy, direction: str = "forward", *, tol: float = 1e-10) -> np.ndarray:
+        """Map points between the two spaces.
+
+        Parameters
+        ----------
+        xy
+            ``(N, 2)`` points ``(x, y)``: source units for ``"forward"``, target units for
+            ``"inverse"``.
+        direction
+            ``"forward"`` (source → target) or ``"inverse"`` (target → source).
+        tol
+            Convergence tolerance (source units) of the fixed-point inversion of each flow step.
+
+        Returns
+        -------
+        ``(N, 2)`` float64 array of mapped points.
+        """
+        _check_direction(direction)
+        pts = check_points(xy, "xy")
+        if pts.shape[0] == 0:
+            return pts.copy()
+        if not self.has_velocity:
+            m = self.affine if direction == "forward" else np.linalg.inv(self.affine)
+            return apply_affine(m, pts)
+        with torch.no_grad():
+            t = torch.as_tensor(pts, dtype=torch.float64)
+            a = torch.as_tensor(self.affine, dtype=torch.float64)
+            if direction == "forward":
+                out = affine_torch(a, flow_forward(t, self._v(), self.xv, self.yv))
+            else:
+                t = affine_torch(torch.linalg.inv(a), t)
+                out = flow_inverse(t, self._v(), self.xv, self.yv, tol=tol)
+        return out.numpy()
+
+    def displacement(self, x=None, y=None, direction: str = "forward") -> xr.DataArray:
+        """The non-linear part as a displacement field ``phi(p) - p`` (source units).
+
+        ``direction="forward"`` gives ``phi(p) - p``; ``"inverse"`` gives ``phi^{-1}(p) - p``.
+        Sampled on the grid ``x``/``y`` (source units; default the velocity grid). Returns a
+        ``(c, y, x)`` DataArray with channels ``dx``, ``dy``.
+        """
+        _check_direction(direction)
+        x = self.xv if x is None else np.asarray(x, dtype=float)
+        y = self.yv if y is None else np.asarray(y, dtype=float)
+        if x is None or y is None:
+            raise ValueError("this registration has no velocity grid; pass x and y explicitly.")
+        gx, gy = np.meshgrid(x, y)
+        pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
+        if self.has_velocity:
+            with torch.no_grad():
+                t = torch.as_tensor(pts, dtype=torch.float64)
+                if direction == "forward":
+                    out = flow_forward(t, self._v(), self.xv, self.yv).numpy()
+                else:
+                    out = flow_inverse(t, self._v(), self.xv, self.yv, tol=1e-10).numpy()
+        else:
+            out = pts
+        d = (out - pts).T.reshape(2, y.size, x.size)
+        return xr.DataArray(
+            d, dims=("c", "y", "x"), coords={"c": ["dx", "dy"], "y": y, "x": x},
+            attrs={"units": self.source_units, "direction": direction}, name="displacement",
+        )
+
+    def warp_image(
+        self,
+        image,
+        x=None,
+        y=None,
+        *,
+        direction: str = "forward",
+        out_x=None,
+        out_y=None,
+        fill: float = 0.0,
+        chunk: int = 1_000_000,
+    ) -> xr.DataArray:
+        """Resample an image from one space onto a grid of the other.
+
+        Parameters
+        ----------
+        image
+            ``(C, ny, nx)`` / ``(ny, nx)`` / ``(ny, nx, 3)`` array or ``(c, y, x)`` DataArray.
+            For ``"forward"`` it lives in source space, for ``"inverse"`` in target space.
+        x, y
+            Pixel-centre coordinates of ``image`` (default: its DataArray coordinates or pixel
+            units).
+        direction
+            ``"forward"``: source image → target grid; ``"inverse"``: target image → source grid.
+        out_x, out_y
+            Pixel-centre coordinates of the output grid (default: the target grid used for the fit
+            for ``"forward"``, the source grid for ``"inverse"``).
+        fill
+            Value outside the input image.
+        chunk
+            Output pixels processed at a time (bounds memory).
+
+        Returns
+        -------
+        ``(c, y, x)`` DataArray on the output grid (bilinear interpolation).
+        """
+        _check_direction(direction)
+        img = as_image(image, x, y, name="image")
+        if out_x is None or out_y is None:
+            out_x, out_y = self._default_grid("target" if direction == "forward" else "source", img)
+        out_x = np.asarray(out_x, dtype=float)
+        out_y = np.asarray(out_y, dtype=float)
+        gx, gy = np.meshgrid(out_x, out_y)
+        pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
+        src_pts = np.empty_like(pts)
+        back = "inverse" if direction == "forward" else "forward"
+        for s in range(0, pts.shape[0], chunk):
+            src_pts[s : s + chunk] = self.transform_points(pts[s : s + chunk], back)
+        data = torch.as_tensor(img.data - fill, dtype=torch.float64)
+        with torch.no_grad():
+            out = interp(data, img.x, img.y, torch.as_tensor(src_pts), padding="zeros").numpy() + fill
+        # grid_sample clamps at edge pixel centres; outside the pixel edges the fill applies
+        xmin, xmax, ymin, ymax = img.extent
+        outside = (src_pts[:, 0] < xmin) | (src_pts[:, 0] > xmax) | (src_pts[:, 1] < ymin) | (src_pts[:, 1] > ymax)
+        out[:, outside] = fill
+        return xr.DataArray(
+            out.reshape(img.data.shape[0], out_y.size, out_x.size),
+            dims=("c", "y", "x"),
+            coords={"c": np.arange(img.data.shape[0]), "y": out_y, "x": out_x},
+            attrs={"units": self.target_units if direction == "forward" else self.source_units},
+            name="warped",
+        )
+
+    def _default_grid(self, space: str, img) -> tuple[np.ndarray, np.ndarray]:
+        extent = self.target_extent if space == "target" else self.source_extent
+        if extent is None:
+            raise ValueError(f"no default {space} grid is known for this registration: pass out_x and out_y.")
+        xmin, xmax, ymin, ymax = extent
+        if space == "target":
+            step = float(self.params.get("target_pixel", img.dx * abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
+        else:
+            step = float(self.params.get("source_pixel", img.dx / abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
+        nx = max(int(round((xmax - xmin) / step)), 2)
+        ny = max(int(round((ymax - ymin) / step)), 2)
+        return xmin + (np.arange(nx) + 0.5) * step, ymin + (np.arange(ny) + 0.5) * step
+
+    # ------------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A lossless dictionary of numpy arrays and JSON-serialisable values."""
+        d: dict[str, Any] = {
+            "affine": self.affine.copy(),
+            "velocity": None if self.velocity_values is None else self.velocity_values.copy(),
+            "xv": None if self.xv is None else np.asarray(self.xv).copy(),
+            "yv": None if self.yv is None else np.asarray(self.yv).copy(),
+            "energy": {c: self.energy[c].to_numpy().copy() for c in self.energy.columns},
+            "params": json.loads(json.dumps(self.params, default=_json_default)),
+            "source_units": self.source_units,
+            "target_units": self.target_units,
+            "source_extent": None if self.source_extent is None else list(map(float, self.source_extent)),
+            "target_extent": None if self.target_extent is None else list(map(float, self.target_extent)),
+            "contrast": {k: np.asarray(v).copy() for k, v in self.contrast.items()},
+        }
+        if self.match_weight is not None:
+            d["match_weight"] = {
+                "values": self.match_weight.values.copy(),
+                "x": self.match_weight.coords["x"].values.copy(),
+                "y": self.match_weight.coords["y"].values.copy(),
+            }
+        else:
+            d["match_weight"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Registration:
+        """Inverse of :meth:`to_dict`."""
+        mw = d.get("match_weight")
+        match_weight = None
+        if mw is not None:
+            match_weight = xr.DataArray(
+                np.asarray(mw["values"]), dims=("y", "x"),
+                coords={"y": np.asarray(mw["y"]), "x": np.asarray(mw["x"])}, name="match_weight",
+            )
+        energy = pd.DataFrame({k: np.asarray(v) for k, v in (d.get("energy") or {}).items()})
+        return cls(
+            affine=np.asarray(d["affine"]),
+            velocity_values=None if d.get("velocity") is None else np.asarray(d["velocity"]),
+            xv=None if d.get("xv") is None else np.asarray(d["xv"]),
+            yv=None if d.get("yv") is None else np.asarray(d["yv"]),
+            energy=energy,
+            match_weight=match_weight,
+            params=dict(d.get("params") or {}),
+            source_units=d.get("source_units", "um"),
+            target_units=d.get("target_units", "px"),
+            source_extent=None if d.get("source_extent") is None else tuple(d["source_extent"]),
+            target_extent=None if d.get("target_extent") is None else tuple(d["target_extent"]),
+            contrast={k: np.asarray(v) for k, v in (d.get("contrast") or {}).items()},
+        )
+
+    def match_weight_at(self, xy, direction: str = "forward") -> np.ndarray:
+        """Interpolate the match weight at points (source points mapped forward by default)."""
+        if self.match_weight is None:
+            raise ValueError("this registration has no match weight (affine-only fits have none).")
+        pts = check_points(xy, "xy")
+        if direction == "forward":
+            pts = self.transform_points(pts, "forward")
+        mw = self.match_weight
+        with torch.no_grad():
+            val = interp(
+                torch.as_tensor(mw.values[None], dtype=torch.float64), mw.coords["x"].values,
+                mw.coords["y"].values, torch.as_tensor(pts), padding="zeros",
+            )[0].numpy()
+        return val
+
+    def __repr__(self) -> str:
+        kind = "affine + LDDMM" if self.has_velocity else "affine"
+        n_it = len(self.energy)
+        shape = None if self.velocity_values is None else tuple(self.velocity_values.shape)
+        return (
+            f"Registration({kind}, {self.source_units} -> {self.target_units}, iterations={n_it}, "
+            f"velocity={shape})"
+        )
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
