@@ -10,12 +10,12 @@ Points are ``(N, 2)`` arrays of ``(x, y)`` in physical units; images are ``(c, y
 * :class:`Registration` – the result: applies the transform to points and images, both ways.
 """
 
+from ._init import InitResult, auto_init
+from ._landmarks import AffineFit, decompose_affine, fit_affine
+from ._lddmm import RegistrationDivergedWarning, lddmm
+from ._rasterize import rasterize
+from ._result import Registration
 from ._utils import Image
-from .init import InitResult, auto_init
-from .landmarks import AffineFit, decompose_affine, fit_affine
-from .lddmm import RegistrationDivergedWarning, lddmm
-from .rasterize import rasterize
-from .result import Registration
 
 __all__ = [
     "AffineFit",

@@ -27,9 +27,9 @@ def sobolev_symbol(
     """Fourier symbol of ``L = (Id - a^2 Δ)^p`` on an ``(ny, nx)`` grid of spacing ``dv`` (rfft layout)."""
     ky = torch.fft.fftfreq(ny, dtype=dtype, device=device)
     kx = torch.fft.rfftfreq(nx, dtype=dtype, device=device)
-    lam = (2.0 - 2.0 * torch.cos(2.0 * math.pi * ky))[:, None] / dv**2 + (
-        2.0 - 2.0 * torch.cos(2.0 * math.pi * kx)
-    )[None, :] / dv**2
+    lam = (2.0 - 2.0 * torch.cos(2.0 * math.pi * ky))[:, None] / dv**2 + (2.0 - 2.0 * torch.cos(2.0 * math.pi * kx))[
+        None, :
+    ] / dv**2
     return (1.0 + a**2 * lam) ** p
 
 
@@ -39,9 +39,7 @@ def apply_symbol(field: torch.Tensor, symbol: torch.Tensor, power: float = 1.0) 
     return torch.fft.irfft2(torch.fft.rfft2(field) * symbol**power, s=(ny, nx))
 
 
-def flow_forward(
-    pts: torch.Tensor, v: torch.Tensor, xv: np.ndarray, yv: np.ndarray
-) -> torch.Tensor:
+def flow_forward(pts: torch.Tensor, v: torch.Tensor, xv: np.ndarray, yv: np.ndarray) -> torch.Tensor:
     """Push ``(N, 2)`` points through the flow: ``x <- x + v_t(x) / nt`` for ``t = 0..nt-1``."""
     nt = v.shape[0]
     for t in range(nt):

@@ -74,9 +74,7 @@ class Registration:
                 raise ValueError(f"velocity must be (nt, 2, ny, nx), got {self.velocity_values.shape}.")
             self.xv = np.asarray(self.xv, dtype=np.float64)
             self.yv = np.asarray(self.yv, dtype=np.float64)
-            if self.xv.shape != (self.velocity_values.shape[3],) or self.yv.shape != (
-                self.velocity_values.shape[2],
-            ):
+            if self.xv.shape != (self.velocity_values.shape[3],) or self.yv.shape != (self.velocity_values.shape[2],):
                 raise ValueError("velocity grid coordinates xv/yv do not match the velocity field's shape.")
 
     # ------------------------------------------------------------------ construction helpers
@@ -171,8 +169,11 @@ class Registration:
             out = pts
         d = (out - pts).T.reshape(2, y.size, x.size)
         return xr.DataArray(
-            d, dims=("c", "y", "x"), coords={"c": ["dx", "dy"], "y": y, "x": x},
-            attrs={"units": self.source_units, "direction": direction}, name="displacement",
+            d,
+            dims=("c", "y", "x"),
+            coords={"c": ["dx", "dy"], "y": y, "x": x},
+            attrs={"units": self.source_units, "direction": direction},
+            name="displacement",
         )
 
     def warp_image(
@@ -203,7 +204,7 @@ class Registration:
             Pixel-centre coordinates of the output grid (default: the target grid used for the fit
             for ``"forward"``, the source grid for ``"inverse"``).
         fill
-            Value outside the input image.
+            Value outside the input image (``np.nan`` allowed).
         chunk
             Output pixels processed at a time (bounds memory).
 
@@ -223,9 +224,10 @@ class Registration:
         back = "inverse" if direction == "forward" else "forward"
         for s in range(0, pts.shape[0], chunk):
             src_pts[s : s + chunk] = self.transform_points(pts[s : s + chunk], back)
-        data = torch.as_tensor(img.data - fill, dtype=torch.float64)
+        base = 0.0 if np.isnan(fill) else fill
+        data = torch.as_tensor(img.data - base, dtype=torch.float64)
         with torch.no_grad():
-            out = interp(data, img.x, img.y, torch.as_tensor(src_pts), padding="zeros").numpy() + fill
+            out = interp(data, img.x, img.y, torch.as_tensor(src_pts), padding="border").numpy() + base
         # grid_sample clamps at edge pixel centres; outside the pixel edges the fill applies
         xmin, xmax, ymin, ymax = img.extent
         outside = (src_pts[:, 0] < xmin) | (src_pts[:, 0] > xmax) | (src_pts[:, 1] < ymin) | (src_pts[:, 1] > ymax)
@@ -247,8 +249,8 @@ class Registration:
             step = float(self.params.get("target_pixel", img.dx * abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
         else:
             step = float(self.params.get("source_pixel", img.dx / abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
-        nx = max(int(round((xmax - xmin) / step)), 2)
-        ny = max(int(round((ymax - ymin) / step)), 2)
+        nx = max(round((xmax - xmin) / step), 2)
+        ny = max(round((ymax - ymin) / step), 2)
         return xmin + (np.arange(nx) + 0.5) * step, ymin + (np.arange(ny) + 0.5) * step
 
     # ------------------------------------------------------------------------ serialisation
@@ -284,8 +286,10 @@ class Registration:
         match_weight = None
         if mw is not None:
             match_weight = xr.DataArray(
-                np.asarray(mw["values"]), dims=("y", "x"),
-                coords={"y": np.asarray(mw["y"]), "x": np.asarray(mw["x"])}, name="match_weight",
+                np.asarray(mw["values"]),
+                dims=("y", "x"),
+                coords={"y": np.asarray(mw["y"]), "x": np.asarray(mw["x"])},
+                name="match_weight",
             )
         energy = pd.DataFrame({k: np.asarray(v) for k, v in (d.get("energy") or {}).items()})
         return cls(
@@ -313,8 +317,11 @@ class Registration:
         mw = self.match_weight
         with torch.no_grad():
             val = interp(
-                torch.as_tensor(mw.values[None], dtype=torch.float64), mw.coords["x"].values,
-                mw.coords["y"].values, torch.as_tensor(pts), padding="zeros",
+                torch.as_tensor(mw.values[None], dtype=torch.float64),
+                mw.coords["x"].values,
+                mw.coords["y"].values,
+                torch.as_tensor(pts),
+                padding="zeros",
             )[0].numpy()
         return val
 
@@ -322,10 +329,7 @@ class Registration:
         kind = "affine + LDDMM" if self.has_velocity else "affine"
         n_it = len(self.energy)
         shape = None if self.velocity_values is None else tuple(self.velocity_values.shape)
-        return (
-            f"Registration({kind}, {self.source_units} -> {self.target_units}, iterations={n_it}, "
-            f"velocity={shape})"
-        )
+        return f"Registration({kind}, {self.source_units} -> {self.target_units}, iterations={n_it}, velocity={shape})"
 
 
 def _json_default(o):

@@ -39,8 +39,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ._flow import affine_torch, apply_symbol, flow_forward, flow_inverse, sobolev_symbol
+from ._result import Registration
 from ._utils import Image, apply_affine, as_image, check_points, homogeneous, interp
-from .result import Registration
 
 _CLASSES = ("match", "background", "artifact")
 
@@ -88,8 +88,31 @@ def _as_tuple(v, n: int, name: str) -> tuple:
 class _Problem:
     """Holds tensors and nuisance parameters, evaluates the energy and its gradient."""
 
-    def __init__(self, I_img, J_img, A0, *, a, p, nt, dv, pad, sigma_m, sigma_b, sigma_a, sigma_r,
-                 sigma_p, degree, background, artifact, update_priors, lm_src, lm_dst, dtype, device):
+    def __init__(
+        self,
+        I_img,
+        J_img,
+        A0,
+        *,
+        a,
+        p,
+        nt,
+        dv,
+        pad,
+        sigma_m,
+        sigma_b,
+        sigma_a,
+        sigma_r,
+        sigma_p,
+        degree,
+        background,
+        artifact,
+        update_priors,
+        lm_src,
+        lm_dst,
+        dtype,
+        device,
+    ):
         self.dtype, self.device = dtype, device
         self.A0 = A0
         self.NI = _normalise_matrix(I_img.extent)
@@ -388,8 +411,15 @@ def lddmm(
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
     sigma_a = float(5 * sigma_m if sigma_a is None else sigma_a)
     sigma_p = float(2 * dxI * scale_a if sigma_p is None else sigma_p)
-    for name, val in (("a", a), ("dv", dv), ("sigma_m", sigma_m), ("sigma_b", sigma_b),
-                      ("sigma_a", sigma_a), ("sigma_r", sigma_r), ("sigma_p", sigma_p)):
+    for name, val in (
+        ("a", a),
+        ("dv", dv),
+        ("sigma_m", sigma_m),
+        ("sigma_b", sigma_b),
+        ("sigma_a", sigma_a),
+        ("sigma_r", sigma_r),
+        ("sigma_p", sigma_p),
+    ):
         if not np.isfinite(val) or val <= 0:
             raise ValueError(f"{name} must be positive and finite, got {val!r}.")
     if nt < 1:
@@ -398,13 +428,30 @@ def lddmm(
     max_iter = _as_tuple(max_iter, len(scales), "max_iter")
     if target_pixel is None:
         target_pixel = dxI * scale_a
-    base_j = max(1, int(round(target_pixel / J_img.dx)))
+    base_j = max(1, round(target_pixel / J_img.dx))
 
     prob = _Problem(
-        I_img, J_img, A0, a=a, p=p, nt=nt, dv=dv, pad=2 * a, sigma_m=sigma_m, sigma_b=sigma_b,
-        sigma_a=sigma_a, sigma_r=sigma_r, sigma_p=sigma_p, degree=contrast_degree,
-        background=background, artifact=artifact, update_priors=update_priors, lm_src=lm_src,
-        lm_dst=lm_dst, dtype=dtype, device=device,
+        I_img,
+        J_img,
+        A0,
+        a=a,
+        p=p,
+        nt=nt,
+        dv=dv,
+        pad=2 * a,
+        sigma_m=sigma_m,
+        sigma_b=sigma_b,
+        sigma_a=sigma_a,
+        sigma_r=sigma_r,
+        sigma_p=sigma_p,
+        degree=contrast_degree,
+        background=background,
+        artifact=artifact,
+        update_priors=update_priors,
+        lm_src=lm_src,
+        lm_dst=lm_dst,
+        dtype=dtype,
+        device=device,
     )
 
     def make_level(f: int) -> _Level:
@@ -461,7 +508,7 @@ def lddmm(
             good = (x.clone(), post)
             conv = False
             it = 0
-            for it in range(1, n_iter + 1):  # noqa: B007 - `it` is reported after the loop
+            for it in range(1, n_iter + 1):
                 first_scale = 1e-3 / max(float(g.abs().max()), 1e-30)
                 d = _lbfgs_direction(g, S, Y, first_scale)
                 gd = float(torch.dot(g, d))
@@ -471,14 +518,19 @@ def lddmm(
                     gd = float(torch.dot(g, d))
                 t = 1.0
                 accepted = False
+                non_finite = 0
                 for _ in range(25):
                     xn = x + t * d
                     en, gn, partsn, postn = evaluate(xn)
-                    if gn is not None and torch.isfinite(en) and float(en) <= float(e) + 1e-4 * t * gd:
+                    if gn is None or not torch.isfinite(en):
+                        non_finite += 1
+                    elif float(en) <= float(e) + 1e-4 * t * gd:
                         accepted = True
                         break
                     t *= 0.5
                 if not accepted:
+                    if non_finite:
+                        raise FloatingPointError(f"energy became non-finite ({non_finite} trial steps)")
                     conv = True  # no descent possible: stationary at this resolution
                     break
                 s_vec, y_vec = xn - x, gn - g
@@ -497,8 +549,14 @@ def lddmm(
                 good = (x.clone(), post)
                 hist.append(float(e))
                 records.append(
-                    {"level": li, "scale": scales[li], "stage": kind, "iteration": len(records),
-                     "total": float(e), **{k: float(v.detach()) for k, v in parts.items()}}
+                    {
+                        "level": li,
+                        "scale": scales[li],
+                        "stage": kind,
+                        "iteration": len(records),
+                        "total": float(e),
+                        **{k: float(v.detach()) for k, v in parts.items()},
+                    }
                 )
                 bar.update(1)
                 bar.set_postfix(level=f"{li}/{kind}", energy=f"{float(e):.4g}")
@@ -514,8 +572,7 @@ def lddmm(
     except FloatingPointError as err:
         diverged = True
         warnings.warn(
-            f"LDDMM diverged ({err}); returning the last good state. Try a smaller sigma_r or a "
-            "larger a.",
+            f"LDDMM diverged ({err}); returning the last good state. Try a smaller sigma_r or a larger a.",
             RegistrationDivergedWarning,
             stacklevel=2,
         )
@@ -537,24 +594,56 @@ def lddmm(
             mw, dims=("y", "x"), coords={"y": lvl.target.y, "x": lvl.target.x}, name="match_weight"
         )
     params = {
-        "a": a, "p": p, "nt": nt, "dv": dv, "sigma_m": sigma_m, "sigma_b": sigma_b, "sigma_a": sigma_a,
-        "sigma_r": sigma_r, "sigma_p": sigma_p, "contrast_degree": contrast_degree,
-        "background": background, "artifact": artifact, "scales": list(scales), "max_iter": list(max_iter),
-        "affine_iter": affine_iter, "optimize_affine": optimize_affine, "tol": tol, "window": window,
-        "min_iter": min_iter, "target_pixel": target_pixel, "source_pixel": dxI, "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""), "seed": seed, "initial_affine": A0.tolist(),
-        "n_landmarks": 0 if lm_src is None else int(lm_src.shape[0]), "diverged": diverged,
-        "levels": converged, "runtime_s": time.perf_counter() - t_start, "source_intensity_scale": scale_i,
+        "a": a,
+        "p": p,
+        "nt": nt,
+        "dv": dv,
+        "sigma_m": sigma_m,
+        "sigma_b": sigma_b,
+        "sigma_a": sigma_a,
+        "sigma_r": sigma_r,
+        "sigma_p": sigma_p,
+        "contrast_degree": contrast_degree,
+        "background": background,
+        "artifact": artifact,
+        "scales": list(scales),
+        "max_iter": list(max_iter),
+        "affine_iter": affine_iter,
+        "optimize_affine": optimize_affine,
+        "tol": tol,
+        "window": window,
+        "min_iter": min_iter,
+        "target_pixel": target_pixel,
+        "source_pixel": dxI,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": seed,
+        "initial_affine": A0.tolist(),
+        "n_landmarks": 0 if lm_src is None else int(lm_src.shape[0]),
+        "diverged": diverged,
+        "levels": converged,
+        "runtime_s": time.perf_counter() - t_start,
+        "source_intensity_scale": scale_i,
     }
     contrast = {}
     if prob.theta is not None:
         contrast = {
-            "theta": prob.theta.cpu().numpy(), "mu_background": prob.mu_b.cpu().numpy(),
-            "mu_artifact": prob.mu_a.cpu().numpy(), "priors": prob.log_pi.exp().cpu().numpy(),
+            "theta": prob.theta.cpu().numpy(),
+            "mu_background": prob.mu_b.cpu().numpy(),
+            "mu_artifact": prob.mu_a.cpu().numpy(),
+            "priors": prob.log_pi.exp().cpu().numpy(),
         }
     return Registration(
-        affine=A, velocity_values=v, xv=prob.xv, yv=prob.yv,
-        energy=pd.DataFrame.from_records(records), match_weight=match_weight, params=params,
-        source_units=source_units, target_units=target_units, source_extent=I_img.extent,
-        target_extent=J_img.extent, contrast=contrast,
+        affine=A,
+        velocity_values=v,
+        xv=prob.xv,
+        yv=prob.yv,
+        energy=pd.DataFrame.from_records(records),
+        match_weight=match_weight,
+        params=params,
+        source_units=source_units,
+        target_units=target_units,
+        source_extent=I_img.extent,
+        target_extent=J_img.extent,
+        contrast=contrast,
     )

@@ -18,8 +18,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch.nn.functional import grid_sample
 
+from ._landmarks import decompose_affine
 from ._utils import Image, as_image, normalised_grid
-from .landmarks import decompose_affine
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _border_median(data: np.ndarray) -> np.ndarray:
-    c, ny, nx = data.shape
+    _, ny, nx = data.shape
     k = max(1, min(ny, nx) // 20)
     mask = np.zeros((ny, nx), bool)
     mask[:k] = mask[-k:] = True
@@ -219,8 +219,12 @@ def auto_init(
     matrix, sc = best
     dec = decompose_affine(matrix)
     return InitResult(
-        matrix=matrix, score=float(sc), rotation_deg=dec["rotation_deg"], reflection=dec["reflection"],
-        scale=dec["scale"], candidates=table,
+        matrix=matrix,
+        score=float(sc),
+        rotation_deg=dec["rotation_deg"],
+        reflection=dec["reflection"],
+        scale=dec["scale"],
+        candidates=table,
     )
 
 

@@ -1,0 +1,293 @@
+"""Unit tests of the registration engine (no SpatialData)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import xarray as xr
+from _toy import Toy
+
+from spatialdata_align.registration import (
+    Registration,
+    RegistrationDivergedWarning,
+    auto_init,
+    decompose_affine,
+    fit_affine,
+    lddmm,
+    rasterize,
+)
+from spatialdata_align.registration import _lddmm as lddmm_mod
+
+FAST = {"progress": False, "contrast_degree": 3, "sigma_r": 300.0}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return Toy()
+
+
+@pytest.fixture(scope="module")
+def toy_reg(toy):
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    return fit, lddmm(toy.source, toy.target, affine=fit.matrix, **FAST)
+
+
+# --------------------------------------------------------------------------- rasterize
+def test_rasterize_conserves_mass_and_places_points():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, size=(5000, 2))
+    img = rasterize(xy, dx=20.0, blur=30.0)
+    assert img.dims == ("c", "y", "x")
+    assert img.sum().item() == pytest.approx(5000.0, rel=1e-9)
+    # without blur a point on a pixel centre lands entirely in that pixel
+    one = rasterize(np.array([[10.0, 30.0]]), dx=20.0, blur=0, extent=(0, 100, 0, 100))
+    iy, ix = np.unravel_index(np.argmax(one.values[0]), one.shape[1:])
+    assert (one.x.values[ix], one.y.values[iy]) == (10.0, 30.0)
+    assert one.values[0, iy, ix] == pytest.approx(1.0)
+    # mass splits bilinearly between neighbours and the centroid is preserved
+    two = rasterize(np.array([[25.0, 37.0]]), dx=20.0, blur=0, extent=(0, 100, 0, 100))
+    gx, gy = np.meshgrid(two.x.values, two.y.values)
+    w = two.values[0]
+    assert (w * gx).sum() == pytest.approx(25.0)
+    assert (w * gy).sum() == pytest.approx(37.0)
+
+
+def test_rasterize_channels_dense_and_sparse_agree():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 500, size=(2000, 2))
+    counts = rng.poisson(0.5, size=(2000, 7)).astype(float)
+    dense = rasterize(xy, counts, dx=25.0, channel_names=list("abcdefg"))
+    sparse = rasterize(xy, sp.csr_matrix(counts), dx=25.0)
+    assert dense.shape[0] == 7 and list(dense.c.values) == list("abcdefg")
+    np.testing.assert_allclose(dense.values, sparse.values, atol=1e-9)
+    np.testing.assert_allclose(dense.sum(("x", "y")).values, counts.sum(0), rtol=1e-9)
+
+
+def test_rasterize_extent_drops_outside_and_errors():
+    xy = np.array([[10.0, 10.0], [500.0, 500.0]])
+    img = rasterize(xy, dx=10.0, blur=0, extent=(0, 100, 0, 100))
+    assert img.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        rasterize(np.array([[0.0, np.nan]]), dx=10.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        rasterize(np.zeros((0, 2)), dx=10.0)
+    with pytest.raises(ValueError, match="dx"):
+        rasterize(xy, dx=0)
+    with pytest.raises(ValueError, match="one row per point"):
+        rasterize(xy, np.ones(3), dx=10.0)
+
+
+# --------------------------------------------------------------------------- landmarks
+@pytest.mark.parametrize("kind", ["affine", "similarity", "rigid"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_fit_affine_recovers_known_transform(kind, flip):
+    rng = np.random.default_rng(2)
+    src = rng.uniform(0, 1000, size=(8, 2))
+    th = np.radians(40.0)
+    lin = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    if kind == "affine":
+        lin = lin @ np.array([[1.3, 0.2], [0.0, 0.8]])
+    elif kind == "similarity":
+        lin = 1.7 * lin
+    if flip:
+        lin = lin @ np.diag([-1.0, 1.0])
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = [100.0, -50.0]
+    dst = src @ lin.T + m[:2, 2]
+    fit = fit_affine(src, dst, kind=kind)
+    np.testing.assert_allclose(fit.matrix, m, atol=1e-9)
+    assert fit.rms < 1e-9
+    assert fit.reflection == flip
+    np.testing.assert_allclose(fit.transform_points(dst, "inverse"), src, atol=1e-9)
+
+
+def test_fit_affine_residuals_are_per_landmark():
+    src = np.array([[0, 0], [100, 0], [0, 100], [100, 100], [50, 50], [30, 70]], float)
+    dst = src.copy()
+    dst[3] += [4.0, 0.0]
+    fit = fit_affine(src, dst)
+    assert fit.residuals.shape == (6,)
+    assert fit.residuals.argmax() == 3
+    manual = np.linalg.norm(src @ fit.matrix[:2, :2].T + fit.matrix[:2, 2] - dst, axis=1)
+    np.testing.assert_allclose(fit.residuals, manual)
+    assert fit.rms == pytest.approx(np.sqrt(np.mean(manual**2)))
+    assert 0 < fit.residuals[3] < 4.0  # least squares absorbs part of the displacement
+
+
+def test_fit_affine_errors():
+    src = np.array([[0, 0], [100, 0], [0, 100]], float)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_affine(src[:2], src[:2])
+    with pytest.raises(ValueError, match="3 source and 2 target"):
+        fit_affine(src, src[:2])
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_affine(np.vstack([src, [np.nan, 1]]), np.vstack([src, [1, 1]]))
+    collinear = np.array([[0, 0], [100, 100], [200, 200.0001], [300, 300]])
+    with pytest.raises(ValueError, match="condition number"):
+        fit_affine(collinear, collinear)
+    with pytest.raises(ValueError, match="kind"):
+        fit_affine(src, src, kind="projective")
+
+
+# --------------------------------------------------------------------------- auto init
+@pytest.mark.parametrize("flip", [False, True])
+def test_auto_init_recovers_rotation_scale_and_flip(flip):
+    toy = Toy(n=30_000, flip=flip)
+    res = auto_init(toy.source, toy.target)
+    truth = decompose_affine(toy.affine)
+    assert res.reflection == flip
+    d = (res.rotation_deg - truth["rotation_deg"] + 180) % 360 - 180
+    assert abs(d) < 2.0
+    assert res.scale == pytest.approx(truth["scale"], rel=0.05)
+    # the translation is right too: tissue centre lands within a few pixels
+    c = toy.src_pts.mean(0)
+    assert np.linalg.norm(res.matrix[:2, :2] @ c + res.matrix[:2, 2] - toy.forward(c[None])[0]) < 80
+
+
+# --------------------------------------------------------------------------- lddmm
+def test_lddmm_improves_on_affine_and_inverts(toy, toy_reg):
+    fit, reg = toy_reg
+    tre_aff = toy.tre(fit.transform_points(toy.src_pts))
+    tre_lddmm = toy.tre(reg.transform_points(toy.src_pts))
+    assert np.median(tre_lddmm) < 0.75 * np.median(tre_aff)
+    assert np.percentile(tre_lddmm, 95) < np.percentile(tre_aff, 95)
+    assert np.median(tre_lddmm) < 7.0
+    back = reg.transform_points(reg.transform_points(toy.src_pts), "inverse")
+    assert np.abs(back - toy.src_pts).max() < 1e-6
+    assert reg.has_velocity
+    assert set(reg.energy.columns) >= {"level", "total", "match", "reg", "landmark"}
+    # energy decreases within every stage (monotone line search)
+    for _, grp in reg.energy.groupby(["level", "stage"]):
+        assert np.all(np.diff(grp.total.values) <= 1e-9 * np.abs(grp.total.values[:-1]) + 1e-9)
+
+
+def test_lddmm_result_objects(toy_reg):
+    _, reg = toy_reg
+    v = reg.velocity
+    assert isinstance(v, xr.DataArray) and v.dims == ("t", "c", "y", "x")
+    assert v.shape[0] == reg.params["nt"]
+    mw = reg.match_weight
+    assert mw.dims == ("y", "x") and float(mw.min()) >= 0 and float(mw.max()) <= 1
+    assert float(mw.max()) > 0.9  # tissue is matched somewhere
+
+
+def test_lddmm_is_bit_reproducible(toy):
+    kw = dict(FAST, scales=(2, 1), max_iter=(15, 10), affine_iter=10)
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    r1 = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    r2 = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    assert np.array_equal(r1.velocity_values, r2.velocity_values)
+    assert np.array_equal(r1.affine, r2.affine)
+    assert np.array_equal(r1.energy.total.values, r2.energy.total.values)
+
+
+def test_registration_dict_round_trip_is_lossless(toy, toy_reg):
+    _, reg = toy_reg
+    back = Registration.from_dict(reg.to_dict())
+    pts = toy.src_pts[:500]
+    assert np.array_equal(back.transform_points(pts), reg.transform_points(pts))
+    assert np.array_equal(back.velocity_values, reg.velocity_values)
+    assert back.params == reg.params
+    assert np.array_equal(back.match_weight.values, reg.match_weight.values)
+    np.testing.assert_array_equal(back.energy.total.values, reg.energy.total.values)
+
+
+def test_velocity_extrapolates_at_the_border(toy_reg):
+    _, reg = toy_reg
+    x_out = reg.xv[-1] + 5000.0
+    y_mid = reg.yv[len(reg.yv) // 2]
+    d_edge = reg.displacement(x=[reg.xv[-1]], y=[y_mid]).values[:, 0, 0]
+    d_out = reg.displacement(x=[x_out], y=[y_mid]).values[:, 0, 0]
+    # border extension: far outside the grid the displacement equals the edge one (not zero)
+    np.testing.assert_allclose(d_out, d_edge, atol=1e-9)
+
+
+def test_warp_image_both_directions(toy, toy_reg):
+    _, reg = toy_reg
+    fwd = reg.warp_image(toy.source)  # source density onto the target grid
+    assert fwd.dims == ("c", "y", "x")
+    tgt_dark = 1 - toy.target.mean("c")
+    dens = fwd.isel(c=0).interp(x=tgt_dark.x, y=tgt_dark.y).fillna(0)
+    r = np.corrcoef(dens.values.ravel(), tgt_dark.values.ravel())[0, 1]
+    assert r > 0.6
+    back = reg.warp_image(
+        toy.target, direction="inverse", out_x=toy.source.x.values, out_y=toy.source.y.values, fill=0.95
+    )
+    dark_back = 1 - back.mean("c")
+    r2 = np.corrcoef(dark_back.values.ravel(), toy.source.values[0].ravel())[0, 1]
+    assert r2 > 0.6
+
+
+def test_affine_only_registration():
+    m = np.array([[2.0, 0, 10], [0, 2.0, -5], [0, 0, 1]])
+    reg = Registration.from_affine(m)
+    pts = np.array([[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_allclose(reg.transform_points(pts), [[12, -1], [16, 3]])
+    np.testing.assert_allclose(reg.transform_points(reg.transform_points(pts), "inverse"), pts)
+    assert not reg.has_velocity
+    with pytest.raises(ValueError, match="direction"):
+        reg.transform_points(pts, "sideways")
+
+
+def test_lddmm_landmark_term_pulls_landmarks(toy):
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    kw = dict(FAST, scales=(2,), max_iter=(30,), affine_iter=0)
+    free = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    tied = lddmm(
+        toy.source,
+        toy.target,
+        affine=fit.matrix,
+        source_landmarks=toy.landmarks_src,
+        target_landmarks=toy.landmarks_dst,
+        sigma_p=2.0,
+        **kw,
+    )
+    err = lambda r: np.linalg.norm(r.transform_points(toy.landmarks_src) - toy.landmarks_dst, axis=1).mean()
+    assert err(tied) < err(free)
+    assert tied.energy.landmark.iloc[-1] > 0
+
+
+def test_lddmm_input_errors(toy):
+    with pytest.raises(ValueError, match="zero variance"):
+        lddmm(np.zeros((1, 20, 20)), toy.target, progress=False)
+    with pytest.raises(ValueError, match="zero variance"):
+        lddmm(toy.source, np.ones((3, 20, 20)), progress=False)
+    bad = toy.source.copy()
+    bad.values[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        lddmm(bad, toy.target, progress=False)
+    with pytest.raises(ValueError, match="empty or degenerate"):
+        lddmm(np.zeros((1, 0, 5)), toy.target, progress=False)
+    with pytest.raises(ValueError, match="matched pairs"):
+        lddmm(
+            toy.source, toy.target, source_landmarks=np.zeros((3, 2)), target_landmarks=np.zeros((2, 2)), progress=False
+        )
+    with pytest.raises(ValueError, match="sigma_r"):
+        lddmm(toy.source, toy.target, sigma_r=-1, progress=False)
+
+
+def test_lddmm_divergence_returns_last_good_state(toy, monkeypatch):
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    real = lddmm_mod._Problem.energy
+    calls = {"n": 0}
+
+    def flaky(self, lvl, x, **kw):
+        calls["n"] += 1
+        total, parts, post, v = real(self, lvl, x, **kw)
+        if calls["n"] > 12:
+            total = total * torch.tensor(float("nan"), dtype=total.dtype)
+        return total, parts, post, v
+
+    monkeypatch.setattr(lddmm_mod._Problem, "energy", flaky)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        reg = lddmm(toy.source, toy.target, affine=fit.matrix, **dict(FAST, scales=(2,), max_iter=(40,)))
+    assert any(issubclass(w.category, RegistrationDivergedWarning) for w in rec)
+    assert reg.params["diverged"] or len(reg.energy) < 40
+    assert np.all(np.isfinite(reg.affine)) and np.all(np.isfinite(reg.velocity_values))
+    assert np.all(np.isfinite(reg.transform_points(toy.src_pts[:10])))
