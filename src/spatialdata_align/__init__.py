@@ -2,6 +2,14 @@
 
 Import as ``import spatialdata_align as sda``. Importing the package registers the
 ``sdata.align`` accessor on :class:`spatialdata.SpatialData`.
+
+Subpackages
+-----------
+``sda.io``            read Xenium and Visium output folders into SpatialData
+``sda.registration``  the registration engine (numpy/torch, no SpatialData)
+``sda.tl``            shared region, subsetting, pseudo-spots, gene comparison
+``sda.pl``            plots (matplotlib; return axes)
+``sda.datasets``      synthetic twin sections with ground truth
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from . import datasets, io, registration  # noqa: E402
+from . import datasets, io, pl, registration, tl
+from ._accessor import AlignAccessor, register
 
-__all__ = ["__version__", "datasets", "io", "registration"]
+register("align")
+
+__all__ = ["AlignAccessor", "__version__", "datasets", "io", "pl", "registration", "tl"]

@@ -1,0 +1,434 @@
+"""The ``sdata.align`` accessor: argument checking and delegation, no numerical logic.
+
+Importing :mod:`spatialdata_align` registers it once on :class:`spatialdata.SpatialData` (the way
+spatialdata-plot registers ``sdata.pl``), through a small caching descriptor rather than any
+private xarray machinery.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+from spatialdata.models import PointsModel
+from spatialdata.transformations import Identity
+
+from . import _apply, _store
+from ._constants import MATCH_WEIGHT_KEY, VISIUM_CS, XENIUM_CS
+from ._elements import annotating_tables, check_cs, element_cs, element_kind, element_xy, image_in_cs
+from .registration import (
+    AffineFit,
+    InitResult,
+    Registration,
+    auto_init,
+    fit_affine,
+    lddmm,
+    rasterize,
+)
+from .registration._utils import check_points
+
+logger = logging.getLogger(__name__)
+
+#: default source raster pixel size (µm) for LDDMM and automatic initialisation
+DEFAULT_DX = 20.0
+#: largest target image (pixels) read for registration; finer levels/images are block-averaged
+MAX_TARGET_PIXELS = 4_000_000
+
+
+def _infer_cs(sdata: SpatialData, element: str, given: str | None, default: str) -> str:
+    if given is not None:
+        return check_cs(sdata, given)
+    systems = element_cs(sdata[element])
+    if default in systems:
+        return default
+    native = [s for s in systems if not s.startswith(f"{default}_")]
+    if len(native) == 1:
+        return native[0]
+    raise ValueError(f"element {element!r} is in several coordinate systems {systems}; pass the one to use.")
+
+
+class AlignAccessor:
+    """Alignment of two modalities inside one SpatialData object (``sdata.align``).
+
+    The usual sequence is::
+
+        sdata.align.set_landmarks(source=xy_um, target=xy_px)
+        sdata.align.affine(source="xenium_cells", target="visium_hires_image")
+        reg = sdata.align.lddmm(source="xenium_cells", target="visium_hires_image")
+        sdata.align.apply("xenium_cells")          # -> "xenium_cells_aligned" in "visium"
+
+    Transforms are stored inside the object (:mod:`spatialdata_align._store`) and survive
+    ``sdata.write`` / ``spatialdata.read_zarr``.
+    """
+
+    def __init__(self, sdata: SpatialData):
+        self._sdata = sdata
+
+    # ------------------------------------------------------------------------ introspection
+    @property
+    def transforms(self) -> pd.DataFrame:
+        """The stored transforms, one row per key."""
+        return _store.transforms_table(self._sdata)
+
+    def get(self, key: str | None = None) -> Registration:
+        """Rebuild a stored transform as a :class:`~spatialdata_align.registration.Registration`.
+
+        ``key=None`` takes the most recently fitted one.
+        """
+        return _store.load_registration(self._sdata, self._key(key))
+
+    def remove(self, key: str) -> None:
+        """Remove a stored transform, its field elements and the native affines it registered.
+
+        Elements it materialised with :meth:`apply` are kept.
+        """
+        _store.remove_registration(self._sdata, key)
+
+    def _key(self, key: str | None) -> str:
+        if key is not None:
+            _store.get_entry(self._sdata, key)
+            return key
+        node = _store.root(self._sdata)
+        default = node.get("default")
+        if not default:
+            raise ValueError(
+                "no transform is stored yet: fit one with sdata.align.affine(...) or sdata.align.lddmm(...)."
+            )
+        return default
+
+    # ------------------------------------------------------------------------ landmarks
+    def set_landmarks(
+        self,
+        source=None,
+        target=None,
+        *,
+        source_cs: str = XENIUM_CS,
+        target_cs: str = VISIUM_CS,
+        key: str = "landmarks",
+        names=None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Store matched landmark pairs as Points elements (or register pairs already placed).
+
+        Parameters
+        ----------
+        source, target
+            ``(N, 2)`` arrays of ``(x, y)`` in the source / target coordinate systems (e.g. Xenium
+            µm and Visium full-resolution pixels), DataFrames with ``x``/``y`` columns, or the
+            names of Points elements that already hold them (e.g. placed in napari-spatialdata;
+            pairs are matched by row order).
+        source_cs, target_cs
+            Coordinate systems of the two sides.
+        key
+            Name of the landmark set; array inputs become Points elements ``<key>_<source_cs>`` and
+            ``<key>_<target_cs>``.
+        names
+            Optional labels, one per pair (stored in a ``landmark`` column).
+
+        Returns
+        -------
+        ``(source_xy, target_xy)`` arrays in their coordinate systems.
+        """
+        sd = self._sdata
+        check_cs(sd, source_cs)
+        check_cs(sd, target_cs)
+        if source is None or target is None:
+            raise ValueError("pass both source and target landmarks (arrays or Points element names).")
+        src, src_el = self._landmark_side(source, source_cs, f"{key}_{source_cs}", "source")
+        dst, dst_el = self._landmark_side(target, target_cs, f"{key}_{target_cs}", "target")
+        if src.shape[0] != dst.shape[0]:
+            raise ValueError(
+                f"landmarks must be matched pairs: {src.shape[0]} source points ({src_el}) vs "
+                f"{dst.shape[0]} target points ({dst_el})."
+            )
+        if names is None:
+            names = [str(i) for i in range(src.shape[0])]
+        elif len(names) != src.shape[0]:
+            raise ValueError(f"names has {len(names)} entries for {src.shape[0]} landmark pairs.")
+        for xy, el, cs, given in ((src, src_el, source_cs, source), (dst, dst_el, target_cs, target)):
+            if not isinstance(given, str):
+                df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "landmark": [str(n) for n in names]})
+                sd.points[el] = PointsModel.parse(df, transformations={cs: Identity()})
+        node = _store.root(sd, create=True)
+        node["landmarks"][key] = {
+            "source_element": src_el,
+            "target_element": dst_el,
+            "source_cs": source_cs,
+            "target_cs": target_cs,
+        }
+        return src, dst
+
+    def _landmark_side(self, value, cs: str, default_name: str, side: str) -> tuple[np.ndarray, str]:
+        if isinstance(value, str):
+            kind = element_kind(self._sdata, value)
+            if kind != "points":
+                raise TypeError(f"{side} landmarks element {value!r} is a {kind}, not points.")
+            return element_xy(self._sdata, value, cs), value
+        if isinstance(value, pd.DataFrame):
+            missing = {"x", "y"} - set(value.columns)
+            if missing:
+                raise ValueError(f"{side} landmarks DataFrame lacks columns {sorted(missing)}.")
+            value = value[["x", "y"]].to_numpy(dtype=float)
+        return check_points(value, f"{side} landmarks", min_points=1), default_name
+
+    def landmarks(self, key: str = "landmarks") -> tuple[np.ndarray, np.ndarray]:
+        """The stored landmark pairs ``(source_xy, target_xy)`` of set ``key``."""
+        node = _store.root(self._sdata)["landmarks"]
+        if key not in node:
+            raise KeyError(
+                f"no landmark set {key!r}; stored sets: {sorted(node) or 'none'}. "
+                "Place them with sdata.align.set_landmarks(source=..., target=...)."
+            )
+        e = node[key]
+        src = element_xy(self._sdata, e["source_element"], e["source_cs"])
+        dst = element_xy(self._sdata, e["target_element"], e["target_cs"])
+        if src.shape[0] != dst.shape[0]:
+            raise ValueError(
+                f"landmark set {key!r} is unmatched: {src.shape[0]} points in {e['source_element']!r} vs "
+                f"{dst.shape[0]} in {e['target_element']!r}."
+            )
+        return src, dst
+
+    # ------------------------------------------------------------------------ affine
+    def affine(
+        self,
+        source: str = "xenium_cells",
+        target: str = "visium_hires_image",
+        *,
+        landmarks: bool | str = True,
+        auto: bool = False,
+        kind: str = "affine",
+        key: str | None = None,
+        source_cs: str | None = None,
+        target_cs: str | None = None,
+        dx: float = 30.0,
+    ) -> AffineFit | InitResult:
+        """Fit a source→target affine and register it as a native spatialdata ``Affine``.
+
+        Every element of the source coordinate system gets a transformation into the target one,
+        so ``spatialdata.transform(..., to_coordinate_system=target_cs)``, queries and
+        spatialdata-plot show the affine-aligned data.
+
+        Parameters
+        ----------
+        source
+            Points/shapes element to align (e.g. ``"xenium_cells"``).
+        target
+            Element of the target coordinate system (an image for ``auto=True``).
+        landmarks
+            ``True`` uses the landmark set ``"landmarks"``, a string names another set.
+        auto
+            Find the affine without landmarks (:func:`~spatialdata_align.registration.auto_init`
+            on the rasterised source and the target image).
+        kind
+            ``"affine"``, ``"similarity"`` or ``"rigid"`` (landmark fits).
+        key
+            Name under which the transform is stored (default ``<source_cs>_to_<target_cs>_affine``).
+        source_cs, target_cs
+            Coordinate systems (default: inferred from the elements).
+        dx
+            Raster pixel size (source units) for ``auto=True``.
+
+        Returns
+        -------
+        The landmark fit (:class:`~spatialdata_align.registration.AffineFit`, with per-landmark
+        residuals) or the automatic initialisation
+        (:class:`~spatialdata_align.registration.InitResult`).
+        """
+        sd = self._sdata
+        element_kind(sd, source)
+        element_kind(sd, target)
+        scs = _infer_cs(sd, source, source_cs, XENIUM_CS)
+        tcs = _infer_cs(sd, target, target_cs, VISIUM_CS)
+        if auto:
+            src_img = rasterize(element_xy(sd, source, scs), dx=dx)
+            tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
+            fit: AffineFit | InitResult = auto_init(src_img, tgt_img)
+            extra = {"method": "auto", "score": float(fit.score)}
+        else:
+            if landmarks is False:
+                raise ValueError("pass landmarks=True (or a landmark set name) or auto=True.")
+            lm_key = "landmarks" if landmarks is True else str(landmarks)
+            src, dst = self.landmarks(lm_key)
+            fit = fit_affine(src, dst, kind=kind)
+            extra = {"method": f"landmarks:{lm_key}", "kind": kind, "residuals": fit.residuals.tolist()}
+        reg = Registration.from_affine(fit.matrix, source_units="um", target_units="px")
+        key = key or f"{scs}_to_{tcs}_affine"
+        _store.store_registration(
+            sd, reg, key=key, kind="affine", source_cs=scs, target_cs=tcs, source_element=source,
+            target_element=target, extra=extra,
+        )
+        return fit
+
+    # ------------------------------------------------------------------------ lddmm
+    def lddmm(
+        self,
+        source: str = "xenium_cells",
+        target: str = "visium_hires_image",
+        *,
+        init: str | np.ndarray | None = None,
+        landmarks: bool | str = False,
+        key: str | None = None,
+        source_cs: str | None = None,
+        target_cs: str | None = None,
+        dx: float = DEFAULT_DX,
+        blur: float | None = None,
+        match_weight_key: str = MATCH_WEIGHT_KEY,
+        **params: Any,
+    ) -> Registration:
+        """Refine the affine with a diffeomorphic (LDDMM) registration and store the result.
+
+        The source element's positions are rasterised into a density image (pixel ``dx`` µm) and
+        registered onto the target image (e.g. the H&E) with
+        :func:`~spatialdata_align.registration.lddmm`, starting from the stored affine.
+
+        Parameters
+        ----------
+        source, target
+            Points/shapes element and image element.
+        init
+            Key of the stored affine to start from (default ``<source_cs>_to_<target_cs>_affine``),
+            or a ``(3, 3)`` matrix.
+        landmarks
+            Add the landmark term with set ``"landmarks"`` (``True``) or a named set.
+        key
+            Storage key (default ``<source_cs>_to_<target_cs>_lddmm``).
+        dx, blur
+            Raster pixel size and blur (source units).
+        match_weight_key
+            ``obs`` column receiving each source cell's match weight in the tables annotating
+            ``source``.
+        **params
+            Passed to :func:`~spatialdata_align.registration.lddmm` (``a``, ``sigma_r``,
+            ``scales``, ``max_iter``, ``progress``, ...).
+
+        Returns
+        -------
+        The fitted :class:`~spatialdata_align.registration.Registration` (also stored).
+        """
+        sd = self._sdata
+        element_kind(sd, source)
+        if element_kind(sd, target) != "image":
+            raise TypeError(f"target {target!r} must be an image element for LDDMM.")
+        scs = _infer_cs(sd, source, source_cs, XENIUM_CS)
+        tcs = _infer_cs(sd, target, target_cs, VISIUM_CS)
+        if init is None or isinstance(init, str):
+            init_key = init or f"{scs}_to_{tcs}_affine"
+            try:
+                entry = _store.get_entry(sd, init_key)
+            except KeyError as err:
+                raise ValueError(
+                    f"no affine {init_key!r} to start from: call sdata.align.affine(source={source!r}, "
+                    f"target={target!r}) first, or pass init=<3x3 matrix>."
+                ) from err
+            A0 = np.asarray(entry["affine"])
+        else:
+            A0 = np.asarray(init, dtype=float)
+        xy = element_xy(sd, source, scs)
+        src_img = rasterize(xy, dx=dx, blur=blur)
+        tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
+        kw = {"contrast_degree": 3, "source_units": "um", "target_units": "px"}
+        kw.update(params)
+        if landmarks:
+            src_lm, dst_lm = self.landmarks("landmarks" if landmarks is True else str(landmarks))
+            kw.update(source_landmarks=src_lm, target_landmarks=dst_lm)
+        reg = lddmm(src_img, tgt_img, affine=A0, **kw)
+        key = key or f"{scs}_to_{tcs}_lddmm"
+        _store.store_registration(
+            sd, reg, key=key, kind="lddmm", source_cs=scs, target_cs=tcs, source_element=source,
+            target_element=target, extra={"dx": float(dx), "init": init if isinstance(init, str) else None},
+            native=False,
+        )
+        # per-cell match confidence in the tables annotating the source element
+        if reg.match_weight is not None:
+            weights = reg.match_weight_at(xy)
+            for tname in annotating_tables(sd, source):
+                table = sd.tables[tname]
+                if table.n_obs == len(weights):
+                    table.obs[match_weight_key] = weights
+                else:  # pragma: no cover - tables annotating several regions
+                    warnings.warn(f"table {tname!r} does not match {source!r} row for row; no match weight.")
+        return reg
+
+    # ------------------------------------------------------------------------ apply
+    def apply(
+        self,
+        element: str,
+        *,
+        key: str | None = None,
+        inverse: bool = False,
+        name: str | None = None,
+        tables: bool = True,
+        grid: str | tuple | None = None,
+        pixel_size: float | None = None,
+    ) -> str:
+        """Materialise an aligned copy of an element in the other coordinate system.
+
+        Parameters
+        ----------
+        element
+            A points (e.g. transcripts), shapes (cells, boundaries, spots) or image element, or a
+            table (its ``obsm["spatial"]``).
+        key
+            Stored transform to apply (default: the most recently fitted).
+        inverse
+            Map target elements back to the source coordinate system.
+        name
+            Name of the new element (default ``<element>_aligned``).
+        tables
+            Also write ``<table>_aligned`` copies of tables annotating ``element``, annotating the
+            aligned element, with ``obsm["spatial"]`` transformed.
+        grid
+            Images only: output grid, as the name of an image element of the output coordinate
+            system (default: the transform's target image for forward warps) or ``(x, y)``
+            pixel-centre arrays.
+        pixel_size
+            Images only: output pixel size when no grid is given.
+
+        Returns
+        -------
+        The name of the new element. Points are transformed lazily (partition by partition).
+        """
+        key = self._key(key)
+        return _apply.apply(
+            self._sdata, element, key=key, inverse=inverse, name=name, tables=tables, grid=grid,
+            pixel_size=pixel_size,
+        )
+
+    def transform_points(self, xy, *, key: str | None = None, inverse: bool = False) -> np.ndarray:
+        """Map ``(N, 2)`` ``(x, y)`` points with a stored transform (source → target by default)."""
+        reg = self.get(key)
+        return reg.transform_points(xy, "inverse" if inverse else "forward")
+
+    def __repr__(self) -> str:
+        keys = _store.stored_keys(self._sdata)
+        return f"<sdata.align: {len(keys)} stored transform(s): {keys}>"
+
+
+class _AccessorDescriptor:
+    """Descriptor: ``sdata.align`` returns a (cheap, stateless) accessor bound to that object."""
+
+    def __init__(self, name: str, accessor: type):
+        self._name = name
+        self._accessor = accessor
+
+    def __get__(self, obj, cls):
+        if obj is None:
+            return self._accessor
+        return self._accessor(obj)
+
+
+def register(name: str = "align") -> None:
+    """Register :class:`AlignAccessor` as ``SpatialData.<name>`` (idempotent)."""
+    existing = getattr(SpatialData, name, None)
+    if isinstance(SpatialData.__dict__.get(name), _AccessorDescriptor):
+        return
+    if existing is not None:
+        warnings.warn(f"SpatialData.{name} already exists; spatialdata_align overrides it.", stacklevel=2)
+    setattr(SpatialData, name, _AccessorDescriptor(name, AlignAccessor))
+
+
+logger.debug("sdata.align accessor module loaded")

@@ -1,0 +1,169 @@
+"""Reading positions and rasters out of SpatialData elements in a chosen coordinate system.
+
+One place for: which element kinds exist, how to get ``(x, y)`` of points/shapes in a coordinate
+system, how to get an image with physical pixel-centre coordinates, and which table annotates an
+element. Everything returns plain numpy/xarray so the engine never sees SpatialData.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from spatialdata import SpatialData
+from spatialdata.models import (
+    Image2DModel,
+    Labels2DModel,
+    PointsModel,
+    ShapesModel,
+    TableModel,
+    get_model,
+)
+from spatialdata.transformations import get_transformation
+
+from ._constants import REGION_KEY  # noqa: F401  (re-exported for callers)
+
+_XY = ("x", "y")
+
+
+def element_kind(sdata: SpatialData, name: str) -> str:
+    """Return ``"image"``, ``"labels"``, ``"points"``, ``"shapes"`` or ``"table"`` for element ``name``.
+
+    Raises
+    ------
+    KeyError
+        ``name`` is not an element of ``sdata``; the message lists the elements that exist.
+    """
+    if name not in sdata:
+        raise KeyError(f"no element {name!r} in this SpatialData; it holds: {sorted(_all_names(sdata))}.")
+    el = sdata[name]
+    model = get_model(el)
+    if model is Image2DModel or model.__name__.startswith("Image"):
+        return "image"
+    if model is Labels2DModel or model.__name__.startswith("Labels"):
+        return "labels"
+    if model is PointsModel:
+        return "points"
+    if model is ShapesModel:
+        return "shapes"
+    if model is TableModel:
+        return "table"
+    raise TypeError(f"element {name!r} has unsupported model {model.__name__}.")
+
+
+def _all_names(sdata: SpatialData) -> list[str]:
+    return [name for _, name, _ in sdata.gen_elements()]
+
+
+def check_cs(sdata: SpatialData, cs: str, what: str = "coordinate system") -> str:
+    """Raise a clear error if ``cs`` is not a coordinate system of ``sdata``."""
+    if cs not in sdata.coordinate_systems:
+        raise KeyError(f"no {what} {cs!r}; this SpatialData has coordinate systems {sdata.coordinate_systems}.")
+    return cs
+
+
+def element_cs(element) -> list[str]:
+    """Coordinate systems an element is mapped to."""
+    return list(get_transformation(element, get_all=True).keys())
+
+
+def to_cs_matrix(element, cs: str, name: str = "element") -> np.ndarray:
+    """``(3, 3)`` affine from the element's intrinsic ``(x, y)`` to coordinate system ``cs``."""
+    transforms = get_transformation(element, get_all=True)
+    if cs not in transforms:
+        raise KeyError(f"{name!r} is not mapped to coordinate system {cs!r}; it is mapped to {sorted(transforms)}.")
+    return np.asarray(transforms[cs].to_affine_matrix(input_axes=_XY, output_axes=_XY), dtype=np.float64)
+
+
+def apply_matrix(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a ``(3, 3)`` affine to ``(N, 2)`` points."""
+    return xy @ m[:2, :2].T + m[:2, 2]
+
+
+def shapes_xy(gdf) -> np.ndarray:
+    """Centres of a shapes GeoDataFrame (circle centres or polygon centroids) in intrinsic units."""
+    geom = gdf.geometry
+    if len(geom) and (geom.geom_type == "Point").all():
+        return np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()]).astype(np.float64)
+    c = geom.centroid
+    return np.column_stack([c.x.to_numpy(), c.y.to_numpy()]).astype(np.float64)
+
+
+def points_xy(ddf) -> np.ndarray:
+    """``(x, y)`` of a points element (computes the dask frame's two columns)."""
+    return ddf[["x", "y"]].compute().to_numpy(dtype=np.float64)
+
+
+def element_xy(sdata: SpatialData, name: str, cs: str) -> np.ndarray:
+    """Positions ``(N, 2)`` of a points or shapes element in coordinate system ``cs``."""
+    kind = element_kind(sdata, name)
+    el = sdata[name]
+    if kind == "shapes":
+        xy = shapes_xy(el)
+    elif kind == "points":
+        xy = points_xy(el)
+    else:
+        raise TypeError(f"element {name!r} is a {kind}, not points or shapes.")
+    return apply_matrix(to_cs_matrix(el, cs, name), xy)
+
+
+def pick_scale(image, max_pixels: int | None = None) -> xr.DataArray:
+    """The finest level of a (possibly multiscale) image with at most ``max_pixels`` pixels.
+
+    Without ``max_pixels`` the finest level (``scale0``) is returned. If no level is small enough
+    the coarsest is returned.
+    """
+    if isinstance(image, xr.DataArray):
+        return image
+    keys = sorted(image.children, key=lambda k: int(str(k).replace("scale", "") or 0))
+    levels = []
+    for key in keys:
+        ds = image[key].ds
+        levels.append(ds[next(iter(ds.data_vars))])
+    if max_pixels is None:
+        return levels[0]
+    for da in levels:
+        if da.sizes["y"] * da.sizes["x"] <= max_pixels:
+            return da
+    return levels[-1]
+
+
+def image_in_cs(sdata: SpatialData, name: str, cs: str, *, max_pixels: int | None = None) -> xr.DataArray:
+    """An image element as a ``(c, y, x)`` DataArray with pixel-centre coordinates in ``cs``.
+
+    Only axis-aligned transformations (scale + translation) are supported here; rotated images
+    must be resampled first (e.g. with :func:`spatialdata.transform`).
+    """
+    kind = element_kind(sdata, name)
+    if kind != "image":
+        raise TypeError(f"element {name!r} is a {kind}, not an image.")
+    el = sdata[name]
+    m = to_cs_matrix(el, cs, name)
+    da = pick_scale(el, max_pixels)
+    base = pick_scale(el, None)
+    if abs(m[0, 1]) > 1e-12 or abs(m[1, 0]) > 1e-12 or m[0, 0] <= 0 or m[1, 1] <= 0:
+        raise ValueError(
+            f"image {name!r} is rotated, sheared or flipped in {cs!r}; resample it to an axis-aligned grid first."
+        )
+    # pixel centres of this level in the level-0 intrinsic frame, then into cs
+    fy = base.sizes["y"] / da.sizes["y"]
+    fx = base.sizes["x"] / da.sizes["x"]
+    x = m[0, 0] * (np.arange(da.sizes["x"]) + 0.5) * fx + m[0, 2]
+    y = m[1, 1] * (np.arange(da.sizes["y"]) + 0.5) * fy + m[1, 2]
+    return xr.DataArray(
+        np.asarray(da.transpose("c", "y", "x").values),
+        dims=("c", "y", "x"),
+        coords={"c": da.coords["c"].values, "y": y, "x": x},
+        name=name,
+    )
+
+
+def annotating_tables(sdata: SpatialData, element_name: str) -> list[str]:
+    """Names of tables annotating ``element_name``."""
+    out = []
+    for tname, table in sdata.tables.items():
+        attrs = table.uns.get(TableModel.ATTRS_KEY, {})
+        region = attrs.get(TableModel.REGION_KEY)
+        regions = [region] if isinstance(region, str) else list(region or [])
+        if element_name in regions:
+            out.append(tname)
+    return out
