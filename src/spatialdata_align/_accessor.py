@@ -296,6 +296,8 @@ class AlignAccessor:
             Add the landmark term with set ``"landmarks"`` (``True``) or a named set.
         key
             Storage key (default ``<source_cs>_to_<target_cs>_lddmm``).
+        source_cs, target_cs
+            Coordinate systems (default: inferred from the elements).
         dx, blur
             Raster pixel size and blur (source units).
         match_weight_key

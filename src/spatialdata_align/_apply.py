@@ -133,7 +133,7 @@ def _table_copy(sdata, tname, f_xy, region_name: str | None) -> ad.AnnData:
     if SPATIAL_KEY in new.obsm:
         new.obsm[SPATIAL_KEY] = f_xy(np.asarray(new.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2])
     if region_name is not None:
-        region, region_key, instance_key = get_table_keys(table)
+        _, region_key, instance_key = get_table_keys(table)
         new.obs[region_key] = region_name
         new.obs[region_key] = new.obs[region_key].astype("category")
         new.uns.pop(TableModel.ATTRS_KEY, None)

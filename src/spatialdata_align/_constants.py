@@ -45,9 +45,9 @@ VISIUM_SPOT_PITCH_UM = 100.0  #: Visium centre-to-centre spot distance (µm)
 # --- attrs keys (metadata stored in sdata.attrs / table.uns) ------------------------------------
 ATTRS_KEY = "spatialdata_align"  #: root key in ``sdata.attrs`` for everything this package stores
 UNS_VISIUM_KEY = "visium"  #: table.uns key with scale factors and the µm-per-pixel factor
-UNS_COMPARE_KEY = "sda_compare_genes"
+UNS_COMPARE_KEY = "sda_compare_genes"  #: visium_table.uns key of the gene comparison table
 MATCH_WEIGHT_KEY = "align_match_weight"  #: obs column: per-cell posterior of being matched tissue
-ALIGNED_SUFFIX = "_aligned"  #: suffix of elements materialised by ``sdata.align.apply``  #: visium_table.uns key of the gene comparison table
+ALIGNED_SUFFIX = "_aligned"  #: suffix of elements materialised by ``sdata.align.apply``
 
 # --- feature filtering ---------------------------------------------------------------------------
 #: Xenium feature types / name prefixes that are not genes and are kept out of ``X``.
