@@ -1,0 +1,842 @@
+"""Low-level writers of genuine 10x Genomics file formats (Xenium Onboard Analysis and Space Ranger outputs).
+
+These functions write exactly the files the 10x pipelines write, so that both :mod:`spatialdata_align.io` and
+:mod:`spatialdata_io` read them. They are used by the synthetic data generator and by the tests; they never read
+anything back.
+
+Formats
+-------
+* Feature-barcode HDF5 (``*.h5``): ``/matrix/{barcodes,data,indices,indptr,shape}`` holding a CSC matrix of shape
+  ``(n_features, n_barcodes)`` and ``/matrix/features/{id,name,feature_type,genome,_all_tag_keys}``; strings are
+  fixed-length ASCII, as in Cell Ranger / Space Ranger / Xenium Onboard Analysis.
+* Feature-barcode Matrix Market folder: ``matrix.mtx.gz`` (features x barcodes, 1-based coordinates),
+  ``barcodes.tsv.gz`` and ``features.tsv.gz`` (id, name, type; no header).
+* Xenium output folder (XOA >= 2.0 conventions): ``experiment.xenium`` (JSON), ``cells.csv.gz`` /
+  ``cells.parquet``, ``cell_feature_matrix.h5`` / ``cell_feature_matrix/``, ``transcripts.parquet``,
+  ``cells.zarr.zip`` (cell ids, cell summary, label masks, polygon sets), ``cell_boundaries.parquet``,
+  ``nucleus_boundaries.parquet``, ``morphology_focus/morphology_focus_0000.ome.tif``. Positions in µm; the
+  morphology image and label masks in pixels of ``pixel_size`` µm with origin at (0, 0) µm.
+* Space Ranger ``outs/`` folder: ``filtered_feature_bc_matrix.h5`` / ``filtered_feature_bc_matrix/``,
+  ``spatial/tissue_positions.csv`` (header) or ``spatial/tissue_positions_list.csv`` (no header),
+  ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png``, ``spatial/tissue_lowres_image.png`` and
+  optionally a full-resolution image next to them.
+
+Gzip members are written with a zero timestamp, so identical inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+__all__ = [
+    "write_feature_matrix_h5",
+    "write_feature_matrix_mtx",
+    "write_visium",
+    "write_xenium",
+    "xenium_cell_ids",
+]
+
+#: ``analysis_sw_version`` written to ``experiment.xenium`` and the Xenium HDF5 attributes.
+XENIUM_SOFTWARE_VERSION = "xenium-2.0.0.10"
+#: ``software_version`` written to the Space Ranger HDF5 attributes.
+SPACERANGER_SOFTWARE_VERSION = "spaceranger-2.1.0"
+
+_XENIUM_CELL_ID_RE = re.compile(r"^[a-p]{8}-\d+$")
+_CELLS_COLUMNS = ("cell_id", "x_centroid", "y_centroid", "cell_area", "nucleus_area")
+_TRANSCRIPT_COLUMNS = ("feature_name", "x_location", "y_location")
+_VISIUM_SCALEFACTOR_KEYS = ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _as_str_array(values: Any, what: str, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(values).astype(str)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}.")
+    if n is not None and len(arr) != n:
+        raise ValueError(f"{what} has {len(arr)} entries, expected {n}.")
+    return arr
+
+
+def _as_counts(counts: Any, n_rows: int, n_cols: int, what: str = "counts") -> sparse.csr_matrix:
+    """Return ``counts`` as an integer CSR matrix of shape ``(n_rows, n_cols)``, checking values."""
+    mat = sparse.csr_matrix(counts)
+    if mat.shape != (n_rows, n_cols):
+        raise ValueError(f"{what} has shape {mat.shape}, expected ({n_rows}, {n_cols}) (barcodes x features).")
+    data = mat.data
+    if data.size and (not np.all(np.isfinite(data)) or np.any(data < 0) or np.any(data != np.round(data))):
+        raise ValueError(f"{what} must hold non-negative integers.")
+    mat = sparse.csr_matrix((data.astype(np.int32), mat.indices, mat.indptr), shape=mat.shape)
+    mat.sum_duplicates()
+    mat.eliminate_zeros()
+    mat.sort_indices()
+    return mat
+
+
+def _fixed_ascii(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    arr = np.asarray([str(v).encode("ascii") for v in values])
+    if arr.size == 0:
+        return np.zeros(0, dtype="S1")
+    return arr.astype(f"S{max(1, max(len(v) for v in arr))}")
+
+
+def _write_gzip_text(path: Path, text: str) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(text.encode("utf-8"))
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory.")
+        if any(path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
+            shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feature-barcode matrices
+# ----------------------------------------------------------------------------------------------------------------
+def write_feature_matrix_h5(
+    path: str | Path,
+    counts: Any,
+    barcodes: Sequence[str],
+    feature_ids: Sequence[str],
+    feature_names: Sequence[str],
+    feature_types: Sequence[str] | str,
+    *,
+    genome: str = "GRCh38",
+    library_id: str = "library",
+    chemistry_description: str = "Spatial 3' v1",
+    software_version: str = SPACERANGER_SOFTWARE_VERSION,
+) -> Path:
+    """Write a 10x feature-barcode matrix HDF5 file (Cell Ranger >= 3 / Space Ranger / Xenium layout).
+
+    Parameters
+    ----------
+    path
+        Output ``.h5`` file (parents are created).
+    counts
+        ``(n_barcodes, n_features)`` non-negative integer counts, dense or sparse.
+    barcodes
+        Barcodes (cell ids), one per row of ``counts``.
+    feature_ids, feature_names
+        Feature ids (e.g. Ensembl ids) and names (gene symbols), one per column of ``counts``.
+    feature_types
+        ``"Gene Expression"``, ``"Negative Control Probe"``, ...; one per feature or a single string for all.
+    genome
+        Value of ``/matrix/features/genome`` for every feature.
+    library_id, chemistry_description, software_version
+        File attributes, as written by the 10x pipelines.
+
+    Returns
+    -------
+    The path written.
+    """
+    path = Path(path)
+    barcodes = _as_str_array(barcodes, "barcodes")
+    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    n_features = len(feature_ids)
+    feature_names = _as_str_array(feature_names, "feature_names", n_features)
+    if isinstance(feature_types, str):
+        feature_types = [feature_types] * n_features
+    feature_types = _as_str_array(feature_types, "feature_types", n_features)
+    # CSC of the (features x barcodes) matrix == CSR of (barcodes x features): one compressed column per barcode
+    by_barcode = _as_counts(counts, len(barcodes), n_features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["chemistry_description"] = np.bytes_(chemistry_description)
+        f.attrs["filetype"] = np.bytes_("matrix")
+        f.attrs["library_ids"] = _fixed_ascii([library_id])
+        f.attrs["original_gem_groups"] = np.array([1], dtype=np.int64)
+        f.attrs["software_version"] = np.bytes_(software_version)
+        f.attrs["version"] = np.int64(2)
+        m = f.create_group("matrix")
+        m.create_dataset("barcodes", data=_fixed_ascii(barcodes))
+        m.create_dataset("data", data=by_barcode.data.astype(np.int32), compression="gzip")
+        m.create_dataset("indices", data=by_barcode.indices.astype(np.int64), compression="gzip")
+        m.create_dataset("indptr", data=by_barcode.indptr.astype(np.int64), compression="gzip")
+        m.create_dataset("shape", data=np.array([n_features, len(barcodes)], dtype=np.int32))
+        feats = m.create_group("features")
+        feats.create_dataset("_all_tag_keys", data=_fixed_ascii(["genome"]))
+        feats.create_dataset("feature_type", data=_fixed_ascii(feature_types))
+        feats.create_dataset("genome", data=_fixed_ascii([genome] * n_features))
+        feats.create_dataset("id", data=_fixed_ascii(feature_ids))
+        feats.create_dataset("name", data=_fixed_ascii(feature_names))
+    return path
+
+
+def write_feature_matrix_mtx(
+    folder: str | Path,
+    counts: Any,
+    barcodes: Sequence[str],
+    feature_ids: Sequence[str],
+    feature_names: Sequence[str],
+    feature_types: Sequence[str] | str,
+    *,
+    software_version: str = SPACERANGER_SOFTWARE_VERSION,
+) -> Path:
+    """Write a 10x feature-barcode matrix folder (``matrix.mtx.gz``, ``barcodes.tsv.gz``, ``features.tsv.gz``).
+
+    Parameters
+    ----------
+    folder
+        Output folder (created).
+    counts
+        ``(n_barcodes, n_features)`` non-negative integer counts, dense or sparse.
+    barcodes, feature_ids, feature_names, feature_types
+        As in :func:`write_feature_matrix_h5`.
+    software_version
+        Written in the ``%metadata_json`` comment of ``matrix.mtx.gz``.
+
+    Returns
+    -------
+    The folder written.
+    """
+    folder = Path(folder)
+    barcodes = _as_str_array(barcodes, "barcodes")
+    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    n_features = len(feature_ids)
+    feature_names = _as_str_array(feature_names, "feature_names", n_features)
+    if isinstance(feature_types, str):
+        feature_types = [feature_types] * n_features
+    feature_types = _as_str_array(feature_types, "feature_types", n_features)
+    mat = _as_counts(counts, len(barcodes), n_features).tocoo()  # barcodes x features
+    # entries sorted by barcode (column of the features x barcodes matrix), then feature, as 10x writes them
+    order = np.lexsort((mat.col, mat.row))
+    feat_1 = mat.col[order] + 1
+    bc_1 = mat.row[order] + 1
+    vals = mat.data[order]
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"software_version": software_version, "format_version": 2})
+    buf = io.StringIO()
+    buf.write("%%MatrixMarket matrix coordinate integer general\n")
+    buf.write(f"%metadata_json: {meta}\n")
+    buf.write(f"{n_features} {len(barcodes)} {len(vals)}\n")
+    if len(vals):
+        np.savetxt(buf, np.column_stack([feat_1, bc_1, vals]), fmt="%d", delimiter=" ")
+    _write_gzip_text(folder / "matrix.mtx.gz", buf.getvalue())
+    _write_gzip_text(folder / "barcodes.tsv.gz", "".join(f"{b}\n" for b in barcodes))
+    _write_gzip_text(
+        folder / "features.tsv.gz",
+        "".join(f"{i}\t{n}\t{t}\n" for i, n, t in zip(feature_ids, feature_names, feature_types, strict=True)),
+    )
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Xenium
+# ----------------------------------------------------------------------------------------------------------------
+def xenium_cell_ids(n: int, *, dataset_suffix: int = 1, start: int = 1) -> np.ndarray:
+    """Return ``n`` genuine Xenium (XOA >= 1.3) cell ids such as ``"aaaaaaab-1"``.
+
+    Xenium encodes a cell id as a uint32 prefix written as 8 hexadecimal digits shifted to ``a``-``p``, and a
+    dataset suffix. ``layout="full"`` of :func:`write_xenium` needs ids of this form (``cells.zarr.zip`` stores the
+    integers).
+
+    Parameters
+    ----------
+    n
+        Number of ids.
+    dataset_suffix
+        The ``-<suffix>`` part.
+    start
+        Prefix integer of the first id (consecutive after it).
+    """
+    prefix = np.arange(start, start + n, dtype=np.uint64)
+    if n and prefix[-1] > np.iinfo(np.uint32).max:
+        raise ValueError("Xenium cell id prefixes must fit in uint32.")
+    shifts = np.array([28, 24, 20, 16, 12, 8, 4, 0], dtype=np.uint64)
+    nibbles = (prefix[:, None] >> shifts) & np.uint64(0xF)
+    letters = (nibbles + ord("a")).astype(np.uint8)
+    stems = letters.view("S8").ravel().astype("U8") if n else np.zeros(0, dtype="U8")
+    return np.char.add(stems, f"-{int(dataset_suffix)}")
+
+
+def _encode_xenium_cell_ids(cell_ids: np.ndarray) -> np.ndarray:
+    """Xenium string cell ids -> ``(n, 2)`` uint32 (prefix, dataset suffix), as in ``cells.zarr.zip``."""
+    bad = [c for c in cell_ids if not _XENIUM_CELL_ID_RE.match(c)]
+    if bad:
+        raise ValueError(
+            f"layout='full' needs genuine Xenium cell ids like 'aaaaaaab-1' ({len(bad)} of {len(cell_ids)} are not, "
+            f"e.g. {bad[:3]}); generate them with xenium_cell_ids(n)."
+        )
+    stems = np.array([c.split("-")[0] for c in cell_ids]).astype("S8")
+    nibbles = stems.view(np.uint8).reshape(-1, 8).astype(np.uint64) - ord("a")
+    shifts = np.array([28, 24, 20, 16, 12, 8, 4, 0], dtype=np.uint64)
+    prefix = (nibbles << shifts).sum(axis=1).astype(np.uint32)
+    suffix = np.array([int(c.split("-")[1]) for c in cell_ids], dtype=np.uint32)
+    return np.column_stack([prefix, suffix]).astype(np.uint32)
+
+
+def _disc_polygons(
+    cell_ids: np.ndarray, x: np.ndarray, y: np.ndarray, radius: np.ndarray, n_vertices: int = 13
+) -> pd.DataFrame:
+    """Closed polygons (first vertex repeated) approximating discs, in the Xenium boundaries parquet layout."""
+    n = len(x)
+    theta = np.linspace(0.0, 2.0 * np.pi, n_vertices, endpoint=False)
+    theta = np.concatenate([theta, theta[:1]])
+    vx = x[:, None] + radius[:, None] * np.cos(theta)[None, :]
+    vy = y[:, None] + radius[:, None] * np.sin(theta)[None, :]
+    k = len(theta)
+    return pd.DataFrame(
+        {
+            "cell_id": np.repeat(cell_ids, k),
+            "vertex_x": vx.ravel().astype(np.float32),
+            "vertex_y": vy.ravel().astype(np.float32),
+            "label_id": np.repeat(np.arange(1, n + 1, dtype=np.uint32), k),
+        }
+    )
+
+
+def _disc_tiles(
+    shape: tuple[int, int],
+    cx: np.ndarray,
+    cy: np.ndarray,
+    radius: np.ndarray,
+    values: np.ndarray,
+    tile: int,
+    dtype: Any,
+    falloff: bool = False,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(y0, x0, block)`` tiles (row-major) of an image with discs painted in (centres/radii in px).
+
+    Tiles are ``tile x tile`` (clipped at the image border). Later discs overwrite earlier ones. With ``falloff`` the
+    value decreases linearly to half of it at the disc edge (a DAPI-like nucleus).
+    """
+    h, w = shape
+    x_lo, x_hi = cx - radius, cx + radius
+    y_lo, y_hi = cy - radius, cy + radius
+    for y0 in range(0, h, tile):
+        y1 = min(h, y0 + tile)
+        rows_hit = (y_hi >= y0) & (y_lo < y1)
+        for x0 in range(0, w, tile):
+            x1 = min(w, x0 + tile)
+            block = np.zeros((y1 - y0, x1 - x0), dtype=dtype)
+            for i in np.flatnonzero(rows_hit & (x_hi >= x0) & (x_lo < x1)):
+                r = radius[i]
+                ya, yb = max(y0, int(np.floor(y_lo[i]))), min(y1, int(np.ceil(y_hi[i])) + 1)
+                xa, xb = max(x0, int(np.floor(x_lo[i]))), min(x1, int(np.ceil(x_hi[i])) + 1)
+                if ya >= yb or xa >= xb:
+                    continue
+                yy, xx = np.mgrid[ya:yb, xa:xb]
+                d2 = (xx + 0.5 - cx[i]) ** 2 + (yy + 0.5 - cy[i]) ** 2
+                inside = d2 <= r * r
+                sub = block[ya - y0 : yb - y0, xa - x0 : xb - x0]
+                if falloff:
+                    val = values[i] * (1.0 - 0.5 * np.sqrt(d2) / max(r, 1e-9))
+                    sub[inside] = val[inside].astype(dtype)
+                else:
+                    sub[inside] = values[i]
+            yield y0, x0, block
+
+
+def _write_ome_tiff(path: Path, image: np.ndarray | None, pixel_size: float, tiles: Any = None, shape=None) -> None:
+    """Write a 2D uint16 OME-TIFF (single DAPI channel), tiled and zlib-compressed, with physical pixel size."""
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "axes": "YX",
+        "PhysicalSizeX": float(pixel_size),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": float(pixel_size),
+        "PhysicalSizeYUnit": "µm",
+        "Channel": {"Name": ["DAPI"]},
+    }
+    if image is not None:
+        tifffile.imwrite(path, image, ome=True, metadata=metadata, tile=(256, 256), compression="zlib")
+    else:
+        tifffile.imwrite(
+            path, tiles, shape=shape, dtype=np.uint16, ome=True, metadata=metadata, tile=(256, 256), compression="zlib"
+        )
+
+
+def _check_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(cells, pd.DataFrame):
+        raise TypeError(f"cells must be a pandas DataFrame, got {type(cells).__name__}.")
+    missing = [c for c in _CELLS_COLUMNS if c not in cells.columns]
+    if missing:
+        raise ValueError(f"cells lacks columns {missing}; it has {list(cells.columns)}.")
+    cells = cells.reset_index(drop=True).copy()
+    cells["cell_id"] = cells["cell_id"].astype(str)
+    if not cells["cell_id"].is_unique:
+        raise ValueError("cells['cell_id'] must be unique.")
+    return cells
+
+
+def _check_transcripts(transcripts: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in _TRANSCRIPT_COLUMNS if c not in transcripts.columns]
+    if missing:
+        raise ValueError(f"transcripts lacks columns {missing}; it has {list(transcripts.columns)}.")
+    tx = transcripts.reset_index(drop=True).copy()
+    if "transcript_id" not in tx.columns:
+        tx.insert(0, "transcript_id", np.arange(1, len(tx) + 1, dtype=np.uint64))
+    if "cell_id" in tx.columns:
+        tx["cell_id"] = tx["cell_id"].astype(object).where(tx["cell_id"].notna(), "UNASSIGNED").astype(str)
+    else:
+        tx["cell_id"] = "UNASSIGNED"
+    if "z_location" not in tx.columns:
+        tx["z_location"] = np.float32(0.0)
+    if "overlaps_nucleus" not in tx.columns:
+        tx["overlaps_nucleus"] = np.uint8(0)
+    if "qv" not in tx.columns:
+        tx["qv"] = np.float32(40.0)
+    tx["feature_name"] = tx["feature_name"].astype(str)
+    for c in ("x_location", "y_location", "z_location", "qv"):
+        tx[c] = tx[c].astype(np.float32)
+    return tx
+
+
+def _write_table(df: pd.DataFrame, path: Path, fmt: str) -> Path:
+    if fmt == "parquet":
+        df.to_parquet(path, index=False)
+    elif fmt == "csv.gz":
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write(df.to_csv(index=False).encode("utf-8"))
+    else:
+        raise ValueError(f"format must be 'parquet' or 'csv.gz', got {fmt!r}.")
+    return path
+
+
+def _write_cells_zarr(
+    path: Path,
+    cells: pd.DataFrame,
+    mask_shape: tuple[int, int],
+    pixel_size: float,
+    chunk: int = 1024,
+) -> None:
+    """Write ``cells.zarr.zip`` (XOA >= 2.0 layout, zarr v2 format): cell_id, cell_summary, masks, polygon_sets."""
+    import zarr
+
+    n = len(cells)
+    x = cells["x_centroid"].to_numpy(np.float64)
+    y = cells["y_centroid"].to_numpy(np.float64)
+    cell_r = np.sqrt(np.clip(cells["cell_area"].to_numpy(np.float64), 0, None) / np.pi)
+    nuc_r = np.sqrt(np.clip(cells["nucleus_area"].to_numpy(np.float64), 0, None) / np.pi)
+    summary = np.column_stack(
+        [
+            x,
+            y,
+            cells["cell_area"].to_numpy(np.float64),
+            x,
+            y,
+            cells["nucleus_area"].to_numpy(np.float64),
+            np.zeros(n),
+            np.ones(n),
+        ]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Build a local zarr v2 store, then zip it: a ZipStore written in place would duplicate metadata members.
+        local = Path(tmp) / "cells.zarr"
+        root = zarr.open_group(
+            store=str(local), mode="w", zarr_format=2, attributes={"major_version": 5, "minor_version": 0}
+        )
+        ids = root.create_array("cell_id", shape=(n, 2), dtype=np.uint32, chunks=(max(n, 1), 2))
+        ids[...] = _encode_xenium_cell_ids(cells["cell_id"].to_numpy())
+        cs = root.create_array(
+            "cell_summary",
+            shape=summary.shape,
+            dtype=np.float64,
+            chunks=(max(n, 1), 8),
+            attributes={
+                "column_names": [
+                    "cell_centroid_x",
+                    "cell_centroid_y",
+                    "cell_area",
+                    "nucleus_centroid_x",
+                    "nucleus_centroid_y",
+                    "nucleus_area",
+                    "z_level",
+                    "nucleus_count",
+                ]
+            },
+        )
+        cs[...] = summary
+        masks = root.create_group("masks")
+        labels = np.arange(1, n + 1, dtype=np.uint32)
+        for key, radius in (("0", nuc_r), ("1", cell_r)):
+            arr = masks.create_array(key, shape=mask_shape, dtype=np.uint32, chunks=(chunk, chunk), fill_value=0)
+            for y0, x0, block in _disc_tiles(
+                mask_shape, x / pixel_size, y / pixel_size, radius / pixel_size, labels, chunk, np.uint32
+            ):
+                if block.any():  # empty chunks stay implicit (fill value), as zarr does
+                    arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+        polys = root.create_group("polygon_sets")
+        for key, method in (("0", "nucleus"), ("1", "nucleus_expansion")):
+            g = polys.create_group(key, attributes={"method": method})
+            ci = g.create_array("cell_index", shape=(n,), dtype=np.uint32, chunks=(max(n, 1),))
+            ci[...] = np.arange(n, dtype=np.uint32)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+            for file in sorted(local.rglob("*")):
+                if file.is_file():
+                    zf.write(file, file.relative_to(local).as_posix())
+
+
+def write_xenium(
+    out_dir: str | Path,
+    *,
+    cells: pd.DataFrame,
+    counts: Any,
+    feature_ids: Sequence[str],
+    feature_names: Sequence[str],
+    feature_types: Sequence[str] | str,
+    transcripts: pd.DataFrame | None = None,
+    morphology: np.ndarray | None = None,
+    pixel_size: float = 0.2125,
+    layout: str = "minimal",
+    cells_format: str = "csv.gz",
+    matrix_format: str = "h5",
+    transcripts_format: str = "parquet",
+    overwrite: bool = False,
+) -> Path:
+    """Write a Xenium Onboard Analysis output folder.
+
+    Parameters
+    ----------
+    out_dir
+        Output folder (created; must be empty or absent unless ``overwrite``).
+    cells
+        One row per cell with columns ``cell_id``, ``x_centroid``, ``y_centroid`` (µm), ``cell_area``,
+        ``nucleus_area`` (µm²) and usually ``transcript_counts``, ``control_probe_counts``,
+        ``control_codeword_counts``, ``total_counts``; all columns are written.
+    counts
+        ``(n_cells, n_features)`` non-negative integer counts, rows in ``cells`` order.
+    feature_ids, feature_names, feature_types
+        One per feature; types as XOA writes them (``"Gene Expression"``, ``"Negative Control Probe"``,
+        ``"Negative Control Codeword"``, ``"Blank Codeword"``, ...).
+    transcripts
+        Optional, columns ``feature_name``, ``x_location``, ``y_location`` (µm) and optionally ``transcript_id``,
+        ``cell_id`` (``"UNASSIGNED"`` when not in a cell), ``overlaps_nucleus``, ``z_location`` (µm), ``qv``.
+    morphology
+        Optional 2D uint16 ``(y, x)`` DAPI-like image with pixels of ``pixel_size`` µm, pixel ``(0, 0)`` covering
+        ``[0, pixel_size)²`` µm. Written as ``morphology_focus/morphology_focus_0000.ome.tif``. With
+        ``layout="full"`` and no image, one is rendered from the nuclei (discs of ``nucleus_area``).
+    pixel_size
+        Morphology/label pixel size (µm per pixel), written to ``experiment.xenium`` in the full layout.
+    layout
+        ``"minimal"``: the cells table, the cell-feature matrix and (if given) transcripts and morphology only, as
+        people download them. ``"full"``: a complete XOA >= 2.0 output folder that :func:`spatialdata_io.xenium`
+        reads (``experiment.xenium``, ``cells.csv.gz`` + ``cells.parquet``, ``cells.zarr.zip`` with label masks,
+        ``cell_feature_matrix.h5`` + ``cell_feature_matrix/``, ``cell_boundaries.parquet``,
+        ``nucleus_boundaries.parquet``, ``transcripts.parquet``, morphology image); cell ids must then be genuine
+        Xenium ids (see :func:`xenium_cell_ids`) and ``cells_format``/``matrix_format`` are ignored.
+    cells_format
+        ``"csv.gz"`` (``cells.csv.gz``) or ``"parquet"`` (``cells.parquet``), minimal layout.
+    matrix_format
+        ``"h5"`` (``cell_feature_matrix.h5``) or ``"mtx"`` (``cell_feature_matrix/``), minimal layout.
+    transcripts_format
+        ``"parquet"`` (``transcripts.parquet``) or ``"csv.gz"`` (``transcripts.csv.gz``).
+    overwrite
+        Replace a non-empty ``out_dir``.
+
+    Returns
+    -------
+    The output folder.
+    """
+    if layout not in ("minimal", "full"):
+        raise ValueError(f"layout must be 'minimal' or 'full', got {layout!r}.")
+    if cells_format not in ("csv.gz", "parquet"):
+        raise ValueError(f"cells_format must be 'csv.gz' or 'parquet', got {cells_format!r}.")
+    if matrix_format not in ("h5", "mtx"):
+        raise ValueError(f"matrix_format must be 'h5' or 'mtx', got {matrix_format!r}.")
+    if transcripts_format not in ("parquet", "csv.gz"):
+        raise ValueError(f"transcripts_format must be 'parquet' or 'csv.gz', got {transcripts_format!r}.")
+    if not pixel_size > 0:
+        raise ValueError(f"pixel_size must be positive (µm per pixel), got {pixel_size}.")
+    cells = _check_cells(cells)
+    cell_ids = cells["cell_id"].to_numpy()
+    if layout == "full":
+        _encode_xenium_cell_ids(cell_ids)  # validate before writing anything
+    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    mat = _as_counts(counts, len(cells), len(feature_ids))
+    if morphology is not None:
+        morphology = np.asarray(morphology)
+        if morphology.ndim != 2:
+            raise ValueError(f"morphology must be a 2D (y, x) image, got shape {morphology.shape}.")
+        morphology = morphology.astype(np.uint16, copy=False)
+    tx = _check_transcripts(transcripts) if transcripts is not None else None
+
+    out = Path(out_dir)
+    _prepare_dir(out, overwrite)
+    h5_kwargs = {
+        "genome": "Unknown",
+        "library_id": "xenium",
+        "chemistry_description": "Xenium",
+        "software_version": XENIUM_SOFTWARE_VERSION,
+    }
+    mtx_args = (mat, cell_ids, feature_ids, feature_names, feature_types)
+
+    if layout == "minimal":
+        _write_table(cells, out / f"cells.{cells_format}", cells_format)
+        if matrix_format == "h5":
+            write_feature_matrix_h5(out / "cell_feature_matrix.h5", *mtx_args, **h5_kwargs)
+        else:
+            write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=XENIUM_SOFTWARE_VERSION)
+        if tx is not None:
+            _write_table(tx, out / f"transcripts.{transcripts_format}", transcripts_format)
+        if morphology is not None:
+            _write_ome_tiff(out / "morphology_focus" / "morphology_focus_0000.ome.tif", morphology, pixel_size)
+        return out
+
+    # --- full layout ---------------------------------------------------------------------------------------------
+    x = cells["x_centroid"].to_numpy(np.float64)
+    y = cells["y_centroid"].to_numpy(np.float64)
+    cell_r = np.sqrt(np.clip(cells["cell_area"].to_numpy(np.float64), 0, None) / np.pi)
+    nuc_r = np.sqrt(np.clip(cells["nucleus_area"].to_numpy(np.float64), 0, None) / np.pi)
+    if morphology is not None:
+        shape = morphology.shape
+    else:
+        extent_x = float(np.max(x + cell_r, initial=0.0))
+        extent_y = float(np.max(y + cell_r, initial=0.0))
+        shape = (int(np.ceil(extent_y / pixel_size)) + 1, int(np.ceil(extent_x / pixel_size)) + 1)
+
+    cells_full = cells.copy()
+    if "nucleus_count" not in cells_full.columns:
+        cells_full["nucleus_count"] = np.uint32(1)
+    if "segmentation_method" not in cells_full.columns:
+        cells_full["segmentation_method"] = "Segmented by nucleus expansion of 5.0µm"
+    _write_table(cells_full, out / "cells.csv.gz", "csv.gz")
+    _write_table(cells_full, out / "cells.parquet", "parquet")
+    write_feature_matrix_h5(out / "cell_feature_matrix.h5", *mtx_args, **h5_kwargs)
+    write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=XENIUM_SOFTWARE_VERSION)
+    _disc_polygons(cell_ids, x, y, cell_r).to_parquet(out / "cell_boundaries.parquet", index=False)
+    _disc_polygons(cell_ids, x, y, nuc_r).to_parquet(out / "nucleus_boundaries.parquet", index=False)
+    _write_cells_zarr(out / "cells.zarr.zip", cells, shape, pixel_size)
+    if tx is None:
+        tx = _check_transcripts(pd.DataFrame({c: pd.Series(dtype=float) for c in _TRANSCRIPT_COLUMNS}))
+    _write_table(tx, out / "transcripts.parquet", "parquet")
+    if transcripts_format == "csv.gz":
+        _write_table(tx, out / "transcripts.csv.gz", "csv.gz")
+    morph_path = out / "morphology_focus" / "morphology_focus_0000.ome.tif"
+    if morphology is not None:
+        _write_ome_tiff(morph_path, morphology, pixel_size)
+    else:
+        tiles = (
+            block
+            for _, _, block in _disc_tiles(
+                shape,
+                x / pixel_size,
+                y / pixel_size,
+                nuc_r / pixel_size,
+                np.full(len(x), 2000.0),
+                256,
+                np.uint16,
+                falloff=True,
+            )
+        )
+        padded = (_pad_tile(b, 256) for b in tiles)
+        _write_ome_tiff(morph_path, None, pixel_size, tiles=padded, shape=shape)
+
+    types = np.asarray(
+        [feature_types] * len(feature_ids) if isinstance(feature_types, str) else feature_types, dtype=str
+    )
+    n_genes = int(np.sum(types == "Gene Expression"))
+    n_tx = 0 if tx is None else len(tx)
+    experiment = {
+        "major_version": 5,
+        "minor_version": 0,
+        "patch_version": 0,
+        "run_name": "spatialdata-align synthetic",
+        "run_start_time": "2024-01-01T00:00:00Z",
+        "region_name": "synthetic",
+        "preservation_method": "ffpe",
+        "num_cells": len(cells),
+        "transcripts_per_cell": float(n_tx / max(len(cells), 1)),
+        "transcripts_per_100um": 0.0,
+        "cassette_name": "synthetic",
+        "slide_id": "0000000",
+        "panel_design_file": "synthetic.json",
+        "panel_name": "synthetic",
+        "panel_organism": "Human",
+        "panel_num_targets_predesigned": n_genes,
+        "panel_num_targets_custom": 0,
+        "pixel_size": float(pixel_size),
+        "instrument_sn": "0000",
+        "instrument_sw_version": "2.0.0.0",
+        "analysis_sw_version": XENIUM_SOFTWARE_VERSION,
+        "experiment_uuid": "00000000-0000-0000-0000-000000000000",
+        "cassette_uuid": "00000000-0000-0000-0000-000000000000",
+        "roi_uuid": "00000000-0000-0000-0000-000000000000",
+        "z_step_size": 3.0,
+        "well_uuid": "",
+        "calibration_uuid": "00000000-0000-0000-0000-000000000000",
+        "images": {
+            "morphology_filepath": "morphology.ome.tif",
+            "morphology_focus_filepath": "morphology_focus/morphology_focus_0000.ome.tif",
+        },
+        "xenium_explorer_files": {
+            "transcripts_zarr_filepath": "transcripts.zarr.zip",
+            "cells_zarr_filepath": "cells.zarr.zip",
+            "cell_features_zarr_filepath": "cell_feature_matrix.zarr.zip",
+            "analysis_zarr_filepath": "analysis.zarr.zip",
+            "analysis_summary_filepath": "analysis_summary.html",
+        },
+    }
+    (out / "experiment.xenium").write_text(json.dumps(experiment, indent=4))
+    return out
+
+
+def _pad_tile(block: np.ndarray, tile: int) -> np.ndarray:
+    if block.shape == (tile, tile):
+        return block
+    out = np.zeros((tile, tile), dtype=block.dtype)
+    out[: block.shape[0], : block.shape[1]] = block
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visium
+# ----------------------------------------------------------------------------------------------------------------
+def _check_rgb(image: Any, what: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"{what} must be (H, W, 3) uint8, got shape {arr.shape}.")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got {arr.dtype}.")
+    return arr
+
+
+def write_visium(
+    outs_dir: str | Path,
+    *,
+    barcodes: Sequence[str],
+    in_tissue: Sequence[int],
+    array_row: Sequence[int],
+    array_col: Sequence[int],
+    pxl_row_in_fullres: Sequence[float],
+    pxl_col_in_fullres: Sequence[float],
+    counts: Any,
+    feature_ids: Sequence[str],
+    feature_names: Sequence[str],
+    scalefactors: dict,
+    hires_image: np.ndarray,
+    lowres_image: np.ndarray,
+    fullres_image: np.ndarray | None = None,
+    positions_file: str = "tissue_positions.csv",
+    matrix_format: str = "h5",
+    feature_types: Sequence[str] | str = "Gene Expression",
+    fullres_image_file: str = "tissue_image.tif",
+    library_id: str = "visium",
+    overwrite: bool = False,
+) -> Path:
+    """Write a Space Ranger ``outs/`` folder (Visium SD / CytAssist layout).
+
+    Parameters
+    ----------
+    outs_dir
+        Output folder (created; must be empty or absent unless ``overwrite``).
+    barcodes, in_tissue, array_row, array_col
+        One entry per spot of the capture area, in and out of tissue (as Space Ranger lists them).
+    pxl_row_in_fullres, pxl_col_in_fullres
+        Spot centres in full-resolution image pixels: row = y, column = x.
+    counts
+        ``(n_in_tissue, n_features)`` non-negative integer counts for ``barcodes[in_tissue == 1]`` in that order.
+    feature_ids, feature_names
+        Gene ids and gene symbols, one per column of ``counts``.
+    scalefactors
+        ``spot_diameter_fullres`` (full-res px), ``tissue_hires_scalef``, ``tissue_lowres_scalef`` (hires/lowres px
+        per full-res px) and usually ``fiducial_diameter_fullres``; written to ``spatial/scalefactors_json.json``.
+    hires_image, lowres_image
+        uint8 ``(H, W, 3)`` images, written to ``spatial/tissue_hires_image.png`` / ``tissue_lowres_image.png``.
+    fullres_image
+        Optional uint8 ``(H, W, 3)`` full-resolution image, written as ``outs_dir / fullres_image_file`` (TIFF).
+    positions_file
+        ``"tissue_positions.csv"`` (Space Ranger >= 2, with header) or ``"tissue_positions_list.csv"`` (Space
+        Ranger 1, no header).
+    matrix_format
+        ``"h5"`` (``filtered_feature_bc_matrix.h5``) or ``"mtx"`` (``filtered_feature_bc_matrix/``).
+    feature_types
+        One per feature or one for all.
+    fullres_image_file
+        File name of the full-resolution image.
+    library_id
+        Library id stored in the HDF5 attributes.
+    overwrite
+        Replace a non-empty ``outs_dir``.
+
+    Returns
+    -------
+    The ``outs`` folder.
+    """
+    if positions_file not in ("tissue_positions.csv", "tissue_positions_list.csv"):
+        raise ValueError(
+            f"positions_file must be 'tissue_positions.csv' or 'tissue_positions_list.csv', got {positions_file!r}."
+        )
+    if matrix_format not in ("h5", "mtx"):
+        raise ValueError(f"matrix_format must be 'h5' or 'mtx', got {matrix_format!r}.")
+    missing = [k for k in _VISIUM_SCALEFACTOR_KEYS if k not in scalefactors]
+    if missing:
+        raise ValueError(f"scalefactors lacks {missing}; it has {sorted(scalefactors)}.")
+    barcodes = _as_str_array(barcodes, "barcodes")
+    n = len(barcodes)
+    if len(set(barcodes)) != n:
+        raise ValueError("barcodes must be unique.")
+    in_tissue = np.asarray(in_tissue).astype(np.int64)
+    if in_tissue.shape != (n,) or not np.isin(in_tissue, (0, 1)).all():
+        raise ValueError(f"in_tissue must hold {n} values in {{0, 1}}.")
+    positions = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue,
+            "array_row": np.asarray(array_row).astype(np.int64),
+            "array_col": np.asarray(array_col).astype(np.int64),
+            "pxl_row_in_fullres": _maybe_int(np.asarray(pxl_row_in_fullres)),
+            "pxl_col_in_fullres": _maybe_int(np.asarray(pxl_col_in_fullres)),
+        }
+    )
+    tissue_bc = barcodes[in_tissue == 1]
+    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    mat = _as_counts(counts, len(tissue_bc), len(feature_ids), "counts (in-tissue spots x features)")
+    hires_image = _check_rgb(hires_image, "hires_image")
+    lowres_image = _check_rgb(lowres_image, "lowres_image")
+    if fullres_image is not None:
+        fullres_image = _check_rgb(fullres_image, "fullres_image")
+
+    from PIL import Image
+
+    out = Path(outs_dir)
+    _prepare_dir(out, overwrite)
+    spatial = out / "spatial"
+    spatial.mkdir()
+    mtx_args = (mat, tissue_bc, feature_ids, feature_names, feature_types)
+    if matrix_format == "h5":
+        write_feature_matrix_h5(out / "filtered_feature_bc_matrix.h5", *mtx_args, library_id=library_id)
+    else:
+        write_feature_matrix_mtx(out / "filtered_feature_bc_matrix", *mtx_args)
+    positions.to_csv(spatial / positions_file, index=False, header=positions_file == "tissue_positions.csv")
+    (spatial / "scalefactors_json.json").write_text(json.dumps({k: scalefactors[k] for k in scalefactors}))
+    Image.fromarray(hires_image).save(spatial / "tissue_hires_image.png")
+    Image.fromarray(lowres_image).save(spatial / "tissue_lowres_image.png")
+    if fullres_image is not None:
+        import tifffile
+
+        tifffile.imwrite(out / fullres_image_file, fullres_image, photometric="rgb", compression="zlib")
+    return out
+
+
+def _maybe_int(values: np.ndarray) -> np.ndarray:
+    """Integers stay integers on disk (Space Ranger writes integer pixel positions); other floats are exact."""
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    values = values.astype(np.float64)
+    if np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        return values.astype(np.int64)
+    return values
