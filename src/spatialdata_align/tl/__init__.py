@@ -1,1 +1,22 @@
-"""tl."""
+"""Tools on aligned data (scanpy-style: the SpatialData object first).
+
+``shared_region``   the tissue both modalities cover, as a Shapes element in ``visium``
+``subset_shared``   a new SpatialData restricted to it (or to any polygon / bounding box)
+``shared_genes``    genes measured by both modalities (symbol matching)
+``pseudo_spots``    Xenium cells aggregated into the Visium spot footprints (AnnData)
+``compare_genes``   per-gene Pearson / Spearman between pseudo-spots and spots
+"""
+
+from ._compare import compare_genes, paired_expression, pseudo_spots
+from ._data import shared_genes
+from ._region import SHARED_REGION_KEY, shared_region, subset_shared
+
+__all__ = [
+    "SHARED_REGION_KEY",
+    "compare_genes",
+    "paired_expression",
+    "pseudo_spots",
+    "shared_genes",
+    "shared_region",
+    "subset_shared",
+]

@@ -1,0 +1,266 @@
+"""A small hand-built Xenium + Visium pair with a known alignment, for the ``sda.tl`` / ``sda.pl`` tests.
+
+The pair follows the data model of ``sda.io.read_pair`` (element names and models from
+``spatialdata_align._constants``):
+
+* Visium: a hexagonal spot lattice (pitch 100 µm) in full-resolution pixels (``um_per_px`` µm per
+  pixel), spots inside an elliptical tissue are ``in_tissue``; a hires RGB image mapped into ``visium``
+  by ``Scale(1 / scalef)``.
+* Xenium: cells in µm, sampled uniformly inside a second ellipse (the twin section: it overhangs the
+  Visium tissue on one side and misses it on the other) and clipped to a capture window.
+* Truth: ``forward(xy_um) -> xy_px`` is a rotation + scale + translation.
+* Genes: every gene follows a smooth random field (Gaussian bumps, length scale ~250 µm) sampled at
+  the true position; Xenium counts are Poisson per cell, Visium counts Poisson per spot with a
+  spot-level library-size factor. Symbol quirks: ``Krt5`` in Visium vs ``KRT5`` in Xenium,
+  ``MYDUP`` twice in Visium (``MYDUP`` / ``MYDUP-1``), ``NKX2-1`` in both, Xenium control probes
+  ``NegControlProbe_00042`` and ``BLANK_0007`` in the Xenium table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata as ad
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Affine, Identity, Scale, Sequence, set_transformation
+
+from spatialdata_align._constants import (
+    ALIGNED_SUFFIX,
+    INSTANCE_KEY,
+    REGION_KEY,
+    SPATIAL_KEY,
+    UNS_VISIUM_KEY,
+    VISIUM_CS,
+    VISIUM_HIRES,
+    VISIUM_SPOTS,
+    VISIUM_TABLE,
+    XENIUM_CELLS,
+    XENIUM_CS,
+    XENIUM_TABLE,
+)
+
+UM_PER_PX = 0.2736
+PITCH_UM = 100.0
+SCALEF = 0.05  # hires pixels per full-res pixel
+XENIUM_GENES = ["EGFR", "KRT5", "NKX2-1", "MYDUP", "CD3E", "ACTA2", "PTPRC", "EPCAM", "VIM", "FLAT1"]
+XENIUM_CONTROLS = ["NegControlProbe_00042", "BLANK_0007"]
+VISIUM_ONLY = ["GAPDH", "MALAT1", "XIST", "ACTB"]
+
+
+@dataclass
+class Pair:
+    sdata: SpatialData
+    rotation_deg: float
+    translation_px: np.ndarray
+    um_per_px: float
+    cells_um: np.ndarray
+    cells_px: np.ndarray
+    spots_px: np.ndarray
+    in_tissue: np.ndarray
+    pitch_px: float
+
+    def forward(self, xy_um: np.ndarray) -> np.ndarray:
+        return np.asarray(xy_um, float) @ self.matrix[:2, :2].T + self.matrix[:2, 2]
+
+    def inverse(self, xy_px: np.ndarray) -> np.ndarray:
+        inv = np.linalg.inv(self.matrix)
+        return np.asarray(xy_px, float) @ inv[:2, :2].T + inv[:2, 2]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        th = np.radians(self.rotation_deg)
+        m = np.eye(3)
+        m[:2, :2] = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]) / self.um_per_px
+        m[:2, 2] = self.translation_px
+        return m
+
+
+def _field(rng, n_bumps: int, extent_px: np.ndarray, sigma_px: float):
+    centres = rng.uniform(0, 1, size=(n_bumps, 2)) * extent_px
+    amps = rng.normal(size=n_bumps)
+
+    def f(xy):
+        d2 = ((xy[:, None, :] - centres[None]) ** 2).sum(-1)
+        return (amps * np.exp(-d2 / (2 * sigma_px**2))).sum(1)
+
+    return f
+
+
+def _in_ellipse(xy, c, a, b):
+    return ((xy[:, 0] - c[0]) / a) ** 2 + ((xy[:, 1] - c[1]) / b) ** 2 < 1
+
+
+def make_pair(n_cells: int = 6000, n_side: int = 30, seed: int = 0, n_extra_visium: int = 0) -> Pair:
+    """Build the pair: ``n_side x n_side`` spots, ``n_cells`` cells (before clipping to the window)."""
+    rng = np.random.default_rng(seed)
+    pitch_px = PITCH_UM / UM_PER_PX
+    # --- Visium lattice (full-res px), array_col = 2 * c + (r % 2) as in Space Ranger
+    rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    margin = 3 * pitch_px
+    spots = np.column_stack([margin + (cols + 0.5 * (rows % 2)) * pitch_px, margin + rows * pitch_px * np.sqrt(3) / 2])
+    extent = spots.max(0) + margin
+    centre = extent / 2
+    in_tissue = _in_ellipse(spots, centre, 0.40 * extent[0], 0.36 * extent[1])
+    # --- Xenium cells: true positions in px inside the twin-section ellipse and the capture window
+    tis2_c = centre + np.array([0.12, 0.03]) * extent
+    pts = []
+    while sum(len(p) for p in pts) < n_cells:
+        cand = rng.uniform(0, 1, size=(n_cells, 2)) * extent
+        keep = _in_ellipse(cand, tis2_c, 0.36 * extent[0], 0.34 * extent[1])
+        keep &= cand[:, 1] > 0.22 * extent[1]  # capture window misses the top of the tissue
+        pts.append(cand[keep])
+    cells_px = np.concatenate(pts)[:n_cells]
+    pair = Pair(
+        sdata=None,  # type: ignore[arg-type]
+        rotation_deg=20.0,
+        translation_px=np.array([0.0, 0.0]),
+        um_per_px=UM_PER_PX,
+        cells_um=None,  # type: ignore[arg-type]
+        cells_px=cells_px,
+        spots_px=spots,
+        in_tissue=in_tissue,
+        pitch_px=pitch_px,
+    )
+    # choose the translation so that Xenium µm coordinates are positive
+    raw_um = pair.inverse(cells_px)
+    pair.translation_px = pair.matrix[:2, :2] @ (raw_um.min(0) - 200.0)
+    cells_um = pair.inverse(cells_px)
+    pair.cells_um = cells_um
+    # --- expression fields (length scale ~250 µm)
+    sigma_px = 250.0 / UM_PER_PX
+    genes_all = XENIUM_GENES + VISIUM_ONLY + [f"VIS{i:04d}" for i in range(n_extra_visium)]
+    fields = {g: _field(rng, 40, extent, sigma_px) for g in genes_all}
+    base = {g: rng.uniform(-1.0, 1.0) for g in genes_all}
+    amp = {g: (2.0 if g == "EGFR" else 0.0 if g == "FLAT1" else 1.0) for g in genes_all}
+
+    def rate(g, xy):
+        return np.exp(base[g] + amp[g] * fields[g](xy))
+
+    # Xenium counts
+    cell_size = rng.lognormal(0.0, 0.3, size=len(cells_px))
+    xen_cols = [rng.poisson(0.6 * rate(g, cells_px) * cell_size) for g in XENIUM_GENES]
+    xen_cols += [rng.poisson(0.05, size=len(cells_px)) for _ in XENIUM_CONTROLS]
+    xvar = XENIUM_GENES + XENIUM_CONTROLS
+    X = sp.csr_matrix(np.column_stack(xen_cols).astype(np.float32))
+    xobs = pd.DataFrame(
+        {
+            "cell_id": [f"cell{i:06d}" for i in range(len(cells_px))],
+            REGION_KEY: pd.Categorical([XENIUM_CELLS] * len(cells_px)),
+            INSTANCE_KEY: np.arange(len(cells_px)),
+        },
+        index=[f"cell{i:06d}" for i in range(len(cells_px))],
+    )
+    xvar_df = pd.DataFrame(
+        {
+            "gene_ids": [f"ENSG{i:011d}" for i in range(len(xvar))],
+            "feature_types": ["Gene Expression"] * len(XENIUM_GENES) + ["Negative Control Probe", "Blank Codeword"],
+        },
+        index=xvar,
+    )
+    xt = ad.AnnData(X=X, obs=xobs, var=xvar_df, obsm={SPATIAL_KEY: cells_um.copy()})
+    xt = TableModel.parse(xt, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    cells_gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(cells_um), 5.0)},
+        geometry=gpd.points_from_xy(cells_um[:, 0], cells_um[:, 1]),
+        index=np.arange(len(cells_um)),
+    )
+    cells = ShapesModel.parse(cells_gdf, transformations={XENIUM_CS: Identity()})
+    # Visium counts (all lattice spots; out-of-tissue spots get background only)
+    depth = rng.lognormal(0.0, 0.4, size=len(spots)) * np.where(in_tissue, 1.0, 0.05)
+    vis_genes = [*XENIUM_GENES, "MYDUP", *genes_all[len(XENIUM_GENES) :]]
+    vcols = [rng.poisson(8.0 * rate(g, spots) * depth) for g in vis_genes]
+    vsym = list(vis_genes)
+    vsym[XENIUM_GENES.index("KRT5")] = "Krt5"
+    vnames = pd.Index(vsym)
+    vnames = ad.utils.make_index_unique(vnames)
+    V = sp.csr_matrix(np.column_stack(vcols).astype(np.float32))
+    barcodes = [f"{''.join(rng.choice(list('ACGT'), 16))}-1" for _ in range(len(spots))]
+    vobs = pd.DataFrame(
+        {
+            "in_tissue": in_tissue.astype(int),
+            "array_row": rows,
+            "array_col": 2 * cols + rows % 2,
+            REGION_KEY: pd.Categorical([VISIUM_SPOTS] * len(spots)),
+            INSTANCE_KEY: np.arange(len(spots)),
+        },
+        index=barcodes,
+    )
+    vvar = pd.DataFrame({"gene_symbols": vsym, "gene_ids": [f"ENSV{i:011d}" for i in range(len(vsym))]}, index=vnames)
+    spot_diam_px = 55.0 / UM_PER_PX
+    vt = ad.AnnData(
+        X=V,
+        obs=vobs,
+        var=vvar,
+        obsm={SPATIAL_KEY: spots.copy()},
+        uns={
+            UNS_VISIUM_KEY: {
+                "scalefactors": {
+                    "tissue_hires_scalef": SCALEF,
+                    "tissue_lowres_scalef": SCALEF / 4,
+                    "spot_diameter_fullres": spot_diam_px,
+                },
+                "um_per_px": UM_PER_PX,
+            }
+        },
+    )
+    vt = TableModel.parse(vt, region=VISIUM_SPOTS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    spots_gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(spots), spot_diam_px / 2)},
+        geometry=gpd.points_from_xy(spots[:, 0], spots[:, 1]),
+        index=np.arange(len(spots)),
+    )
+    spots_el = ShapesModel.parse(spots_gdf, transformations={VISIUM_CS: Identity()})
+    # hires H&E-like image: pink tissue on white
+    h, w = int(np.ceil(extent[1] * SCALEF)), int(np.ceil(extent[0] * SCALEF))
+    yy, xx = np.mgrid[0:h, 0:w]
+    pix_full = np.column_stack([(xx.ravel() + 0.5) / SCALEF, (yy.ravel() + 0.5) / SCALEF])
+    tis = _in_ellipse(pix_full, centre, 0.40 * extent[0], 0.36 * extent[1]).reshape(h, w)
+    rgb = np.full((3, h, w), 245, dtype=np.uint8)
+    rgb[:, tis] = np.array([200, 120, 180], dtype=np.uint8)[:, None]
+    img = Image2DModel.parse(
+        rgb,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations={VISIUM_CS: Scale([1 / SCALEF] * 2, axes=("x", "y"))},
+    )
+    pair.sdata = SpatialData(
+        shapes={XENIUM_CELLS: cells, VISIUM_SPOTS: spots_el},
+        images={VISIUM_HIRES: img},
+        tables={XENIUM_TABLE: xt, VISIUM_TABLE: vt},
+    )
+    return pair
+
+
+def add_native_affine(pair: Pair, sdata: SpatialData | None = None) -> SpatialData:
+    """Map ``xenium_cells`` into ``visium`` through the true affine (as ``sdata.align.affine`` would)."""
+    sdata = pair.sdata if sdata is None else sdata
+    aff = Affine(pair.matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+    set_transformation(sdata[XENIUM_CELLS], Sequence([Identity(), aff]), to_coordinate_system=VISIUM_CS)
+    return sdata
+
+
+def add_aligned(pair: Pair, shift_um: float = 0.0, sdata: SpatialData | None = None) -> SpatialData:
+    """Add ``xenium_cells_aligned`` / ``xenium_table_aligned`` at the true positions (+ a shift in µm along x)."""
+    sdata = pair.sdata if sdata is None else sdata
+    xy = pair.forward(pair.cells_um) + np.array([shift_um / pair.um_per_px, 0.0])
+    name = f"{XENIUM_CELLS}{ALIGNED_SUFFIX}"
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(xy), 5.0 / pair.um_per_px)},
+        geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]),
+        index=sdata[XENIUM_CELLS].index.copy(),
+    )
+    sdata.shapes[name] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Identity()})
+    t = sdata.tables[XENIUM_TABLE].copy()
+    t.obs[REGION_KEY] = pd.Categorical([name] * t.n_obs)
+    t.obsm[SPATIAL_KEY] = xy.copy()
+    t.uns.pop(TableModel.ATTRS_KEY, None)
+    sdata.tables[f"{XENIUM_TABLE}{ALIGNED_SUFFIX}"] = TableModel.parse(
+        t, region=name, region_key=REGION_KEY, instance_key=INSTANCE_KEY
+    )
+    return sdata
