@@ -312,7 +312,8 @@ def compare_genes(
     n = len(pe.barcodes)
     if n >= 3:
         pearson = _column_pearson(pe.xenium, pe.visium)
-        spearman = _column_pearson(rankdata(pe.xenium, axis=0), rankdata(pe.visium, axis=0))
+        # round so values equal up to floating-point noise (c1/L1 == c2/L2) tie
+        spearman = _column_pearson(rankdata(np.round(pe.xenium, 10), axis=0), rankdata(np.round(pe.visium, 10), axis=0))
     else:
         pearson = spearman = np.full(len(pe.genes), np.nan)
     df = pd.DataFrame(

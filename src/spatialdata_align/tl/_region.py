@@ -177,7 +177,10 @@ def _as_region(sdata: SpatialData, region, cs: str, key: str):
         return shapely.affinity.affine_transform(geom, mat), region
     if isinstance(region, shapely.Polygon | shapely.MultiPolygon):
         return region, None
-    arr = np.asarray(region, dtype=float) if not isinstance(region, shapely.Geometry) else None
+    try:
+        arr = None if isinstance(region, shapely.Geometry) else np.asarray(region, dtype=float)
+    except (TypeError, ValueError):
+        arr = None
     if arr is not None and arr.shape == (4,):
         xmin, ymin, xmax, ymax = arr
         if not (xmax > xmin and ymax > ymin):

@@ -1,0 +1,384 @@
+"""Tests of ``sda.tl``: shared region, subsetting, pseudo-spots and the gene comparison.
+
+The pair comes from ``_tl_data.make_pair`` (known truth; see its docstring). "Cells that truly lie
+under in-tissue spots" are defined on the TRUE cell positions as the cells inside the lattice cell
+(hexagonal Voronoi cell, pitch 100 µm) of an in-tissue spot: a strict 55 µm-circle reading would
+make the <= 5 % criterion impossible for any contiguous region, as the gaps between spots cover
+most of the area.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import shapely
+from _tl_data import UM_PER_PX, add_aligned, add_native_affine, make_pair
+from scipy.spatial import cKDTree
+from scipy.stats import pearsonr, spearmanr
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, PointsModel
+from spatialdata.transformations import Affine, Identity, Sequence
+
+import spatialdata_align as sda
+from spatialdata_align._constants import (
+    ALIGNED_SUFFIX,
+    ATTRS_KEY,
+    MATCH_WEIGHT_KEY,
+    UNS_COMPARE_KEY,
+    VISIUM_CS,
+    VISIUM_HIRES,
+    VISIUM_SPOTS,
+    VISIUM_TABLE,
+    XENIUM_CELLS,
+    XENIUM_CS,
+    XENIUM_TABLE,
+)
+from spatialdata_align.tl import _data
+
+CELLS_AL = f"{XENIUM_CELLS}{ALIGNED_SUFFIX}"
+TABLE_AL = f"{XENIUM_TABLE}{ALIGNED_SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = make_pair(n_cells=6000, n_side=30, seed=0)
+    add_native_affine(p)
+    add_aligned(p)
+    return p
+
+
+def fresh(shift_um: float = 0.0, aligned: bool = True, native: bool = True, **kw):
+    p = make_pair(n_cells=kw.pop("n_cells", 6000), n_side=kw.pop("n_side", 30), seed=kw.pop("seed", 0))
+    if native:
+        add_native_affine(p)
+    if aligned:
+        add_aligned(p, shift_um=shift_um)
+    return p
+
+
+def truly_under_in_tissue(p) -> np.ndarray:
+    """Per cell: its TRUE position lies in the lattice cell of an in-tissue spot."""
+    circum = p.pitch_px / np.sqrt(3)
+    dist, idx = cKDTree(p.spots_px).query(p.cells_px, distance_upper_bound=circum)
+    ok = np.isfinite(dist)
+    out = np.zeros(len(p.cells_px), dtype=bool)
+    out[ok] = p.in_tissue[idx[ok]]
+    return out
+
+
+def kept_cells(shared: SpatialData, table: str = XENIUM_TABLE) -> np.ndarray:
+    return shared.tables[table].obs["instance_id"].to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------- genes
+def test_shared_genes_matching_rules(pair):
+    gm = sda.tl.shared_genes(pair.sdata)
+    genes = gm["gene"].tolist()
+    assert genes == sorted(["ACTA2", "CD3E", "EGFR", "EPCAM", "FLAT1", "KRT5", "MYDUP", "NKX2-1", "PTPRC", "VIM"])
+    row = gm.set_index("gene")
+    assert row.loc["KRT5", "visium_var"] == ["Krt5"]  # case-insensitive
+    assert row.loc["MYDUP", "visium_var"] == ["MYDUP", "MYDUP-1"]  # duplicated symbol: both summed
+    assert row.loc["NKX2-1", "visium_var"] == ["NKX2-1"]  # a real dash is not a uniqueness suffix
+    assert not any(g.startswith(("NegControl", "BLANK")) for g in genes)
+    assert "GAPDH" not in genes  # Visium only
+    sub = sda.tl.shared_genes(pair.sdata, ["egfr", "krt5"])
+    assert sub["gene"].tolist() == ["EGFR", "KRT5"]
+
+
+def test_shared_genes_unknown_gene_message(pair):
+    with pytest.raises(KeyError, match=r"'GAPDH' \(only in Visium\).*'NOPE' \(in neither table\)"):
+        sda.tl.shared_genes(pair.sdata, ["GAPDH", "NOPE"])
+
+
+def test_gene_symbols_folds_make_unique_suffix_only():
+    var = pd.DataFrame(index=["A", "A-1", "NKX2-1", "HLA-A", "B-2"])
+    t = ad.AnnData(np.zeros((1, 5), dtype=np.float32), var=var)
+    assert _data.gene_symbols(t).tolist() == ["A", "A", "NKX2-1", "HLA-A", "B-2"]
+
+
+# --------------------------------------------------------------------------------------- shared region
+def test_shared_region_acceptance(pair):
+    sd = pair.sdata
+    region = sda.tl.shared_region(sd, key_added="region_test")
+    truth = truly_under_in_tissue(pair)
+    shared = sda.tl.subset_shared(sd, "region_test")
+    kept = np.isin(np.arange(len(truth)), kept_cells(shared))
+    frac_in = kept[truth].mean()
+    frac_out = kept[~truth].mean()
+    assert truth.sum() > 3000 and (~truth).sum() > 300  # both classes are well populated
+    assert frac_in >= 0.95, frac_in
+    assert frac_out <= 0.05, frac_out
+    # the stored element: one (multi)polygon of whole lattice cells of in-tissue spots
+    gdf = sd.shapes["region_test"]
+    assert len(gdf) == 1 and gdf.geometry.iloc[0].equals(region)
+    n = int(gdf["n_spots"].iloc[0])
+    hex_area = np.sqrt(3) / 2 * pair.pitch_px**2
+    assert region.area == pytest.approx(n * hex_area, rel=1e-3)
+    assert gdf["area_um2"].iloc[0] == pytest.approx(n * hex_area * UM_PER_PX**2, rel=1e-3)
+    assert n <= pair.in_tissue.sum()
+    # every spot centre in the region is in tissue
+    inside = shapely.contains_xy(region, pair.spots_px[:, 0], pair.spots_px[:, 1])
+    assert inside.sum() == n and pair.in_tissue[inside].all()
+
+
+def test_shared_region_fails_acceptance_when_misaligned():
+    """A 500 µm error breaks the criterion, so the acceptance test above can fail."""
+    p = fresh(shift_um=500.0)
+    sda.tl.shared_region(p.sdata)
+    shared = sda.tl.subset_shared(p.sdata)
+    truth = truly_under_in_tissue(p)
+    kept = np.isin(np.arange(len(truth)), kept_cells(shared))
+    assert kept[truth].mean() < 0.95 or kept[~truth].mean() > 0.05
+
+
+def test_shared_region_native_affine_fallback_matches_aligned(pair):
+    p = fresh(aligned=False)
+    r_native = sda.tl.shared_region(p.sdata, key_added=None)
+    r_aligned = sda.tl.shared_region(pair.sdata, key_added=None)
+    assert r_native.symmetric_difference(r_aligned).area < 1e-6 * r_aligned.area
+    assert "shared_region" not in p.sdata.shapes  # key_added=None writes nothing
+
+
+def test_shared_region_match_weight():
+    p = fresh()
+    t = p.sdata.tables[TABLE_AL]
+    with pytest.raises(ValueError, match=MATCH_WEIGHT_KEY):
+        sda.tl.shared_region(p.sdata, use_match_weight=True)
+    xy = p.cells_px
+    right = xy[:, 0] > np.median(xy[:, 0])
+    t.obs[MATCH_WEIGHT_KEY] = np.where(right, 0.0, 1.0)
+    full = sda.tl.shared_region(p.sdata, key_added=None)
+    weighted = sda.tl.shared_region(p.sdata, use_match_weight=True, key_added=None)
+    assert weighted.area < 0.7 * full.area
+    # the unmatched half is gone: no weighted-region spot lies right of the split (+ one pitch)
+    cx = shapely.get_coordinates(weighted)[:, 0]
+    assert cx.max() < np.median(xy[:, 0]) + 1.1 * p.pitch_px
+
+
+def test_shared_region_errors():
+    p = fresh(aligned=False, native=False)
+    with pytest.raises(ValueError, match=r"sdata\.align\.affine"):
+        sda.tl.shared_region(p.sdata)
+    p = fresh(shift_um=50_000.0)
+    with pytest.raises(ValueError, match="share no tissue"):
+        sda.tl.shared_region(p.sdata)
+
+
+# -------------------------------------------------------------------------------------------- subset
+def _state(sd: SpatialData) -> dict:
+    return {
+        "elements": sorted(n for _, n, _ in sd.gen_elements()),
+        "n": {n: len(sd.shapes[n]) for n in sd.shapes},
+        "t": {n: sd.tables[n].shape for n in sd.tables},
+        "img": sd.images[VISIUM_HIRES].shape,
+        "attrs": repr(sd.attrs),
+    }
+
+
+def test_subset_shared_input_untouched_and_consistent(pair):
+    sd = pair.sdata
+    sda.tl.shared_region(sd)
+    before = _state(sd)
+    shared = sda.tl.subset_shared(sd)
+    assert _state(sd) == before
+    region = shared.shapes["shared_region"].geometry.iloc[0]
+    # originals follow their aligned copies row for row; tables match their elements
+    assert shared.shapes[XENIUM_CELLS].index.equals(shared.shapes[CELLS_AL].index)
+    for tname, el in ((XENIUM_TABLE, XENIUM_CELLS), (TABLE_AL, CELLS_AL), (VISIUM_TABLE, VISIUM_SPOTS)):
+        ids = np.sort(shared.tables[tname].obs["instance_id"].to_numpy())
+        assert np.array_equal(ids, np.sort(shared.shapes[el].index.to_numpy())), tname
+    # kept spots are exactly the spots whose centre is in the region
+    inside = shapely.contains_xy(region, pair.spots_px[:, 0], pair.spots_px[:, 1])
+    assert np.array_equal(np.sort(shared.shapes[VISIUM_SPOTS].index), np.flatnonzero(inside))
+    xy = pair.forward(pair.cells_um)
+    assert np.array_equal(
+        np.sort(shared.shapes[CELLS_AL].index), np.flatnonzero(shapely.contains_xy(region, xy[:, 0], xy[:, 1]))
+    )
+    # the hires image is cropped to the region's bounding box (hires px = full-res px * 0.05)
+    h, w = shared.images[VISIUM_HIRES].shape[1:]
+    minx, miny, maxx, maxy = region.bounds
+    assert abs(w - (maxx - minx) * 0.05) <= 2 and abs(h - (maxy - miny) * 0.05) <= 2
+    # modifying the output leaves the input alone
+    shared.tables[XENIUM_TABLE].obs["x"] = 1
+    assert "x" not in sd.tables[XENIUM_TABLE].obs
+
+
+def test_subset_shared_bbox_polygon_and_points():
+    p = fresh()
+    sd = p.sdata
+    # transcripts: points in µm with the true affine into visium
+    rng = np.random.default_rng(1)
+    tr_um = p.cells_um[rng.integers(0, len(p.cells_um), 20000)] + rng.normal(scale=3, size=(20000, 2))
+    df = pd.DataFrame({"x": tr_um[:, 0], "y": tr_um[:, 1], "feature_name": pd.Categorical(["EGFR"] * len(tr_um))})
+    aff = Affine(p.matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+    sd.points["xenium_transcripts"] = PointsModel.parse(
+        dd.from_pandas(df, npartitions=3),
+        feature_key="feature_name",
+        transformations={XENIUM_CS: Identity(), VISIUM_CS: Sequence([Identity(), aff])},
+    )
+    tr_px = p.forward(tr_um)
+    box = (2000.0, 1500.0, 6000.0, 5000.0)
+    out = sda.tl.subset_shared(sd, box)
+    inb = (tr_px[:, 0] > box[0]) & (tr_px[:, 0] < box[2]) & (tr_px[:, 1] > box[1]) & (tr_px[:, 1] < box[3])
+    assert len(out.points["xenium_transcripts"].compute()) == inb.sum()
+    spots_in = (p.spots_px[:, 0] > box[0]) & (p.spots_px[:, 0] < box[2])
+    spots_in &= (p.spots_px[:, 1] > box[1]) & (p.spots_px[:, 1] < box[3])
+    assert out.tables[VISIUM_TABLE].n_obs == spots_in.sum()
+    assert "shared_region" not in out.shapes  # an explicit region is not stored as the shared one
+    # a polygon (triangle) in full-res px
+    tri = shapely.Polygon([(1000, 1000), (8000, 1000), (1000, 7000)])
+    out = sda.tl.subset_shared(sd, tri)
+    xy = p.forward(p.cells_um)
+    assert out.tables[TABLE_AL].n_obs == shapely.contains_xy(tri, xy[:, 0], xy[:, 1]).sum()
+    with pytest.raises(TypeError, match="bounding box"):
+        sda.tl.subset_shared(sd, "not a region".split())
+    with pytest.raises(ValueError, match="max > min"):
+        sda.tl.subset_shared(sd, (10, 10, 5, 20))
+    with pytest.raises(KeyError, match="shapes present"):
+        sda.tl.subset_shared(sd, "nope")
+
+
+def test_subset_shared_computes_region_when_absent_and_carries_alignment_elements():
+    p = fresh()
+    sd = p.sdata
+    # a stand-in velocity field in the source system and a stored-transform entry naming it
+    sd.images["k_velocity"] = Image2DModel.parse(
+        np.zeros((2, 4, 4)), dims=("c", "y", "x"), transformations={XENIUM_CS: Identity()}
+    )
+    sd.attrs[ATTRS_KEY] = {"transforms": {"k": {"velocity_element": "k_velocity"}}, "landmarks": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # carried alignment elements raise no 'unfiltered' warning
+        out = sda.tl.subset_shared(sd)
+    assert "shared_region" in out.shapes and "shared_region" not in sd.shapes
+    assert "k_velocity" in out.images and out.images["k_velocity"].shape == (2, 4, 4)
+    assert out.attrs[ATTRS_KEY] == sd.attrs[ATTRS_KEY] and out.attrs is not sd.attrs
+    # an unrelated element outside the target system is kept, with a warning
+    sd.images["other"] = Image2DModel.parse(np.zeros((1, 4, 4)), dims=("c", "y", "x"))
+    with pytest.warns(UserWarning, match="other"):
+        out = sda.tl.subset_shared(sd)
+    assert "other" in out.images
+
+
+# ---------------------------------------------------------------------------------------- pseudo-spots
+def test_pseudo_spots_brute_force(pair):
+    sd = pair.sdata
+    ps = sda.tl.pseudo_spots(sd)
+    vt = sd.tables[VISIUM_TABLE]
+    assert ps.obs_names.equals(vt.obs_names)
+    assert ps.shape == (vt.n_obs, 10)
+    xy = pair.forward(pair.cells_um)
+    r_px = 27.5 / UM_PER_PX
+    d = np.linalg.norm(pair.spots_px[:, None, :] - xy[None], axis=-1)
+    member = d <= r_px
+    assert np.array_equal(ps.obs["n_cells"].to_numpy(), member.sum(1))
+    assert ps.obs["n_cells"].sum() > 1000
+    xt = sd.tables[XENIUM_TABLE]
+    for g in ("EGFR", "MYDUP", "KRT5"):
+        expect = member.astype(np.float64) @ xt[:, g].X.toarray().ravel()
+        np.testing.assert_allclose(ps[:, g].X.toarray().ravel(), expect)
+    tot = member.astype(np.float64) @ xt[:, : len(xt.var_names) - 2].X.sum(1).A.ravel()  # controls excluded
+    np.testing.assert_allclose(ps.obs["total_counts"].to_numpy(), tot)
+    assert ps.uns["sda_pseudo_spots"]["radius_um"] == pytest.approx(27.5)
+    assert ps.uns["sda_pseudo_spots"]["cells_element"] == CELLS_AL
+    np.testing.assert_allclose(ps.obsm["spatial"], pair.spots_px)
+
+
+def test_pseudo_spots_radius_units_and_storage(pair):
+    sd = pair.sdata
+    a = sda.tl.pseudo_spots(sd, radius=50.0, units="um", genes=["egfr"])
+    b = sda.tl.pseudo_spots(sd, radius=50.0 / UM_PER_PX, units="px", genes=["EGFR"])
+    assert a.var_names.tolist() == ["EGFR"]
+    assert np.array_equal(a.obs["n_cells"], b.obs["n_cells"])
+    assert a.obs["n_cells"].sum() > sda.tl.pseudo_spots(sd).obs["n_cells"].sum()
+    with pytest.raises(ValueError, match="units"):
+        sda.tl.pseudo_spots(sd, radius=5, units="mm")
+    with pytest.raises(ValueError, match="positive"):
+        sda.tl.pseudo_spots(sd, radius=-1)
+    p = fresh()
+    sda.tl.pseudo_spots(p.sdata, key_added="xenium_pseudo_spots")
+    assert p.sdata.tables["xenium_pseudo_spots"].n_obs == p.sdata.tables[VISIUM_TABLE].n_obs
+    assert VISIUM_SPOTS in str(p.sdata.tables["xenium_pseudo_spots"].uns["spatialdata_attrs"])
+
+
+# ------------------------------------------------------------------------------------------ comparison
+def test_compare_genes_values_against_scanpy(pair):
+    sd = pair.sdata
+    df = sda.tl.compare_genes(sd)
+    assert list(df.columns) == [
+        "gene",
+        "n_spots",
+        "pearson",
+        "spearman",
+        "xenium_detection",
+        "visium_detection",
+        "xenium_mean",
+        "visium_mean",
+    ]
+    assert df["pearson"].is_monotonic_decreasing
+    assert sd.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY].equals(df)
+    # independent recomputation with scanpy on the spots compared
+    ps = sda.tl.pseudo_spots(sd)
+    vt = sd.tables[VISIUM_TABLE]
+    used = (ps.obs["n_cells"].to_numpy() >= 1) & vt.obs["in_tissue"].astype(bool).to_numpy()
+    assert (df["n_spots"] == used.sum()).all()
+    xa = ad.AnnData(ps.X.toarray()[used])
+    xa.obs["lib"] = ps.obs["total_counts"].to_numpy()[used]
+    va = vt[used].copy()
+    va.X = va.X.toarray().astype(np.float64)
+    sc.pp.normalize_total(va)
+    sc.pp.log1p(va)
+    xa.X = np.log1p(xa.X / xa.obs["lib"].to_numpy()[:, None] * np.median(xa.obs["lib"]))
+    row = df.set_index("gene")
+    for g in ("EGFR", "KRT5"):
+        xv = xa.X[:, ps.var_names.get_loc(g)]
+        vv = va[:, "EGFR" if g == "EGFR" else "Krt5"].X.ravel()
+        assert row.loc[g, "pearson"] == pytest.approx(pearsonr(xv, vv)[0], abs=1e-6)
+        assert row.loc[g, "spearman"] == pytest.approx(spearmanr(xv, vv)[0], abs=1e-3)  # ulp-level ties
+        assert row.loc[g, "xenium_detection"] == pytest.approx((ps[used, g].X.toarray() > 0).mean())
+    # MYDUP sums both Visium variables
+    vsum = vt[used, "MYDUP"].X.toarray().ravel() + vt[used, "MYDUP-1"].X.toarray().ravel()
+    assert row.loc["MYDUP", "visium_detection"] == pytest.approx((vsum > 0).mean())
+
+
+def test_compare_genes_measures_alignment_quality(pair):
+    """EGFR agrees with the true alignment and collapses with a 500 µm error."""
+    good = sda.tl.compare_genes(pair.sdata, ["EGFR"], key_added=None).set_index("gene")
+    bad_pair = fresh(shift_um=500.0)
+    bad = sda.tl.compare_genes(bad_pair.sdata, ["EGFR"], key_added=None).set_index("gene")
+    assert good.loc["EGFR", "pearson"] > 0.7
+    assert bad.loc["EGFR", "pearson"] < 0.35
+    assert good.loc["EGFR", "pearson"] - bad.loc["EGFR", "pearson"] > 0.4
+    assert UNS_COMPARE_KEY not in bad_pair.sdata.tables[VISIUM_TABLE].uns  # key_added=None
+
+
+def test_compare_genes_on_subset_equals_full(pair):
+    sda.tl.shared_region(pair.sdata)
+    shared = sda.tl.subset_shared(pair.sdata)
+    full = sda.tl.compare_genes(pair.sdata, key_added=None)
+    sub = sda.tl.compare_genes(shared)
+    assert sub["n_spots"].iloc[0] <= full["n_spots"].iloc[0]
+    assert sub["n_spots"].iloc[0] >= 0.95 * full["n_spots"].iloc[0]
+    assert UNS_COMPARE_KEY in shared.tables[VISIUM_TABLE].uns
+
+
+def test_compare_genes_options(pair):
+    sd = pair.sdata
+    ps = sda.tl.pseudo_spots(sd)
+    a = sda.tl.compare_genes(sd, pseudo=ps, key_added=None)
+    b = sda.tl.compare_genes(sd, key_added=None)
+    pd.testing.assert_frame_equal(a, b)
+    c = sda.tl.compare_genes(sd, library="shared", min_cells=3, in_tissue_only=False, key_added=None)
+    vt = sd.tables[VISIUM_TABLE]
+    v_shared = np.asarray(vt[:, [v for v in vt.var_names if v not in ("GAPDH", "MALAT1", "XIST", "ACTB")]].X.sum(1))
+    expect = (ps.obs["n_cells"].to_numpy() >= 3) & (np.asarray(ps.X.sum(1)).ravel() > 0) & (v_shared.ravel() > 0)
+    assert c["n_spots"].iloc[0] == expect.sum()
+    with pytest.raises(ValueError, match="library"):
+        sda.tl.compare_genes(sd, library="none")
+    with pytest.raises(ValueError, match="lacks"):
+        sda.tl.compare_genes(sd, pseudo=ps[:10])
