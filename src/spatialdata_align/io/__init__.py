@@ -1,1 +1,116 @@
-"""io."""
+"""Read 10x Xenium and Visium output folders into SpatialData with stable element names.
+
+Public functions
+----------------
+:func:`read_xenium`, :func:`read_visium`, :func:`read_pair` and :func:`visium_scalefactors`; the 10x matrix
+readers :func:`read_feature_matrix` (``.h5`` or Matrix Market folder) are exposed for convenience.
+
+Names (from :mod:`spatialdata_align._constants`)
+-----------------------------------------------
+Xenium, coordinate system ``xenium`` (µm): ``xenium_cells``, ``xenium_table``, ``xenium_transcripts``,
+``xenium_morphology_focus`` / ``xenium_morphology_mip``, ``xenium_cell_boundaries``,
+``xenium_nucleus_boundaries``. Visium, coordinate system ``visium`` (full-resolution pixels): ``visium_spots``,
+``visium_table``, ``visium_hires_image``, ``visium_lowres_image``, ``visium_fullres_image``.
+
+Delegation to spatialdata-io
+----------------------------
+* Xenium, full Xenium Onboard Analysis folder: delegated to :func:`spatialdata_io.xenium` (labels, polygons,
+  transcripts, multiscale morphology, aligned images), then renamed, moved from its pixel system ``global`` to
+  ``xenium`` (µm) and its table rebuilt by the same code as the minimal layout. ``spatialdata_io.xenium`` cannot
+  read the minimal download (it opens ``experiment.xenium`` and ``cells.zarr.zip`` unconditionally and reads only
+  ``cells.parquet`` / ``cell_feature_matrix.h5``), so that layout has its own path here; the tests check that both
+  layouts give the same cells, counts and transcripts.
+* Visium: **not** delegated. :func:`spatialdata_io.visium` needs a ``dataset_id``, names elements
+  ``<id>_...``, cannot find the ``filtered_feature_bc_matrix/`` folder by itself, asserts on malformed position
+  files and reports missing files as bare ``KeyError``/``IndexError``; wrapping it would need as much code as
+  reading the four small files directly, with worse errors. :func:`read_visium` reads them itself; the tests
+  check that counts, gene order, spot positions and the hires/lowres image transformations equal those of
+  ``spatialdata_io.visium`` on the same folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from spatialdata import SpatialData
+
+from ._matrix import FeatureMatrix, read_feature_matrix, read_feature_matrix_h5, read_feature_matrix_mtx
+from ._visium import read_positions, read_scalefactors, read_visium, visium_scalefactors
+from ._xenium import XENIUM_PIXEL_SIZE, read_xenium
+
+__all__ = [
+    "XENIUM_PIXEL_SIZE",
+    "FeatureMatrix",
+    "read_feature_matrix",
+    "read_feature_matrix_h5",
+    "read_feature_matrix_mtx",
+    "read_pair",
+    "read_positions",
+    "read_scalefactors",
+    "read_visium",
+    "read_xenium",
+    "visium_scalefactors",
+]
+
+
+def read_pair(
+    xenium_path: str | Path,
+    visium_path: str | Path,
+    *,
+    xenium_kwargs: dict[str, Any] | None = None,
+    visium_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> SpatialData:
+    """Read a Xenium folder and a Visium ``outs/`` folder into one SpatialData object.
+
+    Parameters
+    ----------
+    xenium_path
+        Xenium output folder (full or minimal layout), see :func:`read_xenium`.
+    visium_path
+        Space Ranger ``outs/`` folder, see :func:`read_visium`.
+    xenium_kwargs, visium_kwargs
+        Keyword arguments for :func:`read_xenium` / :func:`read_visium`.
+    **kwargs
+        Further keyword arguments, each routed to whichever reader accepts it (e.g. ``transcripts=False`` goes to
+        :func:`read_xenium`, ``fullres_image=None`` to :func:`read_visium`); one that neither accepts raises
+        :class:`TypeError`.
+
+    Returns
+    -------
+    SpatialData holding every element of both readers: coordinate systems ``xenium`` (µm) and ``visium``
+    (full-resolution pixels), not yet related to each other.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As raised by the two readers.
+    TypeError
+        A keyword argument neither reader accepts.
+    """
+    xkw, vkw = dict(xenium_kwargs or {}), dict(visium_kwargs or {})
+    xparams = set(inspect.signature(read_xenium).parameters) - {"path"}
+    vparams = set(inspect.signature(read_visium).parameters) - {"path"}
+    for key, value in kwargs.items():
+        if key in xparams:
+            xkw.setdefault(key, value)
+        if key in vparams:
+            vkw.setdefault(key, value)
+        if key not in xparams and key not in vparams:
+            raise TypeError(
+                f"read_pair got an unexpected keyword argument {key!r}; read_xenium accepts {sorted(xparams)}, "
+                f"read_visium accepts {sorted(vparams)}."
+            )
+    xen = read_xenium(xenium_path, **xkw)
+    vis = read_visium(visium_path, **vkw)
+    out = SpatialData(
+        images={**xen.images, **vis.images},
+        labels={**xen.labels, **vis.labels},
+        points={**xen.points, **vis.points},
+        shapes={**xen.shapes, **vis.shapes},
+        tables={**xen.tables, **vis.tables},
+    )
+    out.attrs.update({**xen.attrs, **vis.attrs})
+    return out

@@ -1,0 +1,46 @@
+"""File discovery and error helpers shared by the readers (no SpatialData here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def folder_listing(folder: Path, limit: int = 40) -> str:
+    """``'a, b/, c'``: what ``folder`` holds (folders with a trailing slash), for error messages."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return "(cannot be listed)"
+    if not entries:
+        return "(empty)"
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """Return ``path`` as a :class:`Path` after checking it is an existing folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        parent = path.parent
+        holds = f"; {parent} holds: {folder_listing(parent)}" if parent.is_dir() else ""
+        raise FileNotFoundError(f"{what} folder {path} does not exist{holds}.")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} path {path} is a file; give the folder that holds it ({path.parent}).")
+    return path
+
+
+def find_first(folder: Path, candidates: Sequence[str], *, dirs: bool = False) -> Path | None:
+    """The first of ``candidates`` (relative paths) that exists in ``folder`` as a file (or a folder if ``dirs``)."""
+    for name in candidates:
+        p = folder / name
+        if p.is_dir() if dirs else p.is_file():
+            return p
+    return None
+
+
+def missing(folder: Path, what: str, candidates: Sequence[str]) -> FileNotFoundError:
+    """A :class:`FileNotFoundError` naming the missing file(s) and listing what ``folder`` holds."""
+    names = " or ".join(repr(c) for c in candidates)
+    return FileNotFoundError(f"{what}: none of {names} found in {folder}; it holds: {folder_listing(folder)}.")

@@ -1,0 +1,521 @@
+"""Xenium reader: both the full Xenium Onboard Analysis folder and the minimal download, same result."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, PointsModel, ShapesModel, TableModel
+from spatialdata.transformations import Affine, Identity, Scale, get_transformation, set_transformation
+
+from .._constants import (
+    INSTANCE_KEY,
+    REGION_KEY,
+    SPATIAL_KEY,
+    XENIUM_CELL_BOUNDARIES,
+    XENIUM_CELLS,
+    XENIUM_CONTROL_PREFIXES,
+    XENIUM_CS,
+    XENIUM_MORPHOLOGY,
+    XENIUM_NUCLEUS_BOUNDARIES,
+    XENIUM_TABLE,
+    XENIUM_TRANSCRIPTS,
+)
+from ._files import check_folder, find_first, folder_listing, missing
+from ._matrix import FeatureMatrix, read_feature_matrix
+
+__all__ = ["XENIUM_PIXEL_SIZE", "read_xenium"]
+
+#: Default Xenium morphology pixel size (µm per pixel), used when no ``experiment.xenium`` says otherwise.
+XENIUM_PIXEL_SIZE = 0.2125
+#: ``xenium_table.uns`` key with reader metadata (layout, pixel size, software version).
+UNS_XENIUM_KEY = XENIUM_CS
+#: ``xenium_table`` keys holding the control/blank/unassigned features kept out of ``X``.
+CONTROL_COUNTS_KEY = "control_counts"
+CONTROL_FEATURES_KEY = "control_features"
+
+XENIUM_CELL_LABELS = f"{XENIUM_CS}_cell_labels"
+XENIUM_NUCLEUS_LABELS = f"{XENIUM_CS}_nucleus_labels"
+
+_SPECS = "experiment.xenium"
+_CELLS_FILES = ("cells.parquet", "cells.csv.gz", "cells.csv")
+_MATRIX_H5 = "cell_feature_matrix.h5"
+_MATRIX_DIR = "cell_feature_matrix"
+_TRANSCRIPT_FILES = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
+_CELLS_REQUIRED = ("cell_id", "x_centroid", "y_centroid")
+_TRANSCRIPTS_REQUIRED = ("feature_name", "x_location", "y_location")
+_FOCUS_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared pieces (both layouts)
+# ----------------------------------------------------------------------------------------------------------------
+def _read_specs(path: Path) -> dict | None:
+    spec_file = path / _SPECS
+    if not spec_file.is_file():
+        return None
+    try:
+        specs = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{spec_file} is not valid JSON ({e}).") from None
+    if not isinstance(specs, dict):
+        raise ValueError(f"{spec_file} must hold a JSON object, found {type(specs).__name__}.")
+    return specs
+
+
+def _pixel_size(specs: dict | None, default: float | None, spec_file: Path) -> float:
+    if specs is not None and "pixel_size" in specs:
+        try:
+            ps = float(specs["pixel_size"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{spec_file}: 'pixel_size' is not a number ({specs['pixel_size']!r}).") from None
+    else:
+        ps = XENIUM_PIXEL_SIZE if default is None else float(default)
+    if not np.isfinite(ps) or ps <= 0:
+        raise ValueError(f"Xenium pixel size must be a positive number of µm per pixel, got {ps}.")
+    return ps
+
+
+def _decode_str(series: pd.Series) -> pd.Series:
+    if len(series) and isinstance(series.iloc[0], bytes):
+        return series.str.decode("utf-8")
+    return series.astype(str)
+
+
+def _is_control(features: pd.DataFrame) -> np.ndarray:
+    names = features["name"].astype(str)
+    return (features["feature_type"].astype(str) != "Gene Expression").to_numpy() | names.str.startswith(
+        XENIUM_CONTROL_PREFIXES
+    ).to_numpy()
+
+
+def gene_var(features: pd.DataFrame) -> pd.DataFrame:
+    """``var`` from a 10x feature table: index = gene symbols (made unique only if duplicated, ``-1``, ``-2``...).
+
+    Columns ``gene_ids``, ``feature_types``, ``gene_symbols`` (un-suffixed) and ``genome`` when present.
+    """
+    symbols = features["name"].astype(str).to_numpy()
+    var = pd.DataFrame(
+        {
+            "gene_ids": features["id"].astype(str).to_numpy(),
+            "feature_types": features["feature_type"].astype(str).to_numpy(),
+            "gene_symbols": symbols,
+        },
+        index=pd.Index(symbols),
+    )
+    if "genome" in features.columns:
+        var["genome"] = features["genome"].astype(str).to_numpy()
+    if not var.index.is_unique:
+        var.index = ad.utils.make_index_unique(pd.Index(symbols))
+    var.index.name = None
+    return var
+
+
+def _xenium_table(counts: sparse.csr_matrix, features: pd.DataFrame, obs: pd.DataFrame, uns: dict) -> ad.AnnData:
+    """Cells x genes table; controls moved to ``obsm['control_counts']`` (names in ``uns['control_features']``)."""
+    control = _is_control(features)
+    genes = features.loc[~control].reset_index(drop=True)
+    ctrls = features.loc[control].reset_index(drop=True)
+    counts = sparse.csr_matrix(counts)
+    obs = obs.copy()
+    obs.index = pd.Index(obs["cell_id"].astype(str).to_numpy())
+    obs.index.name = None
+    obs[REGION_KEY] = pd.Categorical([XENIUM_CELLS] * len(obs))
+    obs[INSTANCE_KEY] = obs.index.to_numpy()
+    xy = obs[["x_centroid", "y_centroid"]].to_numpy(np.float64)
+    ctrl_df = pd.DataFrame(
+        {"gene_ids": ctrls["id"].to_numpy(), "feature_types": ctrls["feature_type"].to_numpy()},
+        index=ad.utils.make_index_unique(pd.Index(ctrls["name"].astype(str).to_numpy())),
+    )
+    adata = ad.AnnData(
+        X=sparse.csr_matrix(counts[:, np.flatnonzero(~control)]),
+        obs=obs,
+        var=gene_var(genes),
+        obsm={SPATIAL_KEY: xy, CONTROL_COUNTS_KEY: sparse.csr_matrix(counts[:, np.flatnonzero(control)])},
+        uns={CONTROL_FEATURES_KEY: ctrl_df, UNS_XENIUM_KEY: uns},
+    )
+    return TableModel.parse(adata, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+
+
+def _cells_element(table: ad.AnnData, cells_as: str, source: str):
+    xy = table.obsm[SPATIAL_KEY]
+    ids = table.obs_names.to_numpy()
+    if cells_as == "points":
+        df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cell_id": ids})
+        return PointsModel.parse(df, instance_key="cell_id", transformations={XENIUM_CS: Identity()})
+    if "cell_area" not in table.obs.columns:
+        raise ValueError(f"{source} has no 'cell_area' column, needed for circle radii; use cells_as='points'.")
+    area = pd.to_numeric(table.obs["cell_area"], errors="coerce").to_numpy(np.float64)
+    bad = ~(np.isfinite(area) & (area > 0))
+    if bad.any():
+        raise ValueError(
+            f"{source}: {int(bad.sum())} of {len(area)} cells have a missing or non-positive 'cell_area' "
+            f"(e.g. {list(ids[bad][:3])}); circles need positive radii, use cells_as='points'."
+        )
+    return ShapesModel.parse(
+        xy,
+        geometry=0,
+        radius=np.sqrt(area / np.pi),
+        index=pd.Index(ids, name=None),
+        transformations={XENIUM_CS: Identity()},
+    )
+
+
+def _simplified(matrix: np.ndarray):
+    """A native transformation for a 3x3 (x, y) affine matrix: Identity, Scale or Affine."""
+    lin, t = matrix[:2, :2], matrix[:2, 2]
+    if np.allclose(matrix, np.eye(3), rtol=0, atol=1e-12):
+        return Identity()
+    if np.allclose(lin, np.diag(np.diag(lin)), rtol=0, atol=0) and np.allclose(t, 0, rtol=0, atol=0):
+        return Scale(np.diag(lin).copy(), axes=("x", "y"))
+    return Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+
+
+def _to_xenium_cs(element: Any, pixel_size: float, source_cs: str = "global") -> None:
+    """Replace the element's ``source_cs`` (pixels) transformation by one to ``xenium`` (µm)."""
+    t = get_transformation(element, to_coordinate_system=source_cs)
+    m = np.diag([pixel_size, pixel_size, 1.0]) @ t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    set_transformation(element, {XENIUM_CS: _simplified(m)}, set_all=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# minimal layout
+# ----------------------------------------------------------------------------------------------------------------
+def _read_cells_file(file: Path) -> pd.DataFrame:
+    try:
+        if file.name.endswith(".parquet"):
+            cells = pd.read_parquet(file)
+        else:
+            cells = pd.read_csv(file, compression="infer", float_precision="round_trip")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{file} could not be read as a cells table ({type(e).__name__}: {e}).") from None
+    lacking = [c for c in _CELLS_REQUIRED if c not in cells.columns]
+    if lacking:
+        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {list(cells.columns)}.")
+    cells = cells.reset_index(drop=True)
+    cells["cell_id"] = _decode_str(cells["cell_id"])
+    for c in ("x_centroid", "y_centroid"):
+        vals = pd.to_numeric(cells[c], errors="coerce")
+        if vals.isna().any():
+            raise ValueError(f"{file}: column {c!r} has {int(vals.isna().sum())} missing or non-numeric value(s).")
+        cells[c] = vals.astype(np.float64)
+    if not cells["cell_id"].is_unique:
+        dup = cells["cell_id"][cells["cell_id"].duplicated()].unique()
+        raise ValueError(f"{file}: 'cell_id' is not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}).")
+    return cells
+
+
+def _align_matrix(mat: FeatureMatrix, cells: pd.DataFrame, cells_file: Path) -> sparse.csr_matrix:
+    ids = cells["cell_id"].to_numpy()
+    barcodes = mat.barcodes
+    if len(barcodes) == len(ids) and np.array_equal(barcodes, ids):
+        return mat.counts
+    pos = pd.Index(barcodes)
+    if not pos.is_unique:
+        raise ValueError(f"{mat.source}: barcodes (cell ids) are not unique.")
+    only_cells = int((~pd.Index(ids).isin(pos)).sum())
+    only_matrix = int((~pos.isin(pd.Index(ids))).sum())
+    if only_cells or only_matrix:
+        raise ValueError(
+            f"cell ids of {cells_file.name} ({len(ids)} cells) and {mat.source.name} ({len(barcodes)} barcodes) do "
+            f"not match: {only_cells} cells are missing from the matrix and {only_matrix} matrix barcodes are "
+            f"missing from the cells file."
+        )
+    return mat.counts[pos.get_indexer(ids)]
+
+
+def _read_transcripts(file: Path):
+    import dask.dataframe as dd
+
+    try:
+        if file.name.endswith(".parquet"):
+            ddf = dd.read_parquet(file)
+        else:
+            ddf = dd.read_csv(file, blocksize=None, dtype={"cell_id": str, "feature_name": str})
+        columns = list(ddf.columns)
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
+    lacking = [c for c in _TRANSCRIPTS_REQUIRED if c not in columns]
+    if lacking:
+        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {columns}.")
+    try:
+        sample = ddf[["feature_name"]].head(1)
+        needs_decode = len(sample) > 0 and isinstance(sample["feature_name"].iloc[0], bytes)
+        names = ddf["feature_name"].drop_duplicates().compute()  # one column, not the whole table
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
+    if needs_decode:
+        names = names.str.decode("utf-8")
+    cat = pd.CategoricalDtype(categories=pd.Index(names.astype(str).unique()))
+    if needs_decode:
+        ddf["feature_name"] = ddf["feature_name"].map_partitions(
+            lambda s: s.str.decode("utf-8").astype(cat), meta=pd.Series(dtype=cat)
+        )
+    else:
+        ddf["feature_name"] = ddf["feature_name"].astype(cat)
+    coords = {"x": "x_location", "y": "y_location"}
+    if "z_location" in columns:
+        coords["z"] = "z_location"
+    return PointsModel.parse(
+        ddf,
+        coordinates=coords,
+        feature_key="feature_name",
+        instance_key="cell_id" if "cell_id" in columns else None,
+        transformations={XENIUM_CS: Identity()},
+    )
+
+
+def _read_morphology(path: Path, pixel_size: float) -> dict:
+    from dask_image.imread import imread
+
+    found = {}
+    focus_dir = path / "morphology_focus"
+    focus = (
+        find_first(focus_dir, ("morphology_focus_0000.ome.tif", "ch0000_dapi.ome.tif")) if focus_dir.is_dir() else None
+    )
+    focus = focus or find_first(path, ("morphology_focus.ome.tif",))
+    if focus is not None:
+        found["focus"] = focus
+    mip = find_first(path, ("morphology_mip.ome.tif",))
+    if mip is not None:
+        found["mip"] = mip
+    images = {}
+    for key, file in found.items():
+        try:
+            image = imread(str(file))
+        except Exception as e:  # tifffile/pims raise many types
+            raise ValueError(f"{file} could not be read as an image ({type(e).__name__}: {e}).") from None
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3:
+            raise ValueError(f"{file}: expected a 2D (or channels x y x x) image, found shape {image.shape}.")
+        n_c = image.shape[0]
+        c_coords = ["DAPI"] if n_c == 1 else _FOCUS_CHANNELS_4 if n_c == 4 else None
+        images[f"{XENIUM_MORPHOLOGY}_{key}"] = Image2DModel.parse(
+            image,
+            dims=("c", "y", "x"),
+            c_coords=c_coords,
+            scale_factors=[2, 2, 2, 2],
+            chunks=(1, 4096, 4096),
+            transformations={XENIUM_CS: Scale([pixel_size, pixel_size], axes=("x", "y"))},
+        )
+    return images
+
+
+def _read_minimal(path: Path, specs: dict | None, pixel_size: float, opts: dict) -> SpatialData:
+    cells_file = find_first(path, _CELLS_FILES)
+    if cells_file is None:
+        raise missing(path, "Xenium cells table", _CELLS_FILES)
+    matrix = find_first(path, (_MATRIX_H5,)) or find_first(path, (_MATRIX_DIR,), dirs=True)
+    if matrix is None:
+        raise missing(path, "Xenium cell-feature matrix", (_MATRIX_H5, _MATRIX_DIR + "/"))
+    cells = _read_cells_file(cells_file)
+    mat = read_feature_matrix(matrix)
+    counts = _align_matrix(mat, cells, cells_file)
+    uns = _uns(specs, pixel_size, "minimal", path)
+    table = _xenium_table(counts, mat.features, cells, uns)
+    return _assemble(path, table, opts, pixel_size, points={}, extra={}, minimal=True)
+
+
+def _uns(specs: dict | None, pixel_size: float, layout: str, path: Path) -> dict:
+    uns = {"layout": layout, "pixel_size": float(pixel_size), "path": str(path)}
+    if specs is not None:
+        for key in ("analysis_sw_version", "panel_name", "run_name", "region_name"):
+            if key in specs and isinstance(specs[key], str | int | float):
+                uns[key] = specs[key]
+    return uns
+
+
+def _assemble(
+    path: Path, table: ad.AnnData, opts: dict, pixel_size: float, points: dict, extra: dict, minimal: bool
+) -> SpatialData:
+    """Cells element + table + optional elements; the minimal layout reads transcripts and images here."""
+    shapes, images, labels = {}, {}, {}
+    cells_el = _cells_element(table, opts["cells_as"], str(path))
+    if opts["cells_as"] == "points":
+        points = {XENIUM_CELLS: cells_el, **points}
+    else:
+        shapes[XENIUM_CELLS] = cells_el
+    if minimal and opts["transcripts"]:
+        tx = find_first(path, _TRANSCRIPT_FILES)
+        if tx is not None:
+            points[XENIUM_TRANSCRIPTS] = _read_transcripts(tx)
+    if minimal and opts["images"]:
+        images.update(_read_morphology(path, pixel_size))
+    for kind, elements in extra.items():
+        {"shapes": shapes, "images": images, "labels": labels, "points": points}[kind].update(elements)
+    return SpatialData(images=images, labels=labels, points=points, shapes=shapes, tables={XENIUM_TABLE: table})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full layout: delegate to spatialdata_io.xenium, then rename
+# ----------------------------------------------------------------------------------------------------------------
+_FULL_REQUIRED = (_SPECS, "cells.zarr.zip", "cells.parquet", _MATRIX_H5)
+
+
+def _is_full(path: Path) -> bool:
+    return all((path / f).is_file() for f in _FULL_REQUIRED)
+
+
+def _read_full(path: Path, specs: dict, pixel_size: float, opts: dict) -> SpatialData:
+    import spatialdata_io
+
+    has = {f: (path / f).exists() for f in ("transcripts.parquet", "cell_boundaries.parquet")}
+    version = str(specs.get("analysis_sw_version", ""))
+    v2 = not version.startswith(("xenium-1.", "Xenium-1."))
+    focus_ok = (path / "morphology_focus").is_dir() if v2 else (path / "morphology_focus.ome.tif").is_file()
+    kwargs = {
+        "cells_boundaries": opts["boundaries"] and has["cell_boundaries.parquet"],
+        "nucleus_boundaries": opts["boundaries"] and (path / "nucleus_boundaries.parquet").exists(),
+        "cells_as_circles": False,
+        "cells_labels": opts["labels"],
+        "nucleus_labels": opts["labels"],
+        "transcripts": opts["transcripts"] and has["transcripts.parquet"],
+        "morphology_mip": opts["images"] and (path / "morphology_mip.ome.tif").is_file(),
+        "morphology_focus": opts["images"] and focus_ok,
+        "aligned_images": opts["images"],
+        "cells_table": True,
+        "gex_only": False,
+    }
+    try:
+        with warnings.catch_warnings():
+            # spatialdata_io's own intermediate object: its table annotates labels we may not read; harmless
+            warnings.filterwarnings("ignore", message=".*(region_key|zarr v3|categorical|is annotating).*")
+            raw = spatialdata_io.xenium(path, **kwargs)
+    except (KeyError, AssertionError, IndexError, TypeError, ValueError, OSError) as e:
+        raise ValueError(
+            f"spatialdata_io.xenium could not read the Xenium output folder {path} ({type(e).__name__}: {e}); "
+            f"it holds: {folder_listing(path)}."
+        ) from None
+    io_table = raw.tables["table"]
+    obs = io_table.obs.drop(columns=[c for c in ("region",) if c in io_table.obs.columns]).copy()
+    obs["cell_id"] = _decode_str(obs["cell_id"])
+    xy = np.asarray(io_table.obsm["spatial"], dtype=np.float64)
+    obs.insert(1, "x_centroid", xy[:, 0])
+    obs.insert(2, "y_centroid", xy[:, 1])
+    features = pd.DataFrame(
+        {
+            "id": io_table.var["gene_ids"].astype(str).to_numpy(),
+            "name": io_table.var_names.astype(str).to_numpy(),
+            "feature_type": io_table.var["feature_types"].astype(str).to_numpy(),
+        }
+    )
+    if "genome" in io_table.var.columns:
+        features["genome"] = io_table.var["genome"].astype(str).to_numpy()
+    counts = sparse.csr_matrix(io_table.X)
+    if counts.nnz == 0 or np.all(counts.data == np.round(counts.data)):
+        counts = sparse.csr_matrix((counts.data.astype(np.int32), counts.indices, counts.indptr), shape=counts.shape)
+    table = _xenium_table(counts, features, obs.reset_index(drop=True), _uns(specs, pixel_size, "full", path))
+
+    rename = {
+        "images": {"morphology_focus": f"{XENIUM_MORPHOLOGY}_focus", "morphology_mip": f"{XENIUM_MORPHOLOGY}_mip"},
+        "labels": {"cell_labels": XENIUM_CELL_LABELS, "nucleus_labels": XENIUM_NUCLEUS_LABELS},
+        "shapes": {"cell_boundaries": XENIUM_CELL_BOUNDARIES, "nucleus_boundaries": XENIUM_NUCLEUS_BOUNDARIES},
+        "points": {"transcripts": XENIUM_TRANSCRIPTS},
+    }
+    extra: dict[str, dict] = {k: {} for k in rename}
+    for kind, mapping in rename.items():
+        for name, element in getattr(raw, kind).items():
+            new = mapping.get(name, f"{XENIUM_CS}_{name}")
+            _to_xenium_cs(element, pixel_size)
+            extra[kind][new] = element
+    points = extra.pop("points")
+    return _assemble(path, table, opts, pixel_size, points=points, extra=extra, minimal=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public
+# ----------------------------------------------------------------------------------------------------------------
+def read_xenium(
+    path: str | Path,
+    *,
+    cells_as: str = "circles",
+    transcripts: bool = True,
+    images: bool = True,
+    boundaries: bool = True,
+    labels: bool = False,
+    pixel_size: float | None = None,
+) -> SpatialData:
+    """Read a 10x Xenium output folder into :class:`~spatialdata.SpatialData` (coordinate system ``xenium``, µm).
+
+    The layout is detected from the files present:
+
+    * **full** Xenium Onboard Analysis output (``experiment.xenium``, ``cells.zarr.zip``, ``cells.parquet`` and
+      ``cell_feature_matrix.h5`` all present): read with :func:`spatialdata_io.xenium`, then renamed to the names
+      below, moved from its pixel system ``global`` to ``xenium`` (µm) and the table rebuilt as for the minimal
+      layout;
+    * **minimal** download: ``cells.parquet`` / ``cells.csv.gz`` / ``cells.csv`` plus ``cell_feature_matrix.h5``
+      or the ``cell_feature_matrix/`` folder (``matrix.mtx.gz``, ``barcodes.tsv.gz``, ``features.tsv.gz``),
+      optionally ``transcripts.parquet`` / ``transcripts.csv.gz`` and a morphology image
+      (``morphology_focus/morphology_focus_0000.ome.tif``, ``morphology_focus.ome.tif``,
+      ``morphology_mip.ome.tif``).
+
+    Both layouts give the same cells, table and transcripts. Inputs on disk are never modified.
+
+    Parameters
+    ----------
+    path
+        The Xenium output folder.
+    cells_as
+        ``"circles"`` (radius ``sqrt(cell_area / pi)`` µm) or ``"points"`` for ``xenium_cells``.
+    transcripts
+        Read ``transcripts.parquet`` / ``.csv.gz`` (lazily, as dask) when present.
+    images
+        Read the morphology image(s) (and, in the full layout, aligned H&E/IF images) when present.
+    boundaries
+        Full layout: read cell and nucleus boundary polygons.
+    labels
+        Full layout: read the cell and nucleus segmentation label rasters (``xenium_cell_labels``,
+        ``xenium_nucleus_labels``).
+    pixel_size
+        Morphology pixel size in µm per pixel, used only when the folder has no ``experiment.xenium`` (default
+        0.2125 µm).
+
+    Returns
+    -------
+    A SpatialData object with, in coordinate system ``xenium`` (µm):
+
+    * ``xenium_cells``: circles (or points) at the cell centroids, index = ``cell_id``;
+    * ``xenium_table``: cells x genes AnnData, CSR integer counts, ``var_names`` = gene symbols with
+      ``var['gene_ids']``, ``var['feature_types']``, ``var['gene_symbols']``; obs = the cells table columns plus
+      ``region`` / ``instance_id`` (= ``cell_id``) annotating ``xenium_cells``; ``obsm['spatial']`` = (x, y) µm;
+      control / blank / unassigned features (``feature_type != "Gene Expression"`` or a name in
+      ``XENIUM_CONTROL_PREFIXES``) are not in ``X`` but in ``obsm['control_counts']`` (sparse, columns named by
+      ``uns['control_features']``); ``uns['xenium']`` holds the layout, ``pixel_size`` (µm/px) and
+      software version;
+    * ``xenium_transcripts`` (if present): lazy points ``x``, ``y`` (, ``z``) µm, categorical ``feature_name``,
+      ``cell_id``, ``qv``, ...;
+    * ``xenium_morphology_focus`` / ``xenium_morphology_mip`` (if present): multiscale images mapped to µm by
+      ``Scale(pixel_size)``;
+    * full layout only: ``xenium_cell_boundaries``, ``xenium_nucleus_boundaries`` (polygons, µm), optional labels.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder, the cells table or the cell-feature matrix is missing (the message lists the folder).
+    ValueError
+        A malformed file (named, with the problem), cell ids of the cells table and the matrix that do not match
+        (with counts), or a bad argument.
+    """
+    if cells_as not in ("circles", "points"):
+        raise ValueError(f"cells_as must be 'circles' or 'points', got {cells_as!r}.")
+    path = check_folder(path, "Xenium output")
+    specs = _read_specs(path)
+    ps = _pixel_size(specs, pixel_size, path / _SPECS)
+    opts = {
+        "cells_as": cells_as,
+        "transcripts": transcripts,
+        "images": images,
+        "boundaries": boundaries,
+        "labels": labels,
+    }
+    if specs is not None and _is_full(path):
+        return _read_full(path, specs, ps, opts)
+    return _read_minimal(path, specs, ps, opts)

@@ -1,0 +1,184 @@
+"""Small hand-built 10x inputs (Xenium + Visium) with known values, for ``tests/test_io.py``.
+
+The arrays are built here and written with ``spatialdata_align.datasets._tenx``; the tests read them back and
+compare with these arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from spatialdata_align.datasets._tenx import write_visium, write_xenium, xenium_cell_ids
+
+PIXEL_SIZE = 0.2125
+
+
+@dataclass
+class XeniumInputs:
+    cells: pd.DataFrame
+    counts: sparse.csr_matrix
+    feature_ids: list[str]
+    feature_names: list[str]
+    feature_types: list[str]
+    transcripts: pd.DataFrame
+    morphology: np.ndarray
+    gene_mask: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gene_mask = np.array([t == "Gene Expression" for t in self.feature_types])
+
+    def write(self, out: Path, **kwargs) -> Path:
+        return write_xenium(
+            out,
+            cells=self.cells,
+            counts=self.counts,
+            feature_ids=self.feature_ids,
+            feature_names=self.feature_names,
+            feature_types=self.feature_types,
+            transcripts=self.transcripts,
+            morphology=self.morphology,
+            pixel_size=PIXEL_SIZE,
+            **kwargs,
+        )
+
+
+def make_xenium(n_cells: int = 60, n_tx: int = 400, seed: int = 0) -> XeniumInputs:
+    rng = np.random.default_rng(seed)
+    genes = ["EGFR", "KRT5", "NKX2-1", "CD3E", "ACTA2"]
+    controls = ["NegControlProbe_00042", "NegControlCodeword_0500", "BLANK_0007", "UnassignedCodeword_0001"]
+    ctypes = ["Negative Control Probe", "Negative Control Codeword", "Blank Codeword", "Unassigned Codeword"]
+    names = genes + controls
+    types = ["Gene Expression"] * len(genes) + ctypes
+    ids = [f"ENSG{i:011d}" for i in range(len(genes))] + controls
+    dense = rng.poisson(3.0, size=(n_cells, len(names)))
+    dense[:, len(genes) :] = rng.poisson(0.3, size=(n_cells, len(controls)))
+    counts = sparse.csr_matrix(dense)
+    # cells inside [10, 90] x [10, 60] µm; the morphology image covers [0, 100) x [0, 70) µm
+    x = rng.uniform(10, 90, n_cells)
+    y = rng.uniform(10, 60, n_cells)
+    cells = pd.DataFrame(
+        {
+            "cell_id": xenium_cell_ids(n_cells, start=1000),
+            "x_centroid": x,
+            "y_centroid": y,
+            "transcript_counts": dense[:, : len(genes)].sum(1),
+            "control_probe_counts": dense[:, len(genes)],
+            "control_codeword_counts": dense[:, len(genes) + 1],
+            "total_counts": dense.sum(1),
+            "cell_area": rng.uniform(20, 60, n_cells),
+            "nucleus_area": rng.uniform(5, 15, n_cells),
+        }
+    )
+    cell_of_tx = rng.integers(-1, n_cells, n_tx)
+    transcripts = pd.DataFrame(
+        {
+            "transcript_id": np.arange(281474976710656, 281474976710656 + n_tx, dtype=np.uint64),
+            "cell_id": np.where(cell_of_tx >= 0, cells["cell_id"].to_numpy()[cell_of_tx], "UNASSIGNED"),
+            "overlaps_nucleus": rng.integers(0, 2, n_tx).astype(np.uint8),
+            "feature_name": rng.choice(names, n_tx),
+            "x_location": rng.uniform(0, 100, n_tx).astype(np.float32),
+            "y_location": rng.uniform(0, 70, n_tx).astype(np.float32),
+            "z_location": rng.uniform(10, 20, n_tx).astype(np.float32),
+            "qv": rng.uniform(20, 40, n_tx).astype(np.float32),
+        }
+    )
+    h, w = round(70 / PIXEL_SIZE), round(100 / PIXEL_SIZE)
+    morphology = rng.integers(0, 4000, size=(h, w)).astype(np.uint16)
+    return XeniumInputs(cells, counts, ids, names, types, transcripts, morphology)
+
+
+@dataclass
+class VisiumInputs:
+    barcodes: np.ndarray
+    in_tissue: np.ndarray
+    array_row: np.ndarray
+    array_col: np.ndarray
+    pxl_row: np.ndarray
+    pxl_col: np.ndarray
+    counts: sparse.csr_matrix  # in-tissue spots x features
+    feature_ids: list[str]
+    feature_names: list[str]
+    scalefactors: dict
+    hires: np.ndarray
+    lowres: np.ndarray
+    fullres: np.ndarray
+    marker_spot: int  # index (into barcodes) of the spot whose hires pixel is painted MARKER
+    marker_rc: tuple[int, int]  # its hires (row, col)
+
+    def write(self, out: Path, **kwargs) -> Path:
+        return write_visium(
+            out,
+            barcodes=self.barcodes,
+            in_tissue=self.in_tissue,
+            array_row=self.array_row,
+            array_col=self.array_col,
+            pxl_row_in_fullres=self.pxl_row,
+            pxl_col_in_fullres=self.pxl_col,
+            counts=self.counts,
+            feature_ids=self.feature_ids,
+            feature_names=self.feature_names,
+            scalefactors=self.scalefactors,
+            hires_image=self.hires,
+            lowres_image=self.lowres,
+            fullres_image=self.fullres,
+            **kwargs,
+        )
+
+
+MARKER = np.array([12, 250, 7], dtype=np.uint8)
+
+
+def make_visium(n_rows: int = 8, n_cols: int = 10, seed: int = 1) -> VisiumInputs:
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    array_row = rows.ravel()
+    array_col = (2 * cols + rows % 2).ravel()
+    spot_d = 80.0  # full-res px -> 55 / 80 µm per px
+    pitch = 100.0 / (55.0 / spot_d)  # full-res px between neighbouring spots
+    # not a square grid and not symmetric in x/y, so a row/col swap shows
+    pxl_col = np.round(300.0 + array_col * pitch / 2).astype(np.int64)
+    pxl_row = np.round(150.0 + array_row * pitch * np.sqrt(3) / 2).astype(np.int64)
+    n = len(array_row)
+    barcodes = np.array([f"{''.join(rng.choice(list('ACGT'), 16))}-1" for _ in range(n)])
+    in_tissue = (rng.random(n) < 0.7).astype(np.int64)
+    genes = ["EGFR", "KRT5", "MYDUP", "ACTB", "MYDUP", "GAPDH"]
+    ids = [f"ENSG{i:011d}" for i in range(len(genes))]
+    counts = sparse.csr_matrix(rng.poisson(2.0, size=(int(in_tissue.sum()), len(genes))))
+    sf = {
+        "spot_diameter_fullres": spot_d,
+        "tissue_hires_scalef": 0.2,
+        "tissue_lowres_scalef": 0.05,
+        "fiducial_diameter_fullres": 1.6 * spot_d,
+    }
+    extent_x = int(pxl_col.max() + 300)
+    extent_y = int(pxl_row.max() + 200)
+    hires = np.full((int(extent_y * 0.2), int(extent_x * 0.2), 3), 240, dtype=np.uint8)
+    lowres = np.full((int(extent_y * 0.05), int(extent_x * 0.05), 3), 240, dtype=np.uint8)
+    in_idx = np.flatnonzero(in_tissue)
+    marker_spot = int(in_idx[len(in_idx) // 2 + 3])
+    r = int(np.floor(pxl_row[marker_spot] * 0.2))
+    c = int(np.floor(pxl_col[marker_spot] * 0.2))
+    hires[r, c] = MARKER
+    fullres = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+    return VisiumInputs(
+        barcodes,
+        in_tissue,
+        array_row,
+        array_col,
+        pxl_row,
+        pxl_col,
+        counts,
+        ids,
+        genes,
+        sf,
+        hires,
+        lowres,
+        fullres,
+        marker_spot,
+        (r, c),
+    )

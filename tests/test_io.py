@@ -1,0 +1,443 @@
+"""Readers ``sda.io`` and the 10x writers they are tested with (``datasets._tenx``)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from _io_data import MARKER, PIXEL_SIZE, make_visium, make_xenium
+from scipy import sparse
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+
+import spatialdata_align as sda
+from spatialdata_align._constants import (
+    INSTANCE_KEY,
+    REGION_KEY,
+    UNS_VISIUM_KEY,
+    VISIUM_CS,
+    VISIUM_FULLRES,
+    VISIUM_HIRES,
+    VISIUM_LOWRES,
+    VISIUM_SPOTS,
+    VISIUM_TABLE,
+    XENIUM_CELL_BOUNDARIES,
+    XENIUM_CELLS,
+    XENIUM_CS,
+    XENIUM_NUCLEUS_BOUNDARIES,
+    XENIUM_TABLE,
+    XENIUM_TRANSCRIPTS,
+)
+from spatialdata_align.datasets._tenx import write_feature_matrix_h5, write_feature_matrix_mtx
+
+XY = ("x", "y")
+
+
+def _matrix(el, cs):
+    return get_transformation(el, to_coordinate_system=cs).to_affine_matrix(input_axes=XY, output_axes=XY)
+
+
+def _tree_digest(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _scale0(image):
+    return image["scale0"]["image"] if hasattr(image, "children") and "scale0" in image else image
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def xin():
+    return make_xenium()
+
+
+@pytest.fixture(scope="module")
+def xdirs(xin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("xenium")
+    return {
+        "minimal_csv_h5": xin.write(root / "a", layout="minimal", cells_format="csv.gz", matrix_format="h5"),
+        "minimal_parquet_mtx": xin.write(
+            root / "b", layout="minimal", cells_format="parquet", matrix_format="mtx", transcripts_format="csv.gz"
+        ),
+        "full": xin.write(root / "c", layout="full"),
+    }
+
+
+@pytest.fixture(scope="module")
+def xread(xdirs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {k: sda.io.read_xenium(v) for k, v in xdirs.items()}
+
+
+@pytest.fixture(scope="module")
+def vin():
+    return make_visium()
+
+
+@pytest.fixture(scope="module")
+def vdirs(vin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("visium")
+    out = {}
+    for pf in ("tissue_positions.csv", "tissue_positions_list.csv"):
+        for mf in ("h5", "mtx"):
+            out[(pf, mf)] = vin.write(root / f"{pf}_{mf}" / "outs", positions_file=pf, matrix_format=mf)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ matrices
+def test_feature_matrix_h5_and_mtx_round_trip(tmp_path, xin):
+    import scanpy as sc
+
+    ids = xin.cells["cell_id"].to_numpy()
+    args = (xin.counts, ids, xin.feature_ids, xin.feature_names, xin.feature_types)
+    h5 = write_feature_matrix_h5(tmp_path / "m.h5", *args)
+    mtx = write_feature_matrix_mtx(tmp_path / "mtx", *args)
+    for path, scanpy_read in ((h5, sc.read_10x_h5), (mtx, sc.read_10x_mtx)):
+        m = sda.io.read_feature_matrix(path)
+        assert m.counts.dtype == np.int32
+        np.testing.assert_array_equal(m.counts.toarray(), xin.counts.toarray())
+        assert list(m.barcodes) == list(ids)
+        assert list(m.features["name"]) == xin.feature_names
+        assert list(m.features["id"]) == xin.feature_ids
+        assert list(m.features["feature_type"]) == xin.feature_types
+        ref = scanpy_read(path, gex_only=False)  # scanpy reads our files too
+        np.testing.assert_array_equal(ref.X.toarray(), xin.counts.toarray())
+        assert list(ref.var["feature_types"]) == xin.feature_types
+    with gzip.open(mtx / "matrix.mtx.gz", "rt") as fh:
+        header = [next(fh) for _ in range(3)]
+    assert header[0].startswith("%%MatrixMarket matrix coordinate integer general")
+    assert header[2].split() == [str(len(xin.feature_ids)), str(len(ids)), str(xin.counts.nnz)]
+
+
+# ------------------------------------------------------------------------------------------------ Xenium
+@pytest.mark.parametrize("layout", ["minimal_csv_h5", "minimal_parquet_mtx", "full"])
+def test_read_xenium_counts_positions_and_names(xread, xin, layout):
+    sdata = xread[layout]
+    table = sdata.tables[XENIUM_TABLE]
+    genes = xin.gene_mask
+    # counts exactly as written, sparse int, controls out of X
+    assert sparse.isspmatrix_csr(table.X) and table.X.dtype == np.int32
+    np.testing.assert_array_equal(table.X.toarray(), xin.counts.toarray()[:, genes])
+    assert list(table.var_names) == list(np.array(xin.feature_names)[genes])
+    assert list(table.var["gene_ids"]) == list(np.array(xin.feature_ids)[genes])
+    assert set(table.var["feature_types"]) == {"Gene Expression"}
+    np.testing.assert_array_equal(table.obsm["control_counts"].toarray(), xin.counts.toarray()[:, ~genes])
+    assert list(table.uns["control_features"].index) == list(np.array(xin.feature_names)[~genes])
+    # cells and positions
+    ids = xin.cells["cell_id"].to_numpy()
+    assert list(table.obs_names) == list(ids)
+    np.testing.assert_array_equal(table.obsm["spatial"], xin.cells[["x_centroid", "y_centroid"]].to_numpy())
+    np.testing.assert_array_equal(table.obs["total_counts"].to_numpy(), xin.cells["total_counts"].to_numpy())
+    assert (table.obs[REGION_KEY] == XENIUM_CELLS).all()
+    assert list(table.obs[INSTANCE_KEY]) == list(ids)
+    assert table.uns["spatialdata_attrs"]["region"] == XENIUM_CELLS
+    assert table.uns["xenium"]["pixel_size"] == pytest.approx(PIXEL_SIZE)
+    cells = sdata.shapes[XENIUM_CELLS]
+    assert list(cells.index) == list(ids)
+    np.testing.assert_allclose(cells.geometry.x, xin.cells["x_centroid"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(cells.geometry.y, xin.cells["y_centroid"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(cells["radius"], np.sqrt(xin.cells["cell_area"] / np.pi), rtol=1e-12)
+    np.testing.assert_allclose(_matrix(cells, XENIUM_CS), np.eye(3))
+    assert set(sdata.coordinate_systems) == {XENIUM_CS}
+
+
+@pytest.mark.parametrize("layout", ["minimal_csv_h5", "minimal_parquet_mtx", "full"])
+def test_read_xenium_transcripts(xread, xin, layout):
+    pts = xread[layout].points[XENIUM_TRANSCRIPTS]
+    assert not isinstance(pts, pd.DataFrame)  # lazy (dask)
+    df = pts.compute().sort_values("transcript_id").reset_index(drop=True)
+    ref = xin.transcripts
+    assert len(df) == len(ref)
+    np.testing.assert_allclose(df["x"], ref["x_location"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(df["y"], ref["y_location"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(df["z"], ref["z_location"], rtol=0, atol=1e-5)
+    assert isinstance(df["feature_name"].dtype, pd.CategoricalDtype)
+    assert list(df["feature_name"].astype(str)) == list(ref["feature_name"])
+    assert list(df["cell_id"].astype(str)) == list(ref["cell_id"])
+    np.testing.assert_allclose(_matrix(pts, XENIUM_CS), np.eye(3))
+
+
+def test_xenium_morphology_maps_pixels_to_um(xread, xin):
+    for layout in ("minimal_csv_h5", "full"):
+        img = xread[layout].images["xenium_morphology_focus"]
+        np.testing.assert_allclose(_matrix(img, XENIUM_CS), np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]))
+        arr = np.asarray(_scale0(img).values)
+        assert arr.shape == (1, *xin.morphology.shape)
+        np.testing.assert_array_equal(arr[0], xin.morphology)
+
+
+def test_xenium_full_boundaries_in_um(xread, xin):
+    sdata = xread["full"]
+    for name, area in ((XENIUM_CELL_BOUNDARIES, "cell_area"), (XENIUM_NUCLEUS_BOUNDARIES, "nucleus_area")):
+        polys = sdata.shapes[name]
+        np.testing.assert_allclose(_matrix(polys, XENIUM_CS), np.eye(3), atol=1e-12)
+        # the writer draws each boundary as a 13-gon around the centroid: centroid and area come back in µm
+        np.testing.assert_allclose(polys.geometry.centroid.x.to_numpy(), xin.cells["x_centroid"], atol=1e-3)
+        np.testing.assert_allclose(polys.geometry.centroid.y.to_numpy(), xin.cells["y_centroid"], atol=1e-3)
+        ratio = polys.geometry.area.to_numpy() / xin.cells[area].to_numpy()
+        np.testing.assert_allclose(ratio, 13 / (2 * np.pi) * np.sin(2 * np.pi / 13), rtol=1e-4)
+
+
+def test_xenium_layouts_give_the_same_table(xread):
+    a, b = xread["minimal_csv_h5"].tables[XENIUM_TABLE], xread["full"].tables[XENIUM_TABLE]
+    assert (a.X != b.X).nnz == 0
+    assert list(a.var_names) == list(b.var_names)
+    pd.testing.assert_frame_equal(a.var[["gene_ids", "feature_types", "gene_symbols"]], b.var[a.var.columns[:3]])
+    common = [c for c in a.obs.columns if c in b.obs.columns]
+    assert len(common) == len(a.obs.columns)
+    pd.testing.assert_frame_equal(a.obs[common], b.obs[common], check_dtype=False)
+
+
+def test_xenium_options(xdirs, xin):
+    sd = sda.io.read_xenium(xdirs["minimal_csv_h5"], cells_as="points", transcripts=False, images=False)
+    assert XENIUM_TRANSCRIPTS not in sd.points and not sd.images
+    pts = sd.points[XENIUM_CELLS].compute()
+    np.testing.assert_allclose(pts[["x", "y"]].to_numpy(), xin.cells[["x_centroid", "y_centroid"]].to_numpy())
+    assert sd.tables[XENIUM_TABLE].uns["spatialdata_attrs"]["region"] == XENIUM_CELLS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = sda.io.read_xenium(xdirs["full"], boundaries=False, images=False, transcripts=False, labels=True)
+    assert set(full.shapes) == {XENIUM_CELLS}
+    assert set(full.labels) == {"xenium_cell_labels", "xenium_nucleus_labels"}
+    lab = np.asarray(_scale0(full.labels["xenium_cell_labels"]).values)
+    # the label at a cell's centre pixel is the 1-based index of the last cell whose disc covers that pixel centre
+    cx = xin.cells["x_centroid"].to_numpy() / PIXEL_SIZE
+    cy = xin.cells["y_centroid"].to_numpy() / PIXEL_SIZE
+    r2 = xin.cells["cell_area"].to_numpy() / np.pi / PIXEL_SIZE**2
+    px, py = cx.astype(int), cy.astype(int)
+    covers = (px[:, None] + 0.5 - cx[None]) ** 2 + (py[:, None] + 0.5 - cy[None]) ** 2 <= r2[None]
+    expected = np.array([np.flatnonzero(row).max() + 1 for row in covers])
+    np.testing.assert_array_equal(lab[py, px], expected)
+    assert np.mean(expected == np.arange(1, len(px) + 1)) > 0.5
+    with pytest.raises(ValueError, match="cells_as"):
+        sda.io.read_xenium(xdirs["full"], cells_as="polygons")
+
+
+# ------------------------------------------------------------------------------------------------ Visium
+@pytest.mark.parametrize("pf", ["tissue_positions.csv", "tissue_positions_list.csv"])
+@pytest.mark.parametrize("mf", ["h5", "mtx"])
+def test_read_visium_counts_and_positions(vdirs, vin, pf, mf):
+    sdata = sda.io.read_visium(vdirs[(pf, mf)])
+    table = sdata.tables[VISIUM_TABLE]
+    tissue = vin.in_tissue == 1
+    assert list(table.obs_names) == list(vin.barcodes[tissue])
+    assert sparse.isspmatrix_csr(table.X) and table.X.dtype == np.int32
+    np.testing.assert_array_equal(table.X.toarray(), vin.counts.toarray())
+    # duplicated symbols made unique, originals kept
+    assert list(table.var_names) == ["EGFR", "KRT5", "MYDUP", "ACTB", "MYDUP-1", "GAPDH"]
+    assert list(table.var["gene_symbols"]) == vin.feature_names
+    assert list(table.var["gene_ids"]) == vin.feature_ids
+    np.testing.assert_array_equal(table.obs["pxl_row_in_fullres"], vin.pxl_row[tissue])
+    np.testing.assert_array_equal(table.obs["pxl_col_in_fullres"], vin.pxl_col[tissue])
+    np.testing.assert_array_equal(table.obs["array_row"], vin.array_row[tissue])
+    np.testing.assert_array_equal(table.obs["array_col"], vin.array_col[tissue])
+    np.testing.assert_array_equal(table.obsm["spatial"], np.column_stack([vin.pxl_col, vin.pxl_row])[tissue])
+    assert (table.obs[REGION_KEY] == VISIUM_SPOTS).all()
+    assert list(table.obs[INSTANCE_KEY]) == list(vin.barcodes[tissue])
+    spots = sdata.shapes[VISIUM_SPOTS]
+    assert list(spots.index) == list(table.obs_names)
+    np.testing.assert_array_equal(spots.geometry.x, vin.pxl_col[tissue])
+    np.testing.assert_array_equal(spots.geometry.y, vin.pxl_row[tissue])
+    assert (spots["radius"] == 40.0).all()
+    np.testing.assert_allclose(_matrix(spots, VISIUM_CS), np.eye(3))
+    sf = sda.io.visium_scalefactors(sdata)
+    assert sf["tissue_hires_scalef"] == 0.2 and sf["tissue_lowres_scalef"] == 0.05
+    assert sf["spot_diameter_fullres"] == 80.0
+    assert sf["um_per_px"] == pytest.approx(55.0 / 80.0)
+    assert table.uns[UNS_VISIUM_KEY]["positions_file"] == pf
+    assert set(sdata.coordinate_systems) == {VISIUM_CS}
+
+
+def test_known_spot_lands_on_its_hires_pixel(vdirs, vin):
+    sdata = sda.io.read_visium(vdirs[("tissue_positions.csv", "h5")])
+    hires = sdata.images[VISIUM_HIRES]
+    m = _matrix(hires, VISIUM_CS)
+    np.testing.assert_allclose(m, np.diag([5.0, 5.0, 1.0]))  # Scale(1 / 0.2)
+    bc = vin.barcodes[vin.marker_spot]
+    spot = sdata.shapes[VISIUM_SPOTS].loc[bc].geometry
+    # full-res (x, y) -> hires intrinsic (x, y) through the element's own transformation, then pixel (row, col)
+    xy_h = np.linalg.inv(m) @ np.array([spot.x, spot.y, 1.0])
+    row, col = int(np.floor(xy_h[1])), int(np.floor(xy_h[0]))
+    assert (row, col) == vin.marker_rc and row != col
+    arr = np.asarray(hires.values)
+    assert arr.dtype == np.uint8 and arr.shape == (3, *vin.hires.shape[:2])
+    np.testing.assert_array_equal(arr[:, row, col], MARKER)
+    np.testing.assert_array_equal(arr[:, col % arr.shape[1], row % arr.shape[2]], [240, 240, 240])
+    lowres = sdata.images[VISIUM_LOWRES]
+    np.testing.assert_allclose(_matrix(lowres, VISIUM_CS), np.diag([20.0, 20.0, 1.0]))
+    full = sdata.images[VISIUM_FULLRES]
+    np.testing.assert_allclose(_matrix(full, VISIUM_CS), np.eye(3))
+    np.testing.assert_array_equal(np.asarray(full.values), vin.fullres.transpose(2, 0, 1))
+
+
+def test_visium_matches_spatialdata_io(vdirs):
+    import spatialdata_io
+
+    path = vdirs[("tissue_positions_list.csv", "h5")]
+    ours = sda.io.read_visium(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = spatialdata_io.visium(path, dataset_id="v")
+    t, r = ours.tables[VISIUM_TABLE], ref.tables["table"]
+    assert list(t.obs_names) == list(r.obs_names)
+    assert list(t.var_names) == list(r.var_names)
+    np.testing.assert_array_equal(t.X.toarray(), r.X.toarray())
+    np.testing.assert_array_equal(t.obsm["spatial"], r.obsm["spatial"])
+    for ours_name, ref_name in ((VISIUM_HIRES, "v_hires_image"), (VISIUM_LOWRES, "v_lowres_image")):
+        np.testing.assert_allclose(_matrix(ours.images[ours_name], VISIUM_CS), _matrix(ref.images[ref_name], "v"))
+        np.testing.assert_array_equal(ours.images[ours_name].values, ref.images[ref_name].values)
+    np.testing.assert_allclose(ours.shapes[VISIUM_SPOTS]["radius"], ref.shapes["v"]["radius"])
+
+
+def test_visium_options(vdirs, tmp_path):
+    src = vdirs[("tissue_positions.csv", "mtx")]
+    sd = sda.io.read_visium(src.parent, images=False, fullres_image=None)  # the run folder holding outs/
+    assert not sd.images and VISIUM_SPOTS in sd.shapes
+    with pytest.raises(ValueError, match="no table 'visium_table'"):
+        sda.io.visium_scalefactors(SpatialData())
+    # raw matrix (in and out of tissue) through counts_file: no warning about the filtered set
+    outs = shutil.copytree(src, tmp_path / "outs")
+    shutil.move(outs / "filtered_feature_bc_matrix", outs / "raw_feature_bc_matrix")
+    sd = sda.io.read_visium(outs, counts_file="raw_feature_bc_matrix", images=False)
+    assert sd.tables[VISIUM_TABLE].n_obs == sd.shapes[VISIUM_SPOTS].shape[0]
+
+
+# ------------------------------------------------------------------------------------------------ pair + zarr
+def test_read_pair_and_zarr_round_trip(xdirs, vdirs, tmp_path):
+    import spatialdata as sd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pair = sda.io.read_pair(xdirs["full"], vdirs[("tissue_positions.csv", "h5")], transcripts=False)
+    assert set(pair.coordinate_systems) == {XENIUM_CS, VISIUM_CS}
+    assert set(pair.tables) == {XENIUM_TABLE, VISIUM_TABLE}
+    assert XENIUM_TRANSCRIPTS not in pair.points
+    assert {XENIUM_CELLS, VISIUM_SPOTS} <= set(pair.shapes)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        sda.io.read_pair(xdirs["full"], vdirs[("tissue_positions.csv", "h5")], bogus=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pair.write(tmp_path / "pair.zarr")
+        back = sd.read_zarr(tmp_path / "pair.zarr")
+    assert (back.tables[XENIUM_TABLE].X != pair.tables[XENIUM_TABLE].X).nnz == 0
+    assert sda.io.visium_scalefactors(back) == sda.io.visium_scalefactors(pair)
+    np.testing.assert_allclose(_matrix(back.images[VISIUM_HIRES], VISIUM_CS), np.diag([5.0, 5.0, 1.0]))
+    np.testing.assert_allclose(_matrix(back.images["xenium_morphology_focus"], XENIUM_CS), np.diag([0.2125] * 2 + [1]))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def xcopy(xdirs, tmp_path):
+    return Path(shutil.copytree(xdirs["minimal_csv_h5"], tmp_path / "xen"))
+
+
+@pytest.fixture
+def vcopy(vdirs, tmp_path):
+    return Path(shutil.copytree(vdirs[("tissue_positions.csv", "h5")], tmp_path / "outs"))
+
+
+def test_inputs_are_never_modified(xdirs, vdirs):
+    for folder, reader in ((xdirs["full"], sda.io.read_xenium), (vdirs[("tissue_positions.csv", "h5")], None)):
+        before = _tree_digest(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (reader or sda.io.read_visium)(folder)
+        assert _tree_digest(folder) == before
+
+
+def test_xenium_missing_files(xcopy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sda.io.read_xenium(tmp_path / "nope")
+    (xcopy / "cell_feature_matrix.h5").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cell_feature_matrix.*holds: cells\.csv\.gz"):
+        sda.io.read_xenium(xcopy)
+    (xcopy / "cells.csv.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"'cells\.parquet' or 'cells\.csv\.gz'.*morphology_focus/"):
+        sda.io.read_xenium(xcopy)
+
+
+def test_xenium_malformed_files(xcopy, xin):
+    cells = pd.read_csv(xcopy / "cells.csv.gz")
+    cells.drop(columns=["y_centroid"]).to_csv(xcopy / "cells.csv.gz", index=False)
+    with pytest.raises(ValueError, match=r"cells\.csv\.gz lacks required column\(s\) \['y_centroid'\]"):
+        sda.io.read_xenium(xcopy)
+    cells.iloc[:-3].to_csv(xcopy / "cells.csv.gz", index=False)
+    with pytest.raises(ValueError, match=r"0 cells are missing from the matrix and 3 matrix barcodes"):
+        sda.io.read_xenium(xcopy)
+    cells.to_csv(xcopy / "cells.csv.gz", index=False)
+    (xcopy / "cell_feature_matrix.h5").write_bytes(b"this is not hdf5")
+    with pytest.raises(ValueError, match=r"cell_feature_matrix\.h5 is not a readable HDF5 file"):
+        sda.io.read_xenium(xcopy)
+    (xcopy / "cell_feature_matrix.h5").unlink()
+    write_feature_matrix_mtx(
+        xcopy / "cell_feature_matrix",
+        xin.counts,
+        xin.cells["cell_id"],
+        xin.feature_ids,
+        xin.feature_names,
+        xin.feature_types,
+    )
+    with gzip.open(xcopy / "cell_feature_matrix" / "features.tsv.gz", "wt") as fh:
+        fh.write("".join(f"{n}\n" for n in xin.feature_names))
+    with pytest.raises(ValueError, match=r"features\.tsv\.gz has 1 column"):
+        sda.io.read_xenium(xcopy)
+    (xcopy / "experiment.xenium").write_text("{not json")
+    with pytest.raises(ValueError, match=r"experiment\.xenium is not valid JSON"):
+        sda.io.read_xenium(xcopy)
+
+
+def test_visium_missing_files(vcopy, tmp_path):
+    for rel, pattern in (
+        ("spatial/tissue_hires_image.png", r"tissue_hires_image\.png.*holds: scalefactors_json\.json"),
+        ("spatial/scalefactors_json.json", r"scalefactors_json\.json.*holds:"),
+        ("spatial/tissue_positions.csv", r"'tissue_positions\.csv' or 'tissue_positions_list\.csv'"),
+        ("filtered_feature_bc_matrix.h5", r"filtered_feature_bc_matrix\.h5.*holds: spatial/"),
+    ):
+        (vcopy / rel).unlink()
+        with pytest.raises(FileNotFoundError, match=pattern):
+            sda.io.read_visium(vcopy)
+
+
+def test_visium_malformed_files(vcopy):
+    pos = vcopy / "spatial" / "tissue_positions.csv"
+    good = pos.read_text()
+    lines = good.splitlines()
+    pos.write_text("\n".join([lines[0], lines[1].rsplit(",", 1)[0] + ",abc", *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"tissue_positions\.csv: column 'pxl_col_in_fullres' has 1 missing"):
+        sda.io.read_visium(vcopy)
+    pos.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    with pytest.raises(ValueError, match=r"tissue_positions\.csv has 5 column\(s\), expected 6"):
+        sda.io.read_visium(vcopy)
+    # drop three in-tissue barcodes from the positions: reported with counts
+    tissue = [line for line in lines[1:] if line.split(",")[1] == "1"]
+    pos.write_text("\n".join(line for line in lines if line not in tissue[:3]) + "\n")
+    with pytest.raises(ValueError, match=rf"3 of {len(tissue)} barcodes of filtered_feature_bc_matrix\.h5 are not in"):
+        sda.io.read_visium(vcopy)
+    pos.write_text(good)
+    sf = vcopy / "spatial" / "scalefactors_json.json"
+    sf.write_text("{'single quotes': 1}")
+    with pytest.raises(ValueError, match=r"scalefactors_json\.json is not valid JSON"):
+        sda.io.read_visium(vcopy)
+    sf.write_text(json.dumps({"spot_diameter_fullres": 80.0, "tissue_lowres_scalef": 0.05}))
+    with pytest.raises(ValueError, match=r"lacks \['tissue_hires_scalef'\]"):
+        sda.io.read_visium(vcopy)
+    sf.write_text(json.dumps({"spot_diameter_fullres": 80.0, "tissue_hires_scalef": -1, "tissue_lowres_scalef": 0.05}))
+    with pytest.raises(ValueError, match=r"'tissue_hires_scalef' must be a positive number"):
+        sda.io.read_visium(vcopy)
+    sf.write_text(json.dumps({"spot_diameter_fullres": 80.0, "tissue_hires_scalef": 0.2, "tissue_lowres_scalef": 0.05}))
+    (vcopy / "spatial" / "tissue_hires_image.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=r"tissue_hires_image\.png could not be read as an image"):
+        sda.io.read_visium(vcopy)
+    (vcopy / "filtered_feature_bc_matrix.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"filtered_feature_bc_matrix\.h5 is not a readable HDF5 file"):
+        sda.io.read_visium(vcopy, images=False)
