@@ -223,6 +223,21 @@ def test_xenium_options(xdirs, xin):
         sda.io.read_xenium(xdirs["full"], cells_as="polygons")
 
 
+def test_xenium_old_integer_ids_and_no_transcripts(tmp_path):
+    small = make_xenium(n_cells=12, n_tx=0)
+    # a full folder whose transcripts.parquet is empty: read, with no transcripts element
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = sda.io.read_xenium(small.write(tmp_path / "full", layout="full"))
+    assert XENIUM_TRANSCRIPTS not in full.points and full.tables[XENIUM_TABLE].n_obs == 12
+    # XOA 1.0-1.2 wrote integer cell ids: read back as strings, matched to the matrix barcodes
+    small.cells["cell_id"] = np.arange(1, 13)
+    sd = sda.io.read_xenium(small.write(tmp_path / "old", layout="minimal"))
+    assert list(sd.tables[XENIUM_TABLE].obs_names) == [str(i) for i in range(1, 13)]
+    assert list(sd.shapes[XENIUM_CELLS].index) == [str(i) for i in range(1, 13)]
+    np.testing.assert_array_equal(sd.tables[XENIUM_TABLE].X.toarray(), small.counts.toarray()[:, small.gene_mask])
+
+
 # ------------------------------------------------------------------------------------------------ Visium
 @pytest.mark.parametrize("pf", ["tissue_positions.csv", "tissue_positions_list.csv"])
 @pytest.mark.parametrize("mf", ["h5", "mtx"])

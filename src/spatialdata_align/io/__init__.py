@@ -20,12 +20,13 @@ Delegation to spatialdata-io
   read the minimal download (it opens ``experiment.xenium`` and ``cells.zarr.zip`` unconditionally and reads only
   ``cells.parquet`` / ``cell_feature_matrix.h5``), so that layout has its own path here; the tests check that both
   layouts give the same cells, counts and transcripts.
-* Visium: **not** delegated. :func:`spatialdata_io.visium` needs a ``dataset_id``, names elements
-  ``<id>_...``, cannot find the ``filtered_feature_bc_matrix/`` folder by itself, asserts on malformed position
-  files and reports missing files as bare ``KeyError``/``IndexError``; wrapping it would need as much code as
-  reading the four small files directly, with worse errors. :func:`read_visium` reads them itself; the tests
-  check that counts, gene order, spot positions and the hires/lowres image transformations equal those of
-  ``spatialdata_io.visium`` on the same folder.
+* Visium: **not** delegated. :func:`spatialdata_io.visium` (0.7.1) needs a ``dataset_id``, names elements
+  ``<id>_...``, does not find the ``filtered_feature_bc_matrix/`` folder by itself (it then fails opening a
+  non-existent ``.h5``), asserts on malformed position files and, without ``scalefactors_json.json``, fails with
+  an ``UnboundLocalError``; wrapping it would need as much code as reading the four small files directly, with
+  worse errors. :func:`read_visium` reads them itself; the tests check that counts, gene order, spot positions
+  and radii, hires/lowres pixels and their transformations equal those of ``spatialdata_io.visium`` on the same
+  folder.
 """
 
 from __future__ import annotations

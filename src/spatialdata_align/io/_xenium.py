@@ -231,8 +231,21 @@ def _align_matrix(mat: FeatureMatrix, cells: pd.DataFrame, cells_file: Path) -> 
     return mat.counts[pos.get_indexer(ids)]
 
 
+def _parquet_rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"{file} is not a readable parquet file ({type(e).__name__}: {e}).") from None
+
+
 def _read_transcripts(file: Path):
+    """Lazy transcripts (``None`` for an empty parquet file: nothing to show, and the models reject it)."""
     import dask.dataframe as dd
+
+    if file.name.endswith(".parquet") and _parquet_rows(file) == 0:
+        return None
 
     try:
         if file.name.endswith(".parquet"):
@@ -345,8 +358,9 @@ def _assemble(
         shapes[XENIUM_CELLS] = cells_el
     if minimal and opts["transcripts"]:
         tx = find_first(path, _TRANSCRIPT_FILES)
-        if tx is not None:
-            points[XENIUM_TRANSCRIPTS] = _read_transcripts(tx)
+        tx_points = _read_transcripts(tx) if tx is not None else None
+        if tx_points is not None:
+            points[XENIUM_TRANSCRIPTS] = tx_points
     if minimal and opts["images"]:
         images.update(_read_morphology(path, pixel_size))
     for kind, elements in extra.items():
@@ -368,6 +382,7 @@ def _read_full(path: Path, specs: dict, pixel_size: float, opts: dict) -> Spatia
     import spatialdata_io
 
     has = {f: (path / f).exists() for f in ("transcripts.parquet", "cell_boundaries.parquet")}
+    has["transcripts.parquet"] = has["transcripts.parquet"] and _parquet_rows(path / "transcripts.parquet") > 0
     version = str(specs.get("analysis_sw_version", ""))
     v2 = not version.startswith(("xenium-1.", "Xenium-1."))
     focus_ok = (path / "morphology_focus").is_dir() if v2 else (path / "morphology_focus.ome.tif").is_file()
