@@ -321,10 +321,13 @@ def _disc_tiles(
     Tiles are ``tile x tile`` (clipped at the image border). Later discs overwrite earlier ones. With ``falloff`` the
     value decreases linearly to half of it at the disc edge (a DAPI-like nucleus).
     """
+    from tqdm.auto import tqdm
+
     h, w = shape
     x_lo, x_hi = cx - radius, cx + radius
     y_lo, y_hi = cy - radius, cy + radius
-    for y0 in range(0, h, tile):
+    n_rows = -(-h // tile)
+    for y0 in tqdm(range(0, h, tile), total=n_rows, desc="painting tiles", leave=False, disable=n_rows < 32):
         y1 = min(h, y0 + tile)
         rows_hit = (y_hi >= y0) & (y_lo < y1)
         for x0 in range(0, w, tile):

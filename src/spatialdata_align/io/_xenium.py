@@ -477,7 +477,7 @@ def read_xenium(
     Parameters
     ----------
     path
-        The Xenium output folder.
+        The Xenium output folder (or a folder holding it as ``outs/``).
     cells_as
         ``"circles"`` (radius ``sqrt(cell_area / pi)`` µm) or ``"points"`` for ``xenium_cells``.
     transcripts
@@ -522,6 +522,8 @@ def read_xenium(
     if cells_as not in ("circles", "points"):
         raise ValueError(f"cells_as must be 'circles' or 'points', got {cells_as!r}.")
     path = check_folder(path, "Xenium output")
+    if find_first(path, _CELLS_FILES) is None and (path / "outs").is_dir():
+        path = path / "outs"
     specs = _read_specs(path)
     ps = _pixel_size(specs, pixel_size, path / _SPECS)
     opts = {
