@@ -1,1 +1,24 @@
-"""pl."""
+"""Plots (matplotlib): each returns its axes and takes ``save=`` (a file path); none calls ``plt.show()``.
+
+``overlay``             aligned cells and spots over the H&E (full-resolution px)
+``landmarks``           landmark pairs, source (µm) next to target (px), with fit residuals
+``energy``              LDDMM energy trace
+``gene``                one gene, Xenium cells and Visium spots side by side on the aligned frame
+``compare``             pseudo-spot vs spot scatter of one gene
+``total_counts``        total counts per cell / per spot
+``annotate_landmarks``  click landmark pairs on an interactive figure (Jupyter: ``%matplotlib widget``)
+"""
+
+from ._annotate import LandmarkAnnotator, annotate_landmarks
+from ._plots import compare, energy, gene, landmarks, overlay, total_counts
+
+__all__ = [
+    "LandmarkAnnotator",
+    "annotate_landmarks",
+    "compare",
+    "energy",
+    "gene",
+    "landmarks",
+    "overlay",
+    "total_counts",
+]
