@@ -88,9 +88,10 @@ def fit_affine(src, dst, kind: str = "affine", *, reflection: bool | None = None
         ``"affine"`` (6 parameters, N >= 3 non-collinear), ``"similarity"`` (rotation, uniform
         scale, translation; N >= 2) or ``"rigid"`` (rotation and translation; N >= 2).
     reflection
-        For similarity/rigid fits: ``None`` (default) picks whichever of the proper and the
-        reflected solution fits better (serial sections are often mounted flipped); ``False``
-        forbids reflections; ``True`` forces one. Affine fits reflect freely.
+        For similarity/rigid fits: ``None`` (default) takes the reflected solution only when it
+        fits clearly better (residual sum of squares below a quarter of the proper rotation's; with
+        two pairs both fit exactly and the proper rotation is kept); ``False`` forbids reflections;
+        ``True`` forces one. Affine fits reflect freely.
 
     Returns
     -------
@@ -133,8 +134,14 @@ def fit_affine(src, dst, kind: str = "affine", *, reflection: bool | None = None
                 scale = 1.0
             linear_c = scale * rot
             err = np.sum((s0 @ linear_c.T - d0) ** 2)
-            candidates.append((err, linear_c))
-        linear = min(candidates, key=lambda t: t[0])[1]
+            candidates.append((err, refl, linear_c))
+        if len(candidates) == 2 and candidates[1][0] > 0.25 * candidates[0][0] - 1e-12 * (d0**2).sum():
+            # a reflection must explain the landmarks clearly better than a proper rotation to be chosen:
+            # with two pairs (or symmetric configurations) both fit equally well and mounting is usually
+            # not mirrored.
+            linear = candidates[0][2]
+        else:
+            linear = min(candidates, key=lambda t: t[0])[2]
     matrix = np.eye(3)
     matrix[:2, :2] = linear
     matrix[:2, 2] = cd - linear @ cs

@@ -38,7 +38,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ._flow import affine_torch, apply_symbol, flow_forward, flow_inverse, sobolev_symbol
+from ._flow import affine_torch, apply_symbol, flow_forward, inverse_displacement, sobolev_symbol
 from ._result import Registration
 from ._utils import Image, apply_affine, as_image, check_points, homogeneous, interp
 
@@ -216,7 +216,7 @@ class _Problem:
         A = self.affine(b)
         v = self.velocity(w)
         z = affine_torch(torch.linalg.inv(A), lvl.pts)
-        z = flow_inverse(z, v, self.xv, self.yv, n_fixed_point=1)
+        z = z + interp(inverse_displacement(v, self.xv, self.yv), self.xv, self.yv, z, padding="border").T
         Iw = interp(lvl.I, lvl.source.x, lvl.source.y, z, padding="zeros")
         return A, v, Iw
 
