@@ -147,8 +147,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, float64")
     # warm-up (first torch calls in a process pay one-off allocation costs) for both methods
-    warm = {"source": np.random.default_rng(0).random((1, 40, 40)), "target": np.random.default_rng(1).random((3, 40, 40))}
-    lddmm(warm["source"], warm["target"], progress=False, max_iter=(3, 3, 3), affine_iter=3)
+    rng = np.random.default_rng(0)
+    lddmm(rng.random((1, 40, 40)), rng.random((3, 40, 40)), progress=False, max_iter=(3, 3, 3), affine_iter=3)
     rows = []
     for name in args.datasets:
         if name == "merfish" and not DATA.exists():
@@ -156,19 +156,24 @@ def main(argv=None):
             continue
         d = merfish() if name == "merfish" else twin(args.n_cells, args.n_spots, args.dx)
         print(f"\n== {d['name']} ==")
-        err0 = np.linalg.norm(
-            d["eval_src"] @ d["affine"][:2, :2].T + d["affine"][:2, 2] - d["eval_dst"], axis=1
-        ) * d["um_per_target_unit"]
+        err0 = (
+            np.linalg.norm(d["eval_src"] @ d["affine"][:2, :2].T + d["affine"][:2, 2] - d["eval_dst"], axis=1)
+            * d["um_per_target_unit"]
+        )
         print(f"  landmark affine only      : {fmt(err0)}")
         reg, t_ours, err_ours = run_ours(d)
         lv = ", ".join(f"L{x['level']}/{x['stage']}:{x['iterations']}" for x in reg.params["levels"])
         print(f"  this engine               : {fmt(err_ours)}  {t_ours:8.1f} s  ({len(reg.energy)} iterations: {lv})")
         t_st, err_st, kw, shapes = run_stalign(d, reg, args.stalign_niter)
         print(f"  STalign ({args.stalign_niter} it.)         : {fmt(err_st)}  {t_st:8.1f} s")
-        print(f"  grids: source {shapes[0]}, target {shapes[1]} (both methods); a = {kw['a']:.1f}, "
-              f"sigma M/B/A = {kw['sigmaM']:.3g}/{kw['sigmaB']:.3g}/{kw['sigmaA']:.3g}")
-        print(f"  speed-up (STalign time / this engine's time): {t_st / t_ours:6.1f}x;  "
-              f"median TRE ratio (this engine / STalign): {np.median(err_ours) / np.median(err_st):.2f}")
+        print(
+            f"  grids: source {shapes[0]}, target {shapes[1]} (both methods); a = {kw['a']:.1f}, "
+            f"sigma M/B/A = {kw['sigmaM']:.3g}/{kw['sigmaB']:.3g}/{kw['sigmaA']:.3g}"
+        )
+        print(
+            f"  speed-up (STalign time / this engine's time): {t_st / t_ours:6.1f}x;  "
+            f"median TRE ratio (this engine / STalign): {np.median(err_ours) / np.median(err_st):.2f}"
+        )
         rows.append((name, t_ours, t_st, np.median(err_ours), np.median(err_st)))
     if rows:
         print("\nsummary: dataset, time ours (s), time STalign (s), speed-up, median TRE ours / STalign (um)")

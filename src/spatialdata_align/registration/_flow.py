@@ -82,9 +82,7 @@ def flow_inverse(
     return pts
 
 
-def inverse_displacement(
-    v: torch.Tensor, xv: np.ndarray, yv: np.ndarray, *, n_fixed_point: int = 1
-) -> torch.Tensor:
+def inverse_displacement(v: torch.Tensor, xv: np.ndarray, yv: np.ndarray, *, n_fixed_point: int = 1) -> torch.Tensor:
     """Displacement ``phi^{-1}(z) - z`` of the inverse flow, sampled on the velocity grid itself.
 
     The inverse map is built by composition on the grid (semi-Lagrangian):
