@@ -249,18 +249,44 @@ def add_aligned(pair: Pair, shift_um: float = 0.0, sdata: SpatialData | None = N
     """Add ``xenium_cells_aligned`` / ``xenium_table_aligned`` at the true positions (+ a shift in µm along x)."""
     sdata = pair.sdata if sdata is None else sdata
     xy = pair.forward(pair.cells_um) + np.array([shift_um / pair.um_per_px, 0.0])
+    return add_aligned_xy(sdata, xy, cell_radius_px=5.0 / pair.um_per_px)
+
+
+def add_aligned_xy(sdata: SpatialData, xy: np.ndarray, cell_radius_px: float = 10.0) -> SpatialData:
+    """Add ``xenium_cells_aligned`` / ``xenium_table_aligned`` with cell ``i`` (shapes order) at ``xy[i]`` (px)."""
     name = f"{XENIUM_CELLS}{ALIGNED_SUFFIX}"
     gdf = gpd.GeoDataFrame(
-        {"radius": np.full(len(xy), 5.0 / pair.um_per_px)},
+        {"radius": np.full(len(xy), cell_radius_px)},
         geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]),
         index=sdata[XENIUM_CELLS].index.copy(),
     )
     sdata.shapes[name] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Identity()})
     t = sdata.tables[XENIUM_TABLE].copy()
+    pos = pd.Index(gdf.index).get_indexer(t.obs[INSTANCE_KEY].to_numpy())
     t.obs[REGION_KEY] = pd.Categorical([name] * t.n_obs)
-    t.obsm[SPATIAL_KEY] = xy.copy()
+    t.obsm[SPATIAL_KEY] = np.asarray(xy, dtype=float)[pos]
     t.uns.pop(TableModel.ATTRS_KEY, None)
     sdata.tables[f"{XENIUM_TABLE}{ALIGNED_SUFFIX}"] = TableModel.parse(
         t, region=name, region_key=REGION_KEY, instance_key=INSTANCE_KEY
     )
     return sdata
+
+
+def twin_pair(out_dir, n_cells: int = 3000, n_spots: int = 300, seed: int = 0, **kw):
+    """Twin sections (``sda.datasets``) read with ``sda.io.read_pair``: ``(twin, sdata)``."""
+    import spatialdata_align as sda
+
+    kw.setdefault("n_visium_genes", 400)
+    kw.setdefault("transcripts", False)
+    twin = sda.datasets.twin_sections(out_dir, n_cells=n_cells, n_spots=n_spots, seed=seed, **kw)
+    return twin, sda.io.read_pair(twin.xenium_path, twin.visium_path)
+
+
+def twin_truth_px(twin, sdata: SpatialData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True positions (full-res px) of the Xenium cells (shapes order), of all lattice spots, and their in_tissue."""
+    from spatialdata_align._elements import element_xy
+
+    cells_px = twin.truth.forward(element_xy(sdata, XENIUM_CELLS, XENIUM_CS))
+    spots = twin.visium_spots_truth()
+    spots_px = twin.truth.forward(spots[["x_um", "y_um"]].to_numpy(dtype=float))
+    return cells_px, spots_px, spots["in_tissue"].to_numpy().astype(bool)

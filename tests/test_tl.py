@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import shapely
-from _tl_data import UM_PER_PX, add_aligned, add_native_affine, make_pair
+from _tl_data import UM_PER_PX, add_aligned, add_aligned_xy, add_native_affine, make_pair, twin_pair, twin_truth_px
 from scipy.spatial import cKDTree
 from scipy.stats import pearsonr, spearmanr
 from spatialdata import SpatialData
@@ -100,6 +100,52 @@ def test_gene_symbols_folds_make_unique_suffix_only():
     var = pd.DataFrame(index=["A", "A-1", "NKX2-1", "HLA-A", "B-2"])
     t = ad.AnnData(np.zeros((1, 5), dtype=np.float32), var=var)
     assert _data.gene_symbols(t).tolist() == ["A", "A", "NKX2-1", "HLA-A", "B-2"]
+
+
+# ------------------------------------------------------------------------- acceptance on twin sections
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    tw, sd = twin_pair(tmp_path_factory.mktemp("twin"), n_cells=3000, n_spots=300, seed=0)
+    cells_px, spots_px, in_tis = twin_truth_px(tw, sd)
+    pitch = 100.0 / tw.truth.um_per_px  # the 100 µm spot pitch
+    dist, idx = cKDTree(spots_px).query(cells_px, distance_upper_bound=pitch / np.sqrt(3))
+    under = np.zeros(len(cells_px), dtype=bool)
+    under[np.isfinite(dist)] = in_tis[idx[np.isfinite(dist)]]
+    return tw, sd, cells_px, under
+
+
+def _twin_aligned(twin, shift_um: float) -> SpatialData:
+    tw, sd, cells_px, _ = twin
+    sd = SpatialData(shapes=dict(sd.shapes), tables=dict(sd.tables), images=dict(sd.images), attrs=dict(sd.attrs))
+    return add_aligned_xy(sd, cells_px + np.array([shift_um / tw.truth.um_per_px, 0.0]))
+
+
+def test_twin_shared_region_keep_rates(twin):
+    """>= 95 % of cells truly under in-tissue spots kept, <= 5 % of the others; fails with a 500 µm error."""
+    _, sd0, _, under = twin
+    assert under.sum() > 2000 and (~under).sum() > 50
+    rates = {}
+    for shift in (0.0, 500.0):
+        sd = _twin_aligned(twin, shift)
+        sda.tl.shared_region(sd)
+        shared = sda.tl.subset_shared(sd)
+        kept = np.isin(sd0[XENIUM_CELLS].index, shared[XENIUM_CELLS].index)
+        rates[shift] = (kept[under].mean(), kept[~under].mean())
+    assert rates[0.0][0] >= 0.95 and rates[0.0][1] <= 0.05, rates
+    assert rates[500.0][0] < 0.95 or rates[500.0][1] > 0.05, rates
+
+
+def test_twin_egfr_correlation_measures_alignment(twin):
+    """EGFR agrees at spot level with the true alignment and collapses with a 500 µm shift."""
+    r = {}
+    for shift in (0.0, 500.0):
+        sd = _twin_aligned(twin, shift)
+        df = sda.tl.compare_genes(sd, key_added=None).set_index("gene")
+        r[shift] = df.loc["EGFR", "pearson"]
+        assert df.loc["EGFR", "n_spots"] > 100
+    assert r[0.0] > 0.5, r
+    assert r[500.0] < 0.2, r
+    assert r[0.0] - r[500.0] > 0.4, r
 
 
 # --------------------------------------------------------------------------------------- shared region

@@ -28,11 +28,37 @@ SHARED_REGION_KEY = "shared_region"
 AUTO_MIN_FRACTION = 0.1
 
 
+def _lattice_vectors(spots: np.ndarray, pitch: float) -> np.ndarray | None:
+    """The three nearest-neighbour vectors of the spot lattice (``(3, 2)``), or ``None`` if unclear."""
+    k = min(7, len(spots))
+    d, idx = cKDTree(spots).query(spots, k=k)
+    vec = (spots[idx[:, 1:]] - spots[:, None, :])[d[:, 1:] < 1.3 * pitch]
+    if len(vec) < 6:
+        return None
+    ang = np.arctan2(vec[:, 1], vec[:, 0])
+    flip = ang < 0
+    vec[flip] *= -1  # directions modulo 180 degrees
+    ang = np.where(flip, ang + np.pi, ang)
+    phi = np.angle(np.mean(np.exp(3j * ang))) / 3.0  # the three directions are ~60 degrees apart
+    out = []
+    for j in range(3):
+        ref = phi + j * np.pi / 3
+        diff = np.angle(np.exp(2j * (ang - ref))) / 2  # angular distance modulo 180 degrees
+        sel = np.abs(diff) < np.pi / 6
+        if sel.sum() < 2:
+            return None
+        v = vec[sel]
+        v = np.where((v @ np.array([np.cos(ref), np.sin(ref)]) < 0)[:, None], -v, v)
+        out.append(np.median(v, axis=0))
+    return np.asarray(out)
+
+
 def _lattice_cells(spots: np.ndarray) -> tuple[np.ndarray, float]:
     """Voronoi cell of every spot (hexagons on a Visium lattice) and the lattice pitch.
 
-    Cells of spots on the edge of the lattice are clipped to the disk circumscribing an interior
-    hexagon (radius ``pitch / sqrt(3)``), so they do not run off to the envelope.
+    The lattice is completed with ghost spots one step beyond every spot, so spots on the edge of
+    the tissue get whole hexagons too; cells are clipped to the disk circumscribing a hexagon
+    (radius ``pitch / sqrt(3)``) so an irregular layout cannot run off to the envelope.
     """
     if len(spots) < 2:
         raise ValueError(f"need at least 2 Visium spots to find the spot lattice, got {len(spots)}.")
@@ -40,15 +66,29 @@ def _lattice_cells(spots: np.ndarray) -> tuple[np.ndarray, float]:
     pitch = float(np.median(d[:, 1]))
     if not np.isfinite(pitch) or pitch <= 0:
         raise ValueError("Visium spots coincide: cannot find the spot lattice pitch.")
-    circum = pitch / np.sqrt(3.0) * 1.0001
+    vectors = _lattice_vectors(spots, pitch)
+    allpts = spots
+    if vectors is not None:
+        steps = np.concatenate([vectors, -vectors])
+        ghosts = (spots[:, None, :] + steps[None]).reshape(-1, 2)
+        dist, _ = cKDTree(spots).query(ghosts)
+        ghosts = ghosts[dist > 0.5 * pitch]
+        if len(ghosts):  # one ghost per lattice site reached from several spots
+            keep = np.ones(len(ghosts), dtype=bool)
+            for i, j in sorted(cKDTree(ghosts).query_pairs(0.5 * pitch)):
+                if keep[i]:
+                    keep[j] = False
+            ghosts = ghosts[keep]
+            allpts = np.vstack([spots, ghosts])
+    circum = pitch / np.sqrt(3.0) * 1.02
     pts = shapely.points(spots)
     try:
-        vor = shapely.voronoi_polygons(shapely.MultiPoint(spots), ordered=True)
-        cells = np.asarray(shapely.get_parts(vor), dtype=object)
+        vor = shapely.voronoi_polygons(shapely.MultiPoint(allpts), ordered=True)
+        cells = np.asarray(shapely.get_parts(vor), dtype=object)[: len(spots)]
         if len(cells) != len(spots):  # pragma: no cover - defensive
             raise TypeError
     except TypeError:  # pragma: no cover - shapely < 2.1 / GEOS < 3.12: match cells to spots
-        vor = np.asarray(shapely.get_parts(shapely.voronoi_polygons(shapely.MultiPoint(spots))), dtype=object)
+        vor = np.asarray(shapely.get_parts(shapely.voronoi_polygons(shapely.MultiPoint(allpts))), dtype=object)
         poly_idx, pt_idx = shapely.STRtree(pts).query(vor, predicate="contains")
         cells = np.empty(len(spots), dtype=object)
         cells[pt_idx] = vor[poly_idx]
