@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 from spatialdata import SpatialData
 
+from .. import _store
 from .._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
 from .._elements import element_xy, image_in_cs
 from ..tl import _data
@@ -260,8 +261,7 @@ def landmarks(
         frame1.append(np.array([[left, top], [right, bottom]]))
     tkey = None
     if transform is not False:
-        stored = sdata.align.transforms
-        tkey = transform if transform is not None else (stored.index[-1] if len(stored) else None)
+        tkey = transform if transform is not None else _store.root(sdata).get("default")
     if tkey is not None:
         mapped = sdata.align.transform_points(src, key=tkey)
         a1.scatter(mapped[:, 0], mapped[:, 1], s=50, c="tab:cyan", marker="x", zorder=4, label=f"source via {tkey}")
@@ -297,7 +297,7 @@ def energy(sdata_or_reg, key: str | None = None, *, log: bool = True, ax: Axes |
     """
     if isinstance(sdata_or_reg, SpatialData):
         reg = sdata_or_reg.align.get(key)
-        name = key or sdata_or_reg.align.transforms.index[-1]
+        name = key or _store.root(sdata_or_reg).get("default")
     else:
         reg, name = sdata_or_reg, key or "registration"
     e = reg.energy
