@@ -428,3 +428,61 @@ def test_compare_genes_options(pair):
         sda.tl.compare_genes(sd, library="none")
     with pytest.raises(ValueError, match="lacks"):
         sda.tl.compare_genes(sd, pseudo=ps[:10])
+
+
+# ------------------------------------------------------------------ through the sdata.align accessor
+def _landmarks(sd, tw):
+    lm = pd.read_csv(tw.landmarks_path)
+    sd.align.set_landmarks(
+        source=lm[["source_x", "source_y"]].to_numpy(), target=lm[["target_x", "target_y"]].to_numpy()
+    )
+
+
+def test_twin_affine_route_via_accessor(twin):
+    """Landmark affine (native spatialdata Affine) only: the tools fall back to it."""
+    tw, _, _, under = twin
+    sd = sda.io.read_pair(tw.xenium_path, tw.visium_path)  # fresh elements: affine() edits transformations
+    _landmarks(sd, tw)
+    sd.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    assert _data.xenium(sd).element == XENIUM_CELLS
+    sda.tl.shared_region(sd)
+    shared = sda.tl.subset_shared(sd)
+    kept = np.isin(sd[XENIUM_CELLS].index, shared[XENIUM_CELLS].index)
+    assert kept[under].mean() >= 0.95 and kept[~under].mean() <= 0.1
+    assert "landmarks_xenium" in shared.points and "landmarks_visium" in shared.points  # carried over
+    df = sda.tl.compare_genes(shared).set_index("gene")
+    assert df.loc["EGFR", "pearson"] > 0.5
+
+
+@pytest.mark.slow
+def test_twin_lddmm_pipeline_end_to_end(twin, tmp_path):
+    """affine -> LDDMM -> apply -> shared region (match weight) -> subset -> compare -> plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    tw, _, _, under = twin
+    sd = sda.io.read_pair(tw.xenium_path, tw.visium_path)
+    _landmarks(sd, tw)
+    sd.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, progress=False, sigma_r=300.0)
+    sd.align.apply(XENIUM_CELLS)
+    assert _data.xenium(sd).element == CELLS_AL
+    sda.tl.shared_region(sd, use_match_weight=True)
+    shared = sda.tl.subset_shared(sd)
+    kept = np.isin(sd[XENIUM_CELLS].index, shared[XENIUM_CELLS].index)
+    assert kept[under].mean() >= 0.95 and kept[~under].mean() <= 0.05
+    reg = shared.align.get()  # the velocity field travelled with the subset
+    np.testing.assert_allclose(reg.affine, sd.align.get().affine)
+    df = sda.tl.compare_genes(shared).set_index("gene")
+    assert df.loc["EGFR", "pearson"] > 0.5
+    for name, fn in (
+        ("overlay", lambda p: sda.pl.overlay(sd, save=p)),
+        ("energy", lambda p: sda.pl.energy(sd, save=p)),
+        ("gene", lambda p: sda.pl.gene(shared, "EGFR", save=p)),
+        ("compare", lambda p: sda.pl.compare(shared, "EGFR", save=p)),
+        ("landmarks", lambda p: sda.pl.landmarks(sd, save=p)),
+        ("total_counts", lambda p: sda.pl.total_counts(shared, save=p)),
+    ):
+        path = tmp_path / f"{name}.png"
+        fn(path)
+        assert path.stat().st_size > 5000, name
