@@ -2,7 +2,7 @@
 
 One tissue, defined in the Xenium frame (µm), from which both serial sections are drawn:
 
-* an outline: an elongated, irregular blob with a lobe and a notch (no mirror or rotation
+* an outline: an elongated, irregular body with a lobe, a tail and a notch (no mirror or rotation
   symmetry, so the orientation of a section can be identified);
 * structures inside it: tumour nests (large, irregular, dense), ducts (elongated, dense) and
   immune aggregates (small, very dense); the rest is stroma (sparse);
@@ -132,8 +132,9 @@ class TissueModel:
     Attributes
     ----------
     outline
-        The tissue body (one blob) and ``lobe`` (one blob) form the outline; ``notch`` (one blob)
-        is cut out of it.
+        The union of these blobs is the tissue: body, lobe and tail (in that order).
+    notch
+        Blobs cut out of the outline.
     nests, ducts, immune
         The structures (tumour nests, ducts, immune aggregates).
     xenium_cut, visium_cut
@@ -145,7 +146,6 @@ class TissueModel:
     """
 
     outline: Blobs
-    lobe: Blobs
     notch: Blobs
     nests: Blobs
     ducts: Blobs
@@ -154,15 +154,19 @@ class TissueModel:
     visium_cut: np.ndarray
     egfr_axis: np.ndarray
 
-    _BLOB_FIELDS = ("outline", "lobe", "notch", "nests", "ducts", "immune")
+    _BLOB_FIELDS = ("outline", "notch", "nests", "ducts", "immune")
     _ARRAY_FIELDS = ("xenium_cut", "visium_cut", "egfr_axis")
 
     # ------------------------------------------------------------------ geometry
     def tissue_signed_distance(self, xy) -> np.ndarray:
         """Signed distance (µm, positive inside) to the outline of the whole tissue (before cuts)."""
         x, y = _split(xy)
-        sd = np.maximum(self.outline.signed_distance(0, x, y), self.lobe.signed_distance(0, x, y))
-        return np.minimum(sd, -self.notch.signed_distance(0, x, y))
+        sd = self.outline.signed_distance(0, x, y)
+        for k in range(1, len(self.outline)):
+            sd = np.maximum(sd, self.outline.signed_distance(k, x, y))
+        for k in range(len(self.notch)):
+            sd = np.minimum(sd, -self.notch.signed_distance(k, x, y))
+        return sd
 
     def section_signed_distance(self, xy, section: str | None) -> np.ndarray:
         """Signed distance (µm) to the outline of one section (``"xenium"``, ``"visium"`` or ``None``: uncut)."""
@@ -214,8 +218,8 @@ class TissueModel:
 
     def bbox(self) -> tuple[float, float, float, float]:
         """``(xmin, xmax, ymin, ymax)`` (µm) enclosing the whole tissue."""
-        c = np.vstack([self.outline.centre, self.lobe.centre])
-        r = np.vstack([self.outline.half_extent(), self.lobe.half_extent()]) + 4 * EDGE_SOFTNESS_UM
+        c = self.outline.centre
+        r = self.outline.half_extent() + 4 * EDGE_SOFTNESS_UM
         return (
             float((c[:, 0] - r[:, 0]).min()),
             float((c[:, 0] + r[:, 0]).max()),
@@ -331,69 +335,80 @@ def _area_grid(model_sd, bbox, n: int = 260):
     return pts, model_sd(pts) > 0, h * h
 
 
-def make_tissue(rng: np.random.Generator, area_um2: float, trim: float) -> TissueModel:
-    """Draw a tissue of (uncut) area ``area_um2`` (µm²); each section loses a strip of area fraction ``trim``."""
-    if not 0.0 <= trim < 0.5:
-        raise ValueError(f"trim must be in [0, 0.5), got {trim!r}.")
-    # outline at unit size, then scaled to the requested area
-    theta0 = rng.uniform(-0.3, 0.3)
-    amp = np.array([rng.uniform(0.05, 0.09), rng.uniform(0.03, 0.06), rng.uniform(0.02, 0.04)])
-    body = dict(centre=(0.0, 0.0), axes=(1.25, 0.82), angle=theta0, amp=amp, phase=rng.uniform(0, 2 * np.pi, 3))
-    lobe_dir = theta0 + rng.uniform(0.55, 0.85) * rng.choice([-1, 1])
-    lobe = dict(
-        centre=(1.05 * np.cos(lobe_dir), 1.05 * np.sin(lobe_dir) * 0.82),
-        axes=(0.42, 0.33),
-        angle=lobe_dir,
-        amp=(0.05, 0.03, 0.0),
-        phase=rng.uniform(0, 2 * np.pi, 3),
-    )
-    notch_dir = lobe_dir + np.pi + rng.uniform(-0.5, 0.5)
-    notch = dict(
-        centre=(1.2 * np.cos(notch_dir), 0.9 * np.sin(notch_dir)),
-        axes=(0.28, 0.2),
-        angle=notch_dir,
-        amp=(0.0, 0.0, 0.0),
-        phase=(0.0, 0.0, 0.0),
-    )
+def make_tissue(
+    rng: np.random.Generator, area_um2: float, trim: float, visium_trim: float | None = None
+) -> TissueModel:
+    """Draw a tissue of (uncut) area ``area_um2`` (µm²).
 
-    def build(scale: float, offset: np.ndarray) -> tuple[Blobs, Blobs, Blobs]:
-        out = []
-        for p in (body, lobe, notch):
-            out.append(
-                _one_blob(
-                    np.asarray(p["centre"]) * scale + offset,
-                    np.asarray(p["axes"]) * scale,
-                    p["angle"],
-                    p["amp"],
-                    p["phase"],
-                )
+    The Xenium section loses a strip of area fraction ``trim``, the Visium section one of
+    ``visium_trim`` (default ``trim``) on another side.
+    """
+    visium_trim = trim if visium_trim is None else visium_trim
+    for name, v in (("trim", trim), ("visium_trim", visium_trim)):
+        if not 0.0 <= v < 0.5:
+            raise ValueError(f"{name} must be in [0, 0.5), got {v!r}.")
+    # outline at unit size (a body, a lobe on one side, a tail at one end, a notch on the other side:
+    # no symmetry), then scaled to the requested area
+    theta0 = rng.uniform(-np.pi, np.pi)
+    side = rng.choice([-1.0, 1.0])
+    a0, b0 = 1.15, 0.75
+    rot = np.array([[np.cos(theta0), -np.sin(theta0)], [np.sin(theta0), np.cos(theta0)]])
+
+    def rim(t: float, out: float) -> tuple[np.ndarray, float]:
+        """Point of the body ellipse at parameter ``t`` pushed ``out`` along the normal; normal angle."""
+        p = np.array([a0 * np.cos(t), b0 * np.sin(t)])
+        n = np.array([b0 * np.cos(t), a0 * np.sin(t)])
+        n /= np.linalg.norm(n)
+        return rot @ (p + out * n), float(np.arctan2(*(rot @ n)[::-1]))
+
+    amp = np.array([rng.uniform(0.04, 0.07), rng.uniform(0.03, 0.05), rng.uniform(0.015, 0.03)])
+    lobe_c, lobe_a = rim(side * rng.uniform(1.0, 1.3), 0.12)
+    tail_c, tail_a = rim(np.pi + side * rng.uniform(0.3, 0.5), 0.32)
+    notch_c, notch_a = rim(-side * rng.uniform(1.2, 1.7), 0.0)
+    outline_p = [
+        ((0.0, 0.0), (a0, b0), theta0, amp),
+        (lobe_c, (0.46, 0.36), lobe_a, (0.05, 0.03, 0.0)),
+        (tail_c, (0.5, 0.2), tail_a + rng.uniform(-0.3, 0.3), (0.03, 0.0, 0.0)),
+    ]
+    notch_p = [(notch_c, (0.3, 0.2), notch_a, (0.0, 0.0, 0.0))]
+    phases = rng.uniform(0, 2 * np.pi, (len(outline_p), 3))
+
+    def build(scale: float, offset: np.ndarray) -> tuple[Blobs, Blobs]:
+        def blobs(ps, ph) -> Blobs:
+            return Blobs(
+                np.asarray([np.asarray(c) * scale + offset for c, *_ in ps], float),
+                np.asarray([np.asarray(ax) * scale for _, ax, *_ in ps], float),
+                np.asarray([an for _, _, an, _ in ps], float),
+                np.asarray([am for *_, am in ps], float),
+                np.asarray(ph, float),
             )
-        return tuple(out)
+
+        return blobs(outline_p, phases), blobs(notch_p, np.zeros((len(notch_p), 3)))
 
     inf_cut = np.array([1.0, 0.0, np.inf])
     empty = Blobs.empty()
-    unit = TissueModel(*build(1.0, np.zeros(2)), empty, empty, empty, inf_cut, inf_cut, np.array([1, 0, 0, 1.0]))
+    no_egfr = np.array([1, 0, 0, 1.0])
+    unit = TissueModel(*build(1.0, np.zeros(2)), empty, empty, empty, inf_cut, inf_cut, no_egfr)
     _, inside, cell = _area_grid(unit.tissue_signed_distance, unit.bbox())
     scale = float(np.sqrt(area_um2 / (inside.sum() * cell)))
     # place the tissue with a margin from the Xenium origin
-    tmp = TissueModel(*build(scale, np.zeros(2)), empty, empty, empty, inf_cut, inf_cut, np.array([1, 0, 0, 1.0]))
+    tmp = TissueModel(*build(scale, np.zeros(2)), empty, empty, empty, inf_cut, inf_cut, no_egfr)
     xmin, _, ymin, _ = tmp.bbox()
     offset = np.array([150.0 - xmin, 150.0 - ymin])
-    outline, lobe_b, notch_b = build(scale, offset)
-    model = TissueModel(outline, lobe_b, notch_b, empty, empty, empty, inf_cut, inf_cut, np.array([1, 0, 0, 1.0]))
+    model = TissueModel(*build(scale, offset), empty, empty, empty, inf_cut, inf_cut, no_egfr)
     pts, inside, _ = _area_grid(model.tissue_signed_distance, model.bbox())
     tis = pts[inside]
 
     # section cuts: Xenium loses a strip on one side, Visium on another
-    def cut(angle: float) -> np.ndarray:
+    def cut(angle: float, frac: float) -> np.ndarray:
         n = np.array([np.cos(angle), np.sin(angle)])
-        if trim <= 0:
+        if frac <= 0:
             return np.array([n[0], n[1], np.inf])
-        return np.array([n[0], n[1], float(np.quantile(tis @ n, 1.0 - trim))])
+        return np.array([n[0], n[1], float(np.quantile(tis @ n, 1.0 - frac))])
 
     a_x = rng.uniform(0, 2 * np.pi)
-    model.xenium_cut = cut(a_x)
-    model.visium_cut = cut(a_x + np.pi * rng.uniform(0.6, 0.9) * rng.choice([-1, 1]))
+    model.xenium_cut = cut(a_x, trim)
+    model.visium_cut = cut(a_x + np.pi * rng.uniform(0.6, 0.9) * rng.choice([-1, 1]), visium_trim)
 
     # EGFR: logistic gradient along a random direction through the tissue centre
     a_e = rng.uniform(0, 2 * np.pi)

@@ -20,7 +20,7 @@ TRUTH_DIRNAME = "truth"
 TRUTH_NPZ = "truth.npz"
 TRUTH_JSON = "truth.json"
 LANDMARKS_CSV = "landmarks.csv"
-_CHUNK = 100_000
+_CHUNK = 20_000
 
 
 def _as_points(xy, what: str) -> np.ndarray:
@@ -54,6 +54,8 @@ class Truth:
     slide_affine
         ``(3, 3)`` Visium slide µm -> full-res px (the imaging part; the spot grid is regular in
         slide µm).
+    capture_area
+        ``(xmin, xmax, ymin, ymax)`` of the Visium capture area (where spots are) in slide µm.
     seed
         Seed the data were generated with.
     """
@@ -68,6 +70,7 @@ class Truth:
     landmark_names: list[str]
     tissue: TissueModel | None = None
     slide_affine: np.ndarray = field(default_factory=lambda: np.eye(3))
+    capture_area: np.ndarray = field(default_factory=lambda: np.array([-np.inf, np.inf, -np.inf, np.inf]))
     seed: int | None = None
 
     # ------------------------------------------------------------------ the map
@@ -76,7 +79,8 @@ class Truth:
         """Largest displacement magnitude (µm) over the tissue's bounding box."""
         if self.tissue is None or len(self.warp_centres) == 0:
             return 0.0
-        g = _bbox_grid(self.tissue.bbox(), 20.0)
+        bbox = self.tissue.bbox()
+        g = _bbox_grid(bbox, _grid_step(bbox, self.warp_sigma))
         return float(np.linalg.norm(self.displacement(g), axis=1).max())
 
     def displacement(self, xy_um) -> np.ndarray:
@@ -91,14 +95,17 @@ class Truth:
         if len(self.warp_centres) == 0:
             return d, J
         s2 = self.warp_sigma**2
+        cx, cy = self.warp_centres[:, 0], self.warp_centres[:, 1]
         for lo in range(0, n, _CHUNK):
-            xs = x[lo : lo + _CHUNK]
-            diff = xs[:, None, :] - self.warp_centres[None]  # (n, K, 2)
-            g = np.exp(-(diff**2).sum(-1) / (2 * s2))  # (n, K)
-            d[lo : lo + _CHUNK] = g @ self.warp_coefs
+            sl = slice(lo, lo + _CHUNK)
+            dx = x[sl, 0:1] - cx[None]  # (n, K)
+            dy = x[sl, 1:2] - cy[None]
+            g = np.exp(-(dx * dx + dy * dy) / (2 * s2))
+            d[sl] = g @ self.warp_coefs
             if jac:
-                # J[i, a, b] = sum_k coef[k, a] * g[i, k] * (-diff[i, k, b] / s2)
-                J[lo : lo + _CHUNK] = -np.einsum("ka,ik,ikb->iab", self.warp_coefs, g, diff) / s2
+                # J[i, a, b] = -sum_k coef[k, a] * g[i, k] * diff[i, k, b] / s2
+                J[sl, :, 0] = -((g * dx) @ self.warp_coefs) / s2
+                J[sl, :, 1] = -((g * dy) @ self.warp_coefs) / s2
         return d, J
 
     def forward(self, xy_um) -> np.ndarray:
@@ -149,11 +156,11 @@ class Truth:
         """Smallest Jacobian determinant of ``x + d(x)`` over the tissue (must be > 0: invertible)."""
         if self.tissue is None or len(self.warp_centres) == 0:
             return 1.0
-        g = _bbox_grid(self.tissue.bbox(), 20.0)
-        _, J = self._disp_jac(g, jac=True)
+        bbox = self.tissue.bbox()
+        _, J = self._disp_jac(_bbox_grid(bbox, _grid_step(bbox, self.warp_sigma)), jac=True)
         return float(((1 + J[:, 0, 0]) * (1 + J[:, 1, 1]) - J[:, 0, 1] * J[:, 1, 0]).min())
 
-    def displacement_grid(self, spacing: float = 20.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def displacement_grid(self, spacing: float = 25.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The displacement sampled on a regular grid over the tissue.
 
         Returns
@@ -179,9 +186,21 @@ class Truth:
         """The known EGFR field in ``[0, 1]`` at ``(N, 2)`` Xenium points (µm); see :meth:`TissueModel.egfr_pattern`."""
         return self._need_tissue().egfr_pattern(_as_points(xy_um, "xy_um"))
 
+    def to_slide(self, xy_um) -> np.ndarray:
+        """Map Xenium points (µm) to Visium slide µm (the frame of the regular spot grid)."""
+        px = self.forward(xy_um)
+        return (px - self.slide_affine[:2, 2]) @ np.linalg.inv(self.slide_affine[:2, :2]).T
+
+    def in_capture_area(self, xy_um) -> np.ndarray:
+        """Boolean: Xenium points (µm) that land inside the Visium capture area."""
+        s = self.to_slide(xy_um)
+        x0, x1, y0, y1 = self.capture_area
+        return (s[:, 0] >= x0) & (s[:, 0] <= x1) & (s[:, 1] >= y0) & (s[:, 1] <= y1)
+
     def shared(self, xy_um) -> np.ndarray:
-        """Boolean: Xenium points (µm) that lie in the tissue of both sections."""
-        return self._need_tissue().shared(_as_points(xy_um, "xy_um"))
+        """Boolean: Xenium points (µm) in the tissue of both sections and inside the capture area."""
+        xy = _as_points(xy_um, "xy_um")
+        return self._need_tissue().shared(xy) & self.in_capture_area(xy)
 
     # ------------------------------------------------------------------ files
     def save(self, directory, extra: dict | None = None) -> Path:
@@ -191,6 +210,7 @@ class Truth:
         arrays = {
             "affine": self.affine,
             "slide_affine": self.slide_affine,
+            "capture_area": np.asarray(self.capture_area, dtype=float),
             "warp_centres": self.warp_centres,
             "warp_coefs": self.warp_coefs,
             "warp_sigma": np.float64(self.warp_sigma),
@@ -245,6 +265,7 @@ class Truth:
                 landmark_names=[str(s) for s in z["landmark_names"]],
                 tissue=tissue,
                 slide_affine=z["slide_affine"],
+                capture_area=z["capture_area"],
                 seed=None if seed < 0 else seed,
             )
 
@@ -258,6 +279,12 @@ def load_truth(path) -> Truth:
         The twin-section output folder, its ``truth/`` folder, or ``truth.npz`` itself.
     """
     return Truth.load(path)
+
+
+def _grid_step(bbox, length: float) -> float:
+    """Spacing (µm) of the grids used to measure the warp: fine against its length scale, at most ~250k points."""
+    xmin, xmax, ymin, ymax = bbox
+    return max(length / 12.0, float(np.sqrt((xmax - xmin) * (ymax - ymin) / 250_000)))
 
 
 def _bbox_grid(bbox, spacing: float) -> np.ndarray:
@@ -288,11 +315,12 @@ def make_warp(rng: np.random.Generator, bbox, magnitude: float, length: float) -
     if magnitude == 0:
         return np.zeros((0, 2)), np.zeros((0, 2))
     xmin, xmax, ymin, ymax = bbox
-    gx = np.arange(xmin, xmax + length, length)
-    gy = np.arange(ymin, ymax + length, length)
+    step = 1.5 * length
+    gx = np.arange(xmin - step / 2, xmax + step, step)
+    gy = np.arange(ymin - step / 2, ymax + step, step)
     X, Y = np.meshgrid(gx, gy)
-    centres = np.column_stack([X.ravel(), Y.ravel()]) + rng.uniform(-0.25, 0.25, (X.size, 2)) * length
+    centres = np.column_stack([X.ravel(), Y.ravel()]) + rng.uniform(-0.25, 0.25, (X.size, 2)) * step
     coefs = rng.normal(size=centres.shape)
     t = Truth(np.eye(3), centres, coefs, length, 1.0, np.zeros((0, 2)), np.zeros((0, 2)), [])
-    m = np.linalg.norm(t.displacement(_bbox_grid(bbox, min(20.0, length / 10))), axis=1).max()
+    m = np.linalg.norm(t.displacement(_bbox_grid(bbox, _grid_step(bbox, length))), axis=1).max()
     return centres, coefs * (magnitude / m)

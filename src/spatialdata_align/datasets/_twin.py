@@ -130,7 +130,8 @@ def twin_sections(
     rotation_deg: float | None = None,
     um_per_px: float | None = None,
     anisotropy: float = 0.03,
-    trim: float = 0.08,
+    xenium_trim: float = 0.05,
+    capture_trim: float = 0.08,
     warp_length: float = 500.0,
     n_xenium_genes: int = 300,
     n_visium_genes: int = 3000,
@@ -178,9 +179,12 @@ def twin_sections(
         µm per Visium full-resolution pixel; default drawn in ``[0.4, 0.6]``.
     anisotropy
         Relative difference of the x and y pixel scales.
-    trim
-        Area fraction of the tissue missing from each section (on different sides), so the two
-        overlap partially; ``0`` makes both sections show the whole tissue.
+    xenium_trim
+        Area fraction of the tissue left out of the Xenium region (a strip on one side).
+    capture_trim
+        Area fraction of the Visium section outside the capture area (no spots there, though
+        the H&E image shows it), on a side of the capture frame. With the defaults most of the
+        tissue is shared, some Xenium tissue has no spots and some spots have no Xenium cells.
     warp_length
         Length scale (µm) of the warp.
     n_xenium_genes, n_visium_genes
@@ -231,7 +235,7 @@ def twin_sections(
 
     params = dict(
         n_cells=int(n_cells), n_spots=int(n_spots), seed=int(seed), warp=float(warp), flip=bool(flip),
-        layout=layout, anisotropy=float(anisotropy), trim=float(trim), warp_length=float(warp_length),
+        layout=layout, anisotropy=float(anisotropy), xenium_trim=float(xenium_trim), capture_trim=float(capture_trim), warp_length=float(warp_length),
         n_xenium_genes=int(n_xenium_genes), n_visium_genes=int(n_visium_genes), transcripts=bool(transcripts),
         cells_format=cells_format, matrix_format=matrix_format, transcripts_format=transcripts_format,
         positions_file=positions_file, xenium_pixel_size=float(xenium_pixel_size),
@@ -250,14 +254,18 @@ def twin_sections(
 
     # ---------------------------------------------------------------- tissue, genes, geometry
     step("tissue")
-    tissue = make_tissue(rng["tissue"], int(n_spots) * SPOT_AREA_UM2 / (1.0 - trim), trim)
+    if not 0 <= capture_trim < 0.5:
+        raise ValueError(f"capture_trim must be in [0, 0.5), got {capture_trim}.")
+    tissue = make_tissue(rng["tissue"], int(n_spots) * SPOT_AREA_UM2 / (1.0 - capture_trim), float(xenium_trim), 0.0)
     genes = make_genes(rng["genes"], int(n_xenium_genes), int(n_visium_genes))
     g = rng["geometry"]
     rot = float(g.uniform(20.0, 40.0)) if rotation_deg is None else float(rotation_deg)
     upp = float(g.uniform(0.4, 0.6)) if um_per_px is None else float(um_per_px)
     centres, coefs = make_warp(g, tissue.bbox(), float(warp), float(warp_length))
     params.update(rotation_deg=rot, um_per_px=upp)
-    geo = _geometry(tissue, centres, coefs, float(warp_length), rot, upp, float(anisotropy), bool(flip))
+    geo = _geometry(
+        g, tissue, centres, coefs, float(warp_length), rot, upp, float(anisotropy), bool(flip), float(capture_trim)
+    )
     truth = geo["truth"]
     if warp > 0 and truth.jacobian_det_min() < 0.2:
         raise ValueError(
@@ -291,7 +299,7 @@ def twin_sections(
     bar.update()
 
     # ---------------------------------------------------------------- landmarks
-    src, lm_names = _landmarks(tissue)
+    src, lm_names = _landmarks(truth)
     truth.landmarks_source = src
     truth.landmarks_target = truth.forward(src)
     truth.landmark_names = lm_names
@@ -363,7 +371,7 @@ def twin_sections(
             "cell_type": np.asarray(CELL_TYPES)[x_type],
             "region": np.asarray(REGIONS)[x_region],
             "egfr_field": tissue.egfr_pattern(x_xy),
-            "shared": tissue.shared(x_xy),
+            "shared": truth.shared(x_xy),
         }
     ).to_parquet(truth_path / "xenium_cells.parquet", index=False)
     spot_um = truth.inverse(vis["pxl"])
@@ -374,7 +382,7 @@ def twin_sections(
             "x_um": spot_um[:, 0],
             "y_um": spot_um[:, 1],
             "n_cells": vis["n_cells"],
-            "shared": tissue.shared(spot_um),
+            "shared": truth.shared(spot_um),
         }
     ).to_parquet(truth_path / "visium_spots.parquet", index=False)
     bar.update()
@@ -422,7 +430,7 @@ def load_twin(out_dir) -> TwinSections:
 
 
 # ---------------------------------------------------------------------- geometry
-def _geometry(tissue, centres, coefs, warp_length, rot_deg, um_per_px, anisotropy, flip) -> dict:
+def _geometry(rng, tissue, centres, coefs, warp_length, rot_deg, um_per_px, anisotropy, flip, capture_trim) -> dict:
     """The slide frame, spot grid, image extents and the truth (landmarks filled in later)."""
     th = np.radians(rot_deg)
     R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
@@ -439,17 +447,28 @@ def _geometry(tissue, centres, coefs, warp_length, rot_deg, um_per_px, anisotrop
     pts = pts[tissue.section_signed_distance(pts, "visium") > 0]
     w = (pts + pre.displacement(pts)) @ RF.T
     lo, hi = w.min(axis=0), w.max(axis=0)
-    t_slide = SPOT_GRID_PAD_UM - lo  # the spot grid starts at slide (0, 0)
-    grid_w, grid_h = hi - lo + 2 * SPOT_GRID_PAD_UM
-    # full-res px = S @ (slide + IMAGE_PAD)
+    # capture area (axis-aligned in the slide frame): the tissue bbox plus a margin, except on one
+    # side where it leaves out a fraction ``capture_trim`` of the tissue
+    cap_lo, cap_hi = lo - SPOT_GRID_PAD_UM, hi + SPOT_GRID_PAD_UM
+    if capture_trim > 0:
+        axis = int(rng.integers(2))
+        if rng.uniform() < 0.5:
+            cap_lo[axis] = np.quantile(w[:, axis], capture_trim)
+        else:
+            cap_hi[axis] = np.quantile(w[:, axis], 1.0 - capture_trim)
+    t_slide = -cap_lo  # the spot grid (capture area) starts at slide (0, 0)
+    grid_w, grid_h = cap_hi - cap_lo
+    # the image shows the capture area and all the tissue: full-res px = S @ (slide - origin)
+    e_lo = np.minimum(np.zeros(2), lo + t_slide) - IMAGE_PAD_UM
+    e_hi = np.maximum(cap_hi - cap_lo, hi + t_slide) + IMAGE_PAD_UM
     slide_affine = np.eye(3)
     slide_affine[:2, :2] = S
-    slide_affine[:2, 2] = S @ np.full(2, IMAGE_PAD_UM)
+    slide_affine[:2, 2] = -S @ e_lo
     affine = np.eye(3)
     affine[:2, :2] = S @ RF
-    affine[:2, 2] = S @ (t_slide + IMAGE_PAD_UM)
-    width = int(np.ceil(S[0, 0] * (grid_w + 2 * IMAGE_PAD_UM)))
-    height = int(np.ceil(S[1, 1] * (grid_h + 2 * IMAGE_PAD_UM)))
+    affine[:2, 2] = S @ (t_slide - e_lo)
+    width = int(np.ceil(S[0, 0] * (e_hi[0] - e_lo[0])))
+    height = int(np.ceil(S[1, 1] * (e_hi[1] - e_lo[1])))
     spot_d = VISIUM_SPOT_DIAMETER_UM * float(np.sqrt(S[0, 0] * S[1, 1]))
     long_px = max(width, height)
     long_um = long_px * um_per_px
@@ -467,6 +486,7 @@ def _geometry(tissue, centres, coefs, warp_length, rot_deg, um_per_px, anisotrop
         landmark_names=[],
         tissue=tissue,
         slide_affine=slide_affine,
+        capture_area=np.array([0.0, grid_w, 0.0, grid_h]),
     )
     # hex grid: array_row along y (86.6 µm), array_col along x (50 µm), col parity = row parity
     dy = VISIUM_SPOT_PITCH_UM * np.sqrt(3.0) / 2.0
@@ -505,7 +525,7 @@ def _cell_areas(rng, types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _expected(genes: GeneSets, rate: np.ndarray, types: np.ndarray, sf: np.ndarray, egfr_mult: np.ndarray, cols):
     """Per-cell expected counts ``(n_cells, len(cols))`` of genes ``cols`` (universe indices)."""
-    lam = rate[types][:, cols] * sf[:, None]
+    lam = rate[:, cols][types] * sf[:, None]
     e = genes.index("EGFR")
     hit = np.flatnonzero(np.asarray(cols) == e)
     if hit.size:
@@ -585,22 +605,23 @@ def _transcripts(rng, xen: dict, tissue: TissueModel, xy: np.ndarray) -> pd.Data
     cand = cand[tissue.section_signed_distance(cand, "xenium") > 0][:n_un]
     n_genes = int((xen["feature_types"] == "Gene Expression").sum())
     un_feat = rng.integers(0, n_genes, size=len(cand))
-    names = xen["feature_names"]
-    ids = cells["cell_id"].to_numpy()
-    order = np.lexsort((np.concatenate([pos[:, 0], cand[:, 0]]),))  # sorted by x, like a tiled instrument output
+    n_all = n + len(cand)
+    ids = np.append(cells["cell_id"].to_numpy().astype(object), "UNASSIGNED")
     df = pd.DataFrame(
         {
-            "cell_id": np.concatenate([ids[cell_idx], np.full(len(cand), "UNASSIGNED")]),
+            "cell_id": pd.Categorical.from_codes(np.concatenate([cell_idx, np.full(len(cand), len(ids) - 1)]), ids),
             "overlaps_nucleus": np.concatenate([in_nuc, np.zeros(len(cand), bool)]).astype(np.uint8),
-            "feature_name": np.concatenate([names[feat_idx], names[un_feat]]),
+            "feature_name": pd.Categorical.from_codes(
+                np.concatenate([feat_idx, un_feat]), xen["feature_names"].astype(object)
+            ),
             "x_location": np.concatenate([pos[:, 0], cand[:, 0]]).astype(np.float32),
             "y_location": np.concatenate([pos[:, 1], cand[:, 1]]).astype(np.float32),
-            "z_location": rng.normal(12.0, 2.0, size=n + len(cand)).astype(np.float32),
-            "qv": rng.uniform(20.0, 40.0, size=n + len(cand)).astype(np.float32),
+            "z_location": rng.normal(12.0, 2.0, size=n_all).astype(np.float32),
+            "qv": rng.uniform(20.0, 40.0, size=n_all).astype(np.float32),
         }
-    ).iloc[order]
+    )
     df.insert(0, "transcript_id", np.arange(1, len(df) + 1, dtype=np.uint64))
-    return df.reset_index(drop=True)
+    return df
 
 
 # ---------------------------------------------------------------------- Visium
@@ -687,13 +708,19 @@ def _farthest(points: np.ndarray, k: int, start: np.ndarray | None = None) -> li
     return chosen
 
 
-def _landmarks(tissue: TissueModel, margin: float = 40.0) -> tuple[np.ndarray, list[str]]:
-    """At least 6 landmark points (µm) at recognisable structures inside both sections."""
+def _landmarks(truth: Truth, margin: float = 40.0) -> tuple[np.ndarray, list[str]]:
+    """At least 6 landmark points (µm) at recognisable structures inside both sections and the capture area."""
+    tissue = truth.tissue
+    x0, x1, y0, y1 = truth.capture_area
 
     def ok(p: np.ndarray) -> np.ndarray:
         p = np.atleast_2d(p)
-        return (tissue.section_signed_distance(p, "xenium") > margin) & (
-            tissue.section_signed_distance(p, "visium") > margin
+        s = truth.to_slide(p)
+        in_cap = (s[:, 0] > x0 + margin) & (s[:, 0] < x1 - margin) & (s[:, 1] > y0 + margin) & (s[:, 1] < y1 - margin)
+        return (
+            in_cap
+            & (tissue.section_signed_distance(p, "xenium") > margin)
+            & (tissue.section_signed_distance(p, "visium") > margin)
         )
 
     pts: list[np.ndarray] = []
@@ -722,10 +749,10 @@ def _landmarks(tissue: TissueModel, margin: float = 40.0) -> tuple[np.ndarray, l
         for i in _farthest(imm.centre[good], 2, start=start):
             pts.append(imm.centre[good[i]])
             names.append(f"immune_{good[i]}")
-    lobe = tissue.lobe.centre[0]
-    if ok(lobe)[0]:
-        pts.append(lobe)
-        names.append("tissue_lobe")
+    for k, name in ((1, "tissue_lobe"), (2, "tissue_tail")):
+        if k < len(tissue.outline) and ok(tissue.outline.centre[k])[0]:
+            pts.append(tissue.outline.centre[k])
+            names.append(name)
     if len(pts) < 6:  # small tissues: add well-spread tissue points
         xmin, xmax, ymin, ymax = tissue.bbox()
         X, Y = np.meshgrid(np.linspace(xmin, xmax, 60), np.linspace(ymin, ymax, 60))
