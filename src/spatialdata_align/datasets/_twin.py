@@ -235,7 +235,8 @@ def twin_sections(
 
     params = dict(
         n_cells=int(n_cells), n_spots=int(n_spots), seed=int(seed), warp=float(warp), flip=bool(flip),
-        layout=layout, anisotropy=float(anisotropy), xenium_trim=float(xenium_trim), capture_trim=float(capture_trim), warp_length=float(warp_length),
+        layout=layout, anisotropy=float(anisotropy), xenium_trim=float(xenium_trim),
+        capture_trim=float(capture_trim), warp_length=float(warp_length),
         n_xenium_genes=int(n_xenium_genes), n_visium_genes=int(n_visium_genes), transcripts=bool(transcripts),
         cells_format=cells_format, matrix_format=matrix_format, transcripts_format=transcripts_format,
         positions_file=positions_file, xenium_pixel_size=float(xenium_pixel_size),
