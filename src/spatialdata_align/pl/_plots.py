@@ -156,15 +156,8 @@ def overlay(
     draw_image(ax, sdata, _default_image(sdata, image))
     xen = _data.xenium(sdata, VISIUM_CS, cells)
     keep = _subsample(len(xen.xy), max_cells)
-    ax.scatter(
-        xen.xy[keep, 0],
-        xen.xy[keep, 1],
-        s=cell_size,
-        c="tab:blue",
-        lw=0,
-        rasterized=True,
-        label=f"Xenium cells ({xen.element}, n={len(xen.xy):,})",
-    )
+    ax.scatter(xen.xy[keep, 0], xen.xy[keep, 1], s=cell_size, c="tab:blue", lw=0, rasterized=True)
+    ax.scatter([], [], s=12, c="tab:blue", lw=0, label=f"Xenium cells ({xen.element}, n={len(xen.xy):,})")
     frame = [xen.xy]
     if spots:
         vis = _data.visium(sdata)
@@ -188,7 +181,7 @@ def overlay(
                 ax.plot(xs, ys, color="tab:green", lw=1.2)
         ax.plot([], [], color="tab:green", lw=1.2, label="shared region")
     _frame(ax, frame, "Aligned Xenium cells and Visium spots over the H&E")
-    ax.legend(loc="upper right", fontsize=8, markerscale=8)
+    ax.legend(loc="upper right", fontsize=8)
     _save(fig, save)
     return ax
 
