@@ -1,0 +1,271 @@
+"""The ``sdata.align`` accessor on generated twin sections (known ground truth)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import spatialdata
+from spatialdata.models import get_table_keys
+from spatialdata.transformations import get_transformation
+
+import spatialdata_align as sda
+from spatialdata_align._constants import (
+    MATCH_WEIGHT_KEY,
+    VISIUM_CS,
+    VISIUM_HIRES,
+    VISIUM_SPOTS,
+    XENIUM_CELLS,
+    XENIUM_CS,
+    XENIUM_TABLE,
+    XENIUM_TRANSCRIPTS,
+)
+from spatialdata_align._elements import element_xy, image_in_cs
+from spatialdata_align.registration import Registration, decompose_affine, fit_affine, lddmm, rasterize
+
+#: LDDMM settings shared by the accessor run and the direct engine run they are compared with
+LDDMM_KW = {"progress": False}
+
+
+def _tre_um(pred_px, truth_px, um_per_px):
+    return np.linalg.norm(pred_px - truth_px, axis=1) * um_per_px
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    return sda.datasets.twin_sections(tmp_path_factory.mktemp("twin"), n_cells=4000, n_spots=500, seed=3)
+
+
+@pytest.fixture
+def sdata(twin):
+    return sda.io.read_pair(twin.xenium_path, twin.visium_path)
+
+
+@pytest.fixture(scope="module")
+def fitted(twin):
+    """A pair with landmarks, the landmark affine and LDDMM fitted through the accessor (run once)."""
+    sd = sda.io.read_pair(twin.xenium_path, twin.visium_path)
+    sd.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:4])
+    fit = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    reg = sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, **LDDMM_KW)
+    return sd, fit, reg
+
+
+# --------------------------------------------------------------------------------------------- landmarks
+def test_set_landmarks_stores_points_per_coordinate_system(sdata, twin):
+    src, dst = twin.truth.landmarks_source[:5], twin.truth.landmarks_target[:5]
+    sdata.align.set_landmarks(source=src, target=dst, names=list("abcde"))
+    assert {"landmarks_xenium", "landmarks_visium"} <= set(sdata.points)
+    for name, cs, xy in (("landmarks_xenium", XENIUM_CS, src), ("landmarks_visium", VISIUM_CS, dst)):
+        assert list(get_transformation(sdata.points[name], get_all=True)) == [cs]
+        df = sdata.points[name].compute()
+        np.testing.assert_allclose(df[["x", "y"]].to_numpy(), xy)
+        assert df["landmark"].tolist() == list("abcde")
+    s, d = sdata.align.landmarks()
+    np.testing.assert_allclose(s, src)
+    np.testing.assert_allclose(d, dst)
+
+
+def test_landmarks_placed_as_points_elements_are_read(sdata, twin):
+    from spatialdata.models import PointsModel
+    from spatialdata.transformations import Identity
+
+    src, dst = twin.truth.landmarks_source[:4], twin.truth.landmarks_target[:4]
+    import pandas as pd
+
+    sdata.points["my_src"] = PointsModel.parse(
+        pd.DataFrame({"x": src[:, 0], "y": src[:, 1]}), transformations={XENIUM_CS: Identity()}
+    )
+    sdata.points["my_dst"] = PointsModel.parse(
+        pd.DataFrame({"x": dst[:, 0], "y": dst[:, 1]}), transformations={VISIUM_CS: Identity()}
+    )
+    s, d = sdata.align.set_landmarks(source="my_src", target="my_dst", key="napari")
+    np.testing.assert_allclose(s, src)
+    np.testing.assert_allclose(d, dst)
+    fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks="napari")
+    np.testing.assert_allclose(fit.matrix, fit_affine(src, dst).matrix)
+
+
+def test_landmark_errors(sdata, twin):
+    with pytest.raises(ValueError, match="matched pairs: 4 source points .* 3 target"):
+        sdata.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:3])
+    with pytest.raises(KeyError, match="no coordinate system 'nope'"):
+        sdata.align.set_landmarks(source=np.zeros((3, 2)), target=np.zeros((3, 2)), source_cs="nope")
+    with pytest.raises(KeyError, match="no landmark set 'landmarks'"):
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    with pytest.raises(TypeError, match="not points"):
+        sdata.align.set_landmarks(source=XENIUM_CELLS, target=twin.truth.landmarks_target[:4])
+
+
+# --------------------------------------------------------------------------------------------- affine
+def test_affine_is_a_native_spatialdata_transformation(sdata, twin):
+    sdata.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:4])
+    fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    assert fit.residuals.shape == (4,)
+    # spatialdata itself now maps the cells (and the transcripts) into the Visium frame
+    cells = element_xy(sdata, XENIUM_CELLS, XENIUM_CS)
+    moved = spatialdata.transform(sdata[XENIUM_CELLS], to_coordinate_system=VISIUM_CS)
+    np.testing.assert_allclose(np.column_stack([moved.geometry.x, moved.geometry.y]), fit.transform_points(cells))
+    assert VISIUM_CS in get_transformation(sdata[XENIUM_TRANSCRIPTS], get_all=True)
+    # the affine alone, measured against the truth over every cell, is a few cells' widths off
+    err = _tre_um(fit.transform_points(cells), twin.truth.forward(cells), twin.truth.um_per_px)
+    assert 2.0 < np.median(err) < 40.0
+    table = sdata.align.transforms
+    assert table.loc["xenium_to_visium_affine", "kind"] == "affine"
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
+    tw = sda.datasets.twin_sections(tmp_path, n_cells=4000, n_spots=400, seed=1, flip=flip, transcripts=False)
+    sd = sda.io.read_pair(tw.xenium_path, tw.visium_path)
+    res = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
+    truth = decompose_affine(tw.truth.affine)
+    assert res.reflection == flip
+    d = (res.rotation_deg - truth["rotation_deg"] + 180) % 360 - 180
+    assert abs(d) < 2.0
+    assert res.scale == pytest.approx(truth["scale"], rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------- lddmm
+def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twin):
+    sd, fit, reg = fitted
+    cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
+    truth = twin.truth.forward(cells)
+    e_aff = _tre_um(fit.transform_points(cells), truth, twin.truth.um_per_px)
+    e_reg = _tre_um(reg.transform_points(cells), truth, twin.truth.um_per_px)
+    assert np.median(e_reg) <= 10.0
+    assert np.percentile(e_reg, 95) <= 30.0
+    assert np.median(e_reg) < 0.8 * np.median(e_aff)
+    # same inputs straight through the engine: the same result
+    src = rasterize(cells, dx=20.0)
+    tgt = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
+    direct = lddmm(src, tgt, affine=fit.matrix, **LDDMM_KW)
+    np.testing.assert_allclose(direct.transform_points(cells), reg.transform_points(cells), atol=1e-9)
+    # per-cell match confidence lands in the cell table
+    mw = sd.tables[XENIUM_TABLE].obs[MATCH_WEIGHT_KEY].to_numpy()
+    assert mw.shape == (len(cells),) and np.all((mw >= 0) & (mw <= 1))
+    assert np.median(mw) > 0.5
+
+
+def test_stored_lddmm_round_trips_through_zarr(fitted, tmp_path):
+    sd, _, reg = fitted
+    sd.align.apply(XENIUM_CELLS)
+    before = element_xy(sd, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
+    path = tmp_path / "aligned.zarr"
+    sd.write(path)
+    back = spatialdata.read_zarr(path)
+    assert list(back.align.transforms.index) == list(sd.align.transforms.index)
+    reg2 = back.align.get("xenium_to_visium_lddmm")
+    cells = element_xy(back, XENIUM_CELLS, XENIUM_CS)
+    np.testing.assert_allclose(reg2.transform_points(cells), reg.transform_points(cells), atol=1e-6)
+    back.align.apply(XENIUM_CELLS, name="again")
+    np.testing.assert_allclose(element_xy(back, "again", VISIUM_CS), before, atol=1e-6)
+    np.testing.assert_allclose(element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS), before, atol=1e-6)
+    # the native affine survives too
+    m = get_transformation(back[XENIUM_CELLS], VISIUM_CS).to_affine_matrix(("x", "y"), ("x", "y"))
+    np.testing.assert_allclose(m, back.align.get("xenium_to_visium_affine").affine, atol=1e-9)
+    assert back.attrs["spatialdata_align"]["transforms"]["xenium_to_visium_lddmm"]["energy"]
+
+
+# --------------------------------------------------------------------------------------------- apply
+def test_apply_cells_table_transcripts_and_inverse(fitted):
+    sd, _, reg = fitted
+    name = sd.align.apply(XENIUM_CELLS)
+    assert name == "xenium_cells_aligned"
+    cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
+    aligned = element_xy(sd, name, VISIUM_CS)
+    np.testing.assert_allclose(aligned, reg.transform_points(cells))
+    assert list(get_transformation(sd[name], get_all=True)) == [VISIUM_CS]
+    # its table annotates it, with positions in full-resolution pixels
+    t = sd.tables[f"{XENIUM_TABLE}_aligned"]
+    region, _, _ = get_table_keys(t)
+    assert region == name
+    np.testing.assert_allclose(t.obsm["spatial"], aligned)
+    # transcripts: lazily, partition by partition
+    tname = sd.align.apply(XENIUM_TRANSCRIPTS)
+    raw = sd[XENIUM_TRANSCRIPTS][["x", "y"]].compute().to_numpy()
+    out = sd[tname][["x", "y"]].compute().to_numpy()
+    assert sd[tname].npartitions == sd[XENIUM_TRANSCRIPTS].npartitions
+    np.testing.assert_allclose(out, reg.transform_points(raw))
+    # inverse: spots back into the Xenium frame
+    sname = sd.align.apply(VISIUM_SPOTS, inverse=True)
+    spots_px = element_xy(sd, VISIUM_SPOTS, VISIUM_CS)
+    back = element_xy(sd, sname, XENIUM_CS)
+    np.testing.assert_allclose(reg.transform_points(back), spots_px, atol=1e-6)
+
+
+def test_apply_image_warps_onto_the_target_grid(fitted):
+    sd, _, reg = fitted
+    # the H&E pulled back into the Xenium frame, then pushed forward again, lands where it started
+    name = sd.align.apply(VISIUM_HIRES, inverse=True, pixel_size=10.0)
+    assert list(get_transformation(sd[name], get_all=True)) == [XENIUM_CS]
+    back = image_in_cs(sd, name, XENIUM_CS)
+    assert back.shape[0] == 3 and back.dtype == np.uint8
+    # tissue pixels of the pulled-back H&E sit on the Xenium cells: the density under the cells is purple/pink
+    cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
+    ix = np.clip(np.searchsorted(back.x.values, cells[:, 0]), 0, back.sizes["x"] - 1)
+    iy = np.clip(np.searchsorted(back.y.values, cells[:, 1]), 0, back.sizes["y"] - 1)
+    under = back.values[:, iy, ix].astype(float).mean(axis=0)  # grey level under the cells
+    assert np.median(under) < 220  # tissue, not the white glass (~240+)
+
+
+def test_apply_errors_and_no_mutation(sdata):
+    with pytest.raises(ValueError, match="no transform is stored yet"):
+        sdata.align.apply(XENIUM_CELLS)
+    with pytest.raises(KeyError, match="no element 'nope'"):
+        sdata.align.affine("nope", VISIUM_HIRES, auto=True)
+    with pytest.raises(ValueError, match="no affine 'xenium_to_visium_affine' to start from"):
+        sdata.align.lddmm(XENIUM_CELLS, VISIUM_HIRES)
+    names = sorted(n for _, n, _ in sdata.gen_elements())
+    repr(sdata.align)
+    sdata.align.transforms  # noqa: B018
+    assert sorted(n for _, n, _ in sdata.gen_elements()) == names
+    assert "spatialdata_align" not in sdata.attrs
+
+
+def test_remove_drops_fields_and_native_affine(fitted):
+    from copy import deepcopy
+
+    sd = deepcopy(fitted[0])  # the fixture is shared: work on a copy
+    entry = sd.attrs["spatialdata_align"]["transforms"]["xenium_to_visium_lddmm"]
+    vel = entry["velocity_element"]
+    assert vel in sd
+    sd.align.remove("xenium_to_visium_lddmm")
+    assert vel not in sd
+    assert "xenium_to_visium_lddmm" not in sd.align.transforms.index
+    sd.align.remove("xenium_to_visium_affine")
+    assert VISIUM_CS not in get_transformation(sd[XENIUM_CELLS], get_all=True)
+    with pytest.raises(KeyError, match="no stored transform"):
+        sd.align.remove("xenium_to_visium_affine")
+
+
+def test_registration_from_store_is_the_fitted_one(fitted):
+    sd, _, reg = fitted
+    got = sd.align.get("xenium_to_visium_lddmm")
+    assert isinstance(got, Registration)
+    np.testing.assert_array_equal(got.velocity_values, reg.velocity_values)
+    np.testing.assert_array_equal(got.affine, reg.affine)
+
+
+def test_spatialdata_plot_renders_aligned_cells_on_the_he(fitted, tmp_path):
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401
+
+    sd, _, _ = fitted
+    if f"{XENIUM_CELLS}_aligned" not in sd:
+        sd.align.apply(XENIUM_CELLS)
+    ax = plt.figure(figsize=(5, 4)).add_subplot()
+    (
+        sd.pl.render_images(VISIUM_HIRES)
+        .pl.render_shapes(f"{XENIUM_CELLS}_aligned", color="#000000", size=1.0)
+        .pl.show(coordinate_systems=VISIUM_CS, ax=ax)
+    )
+    out = tmp_path / "plot.png"
+    ax.figure.savefig(out, dpi=60)
+    plt.close("all")
+    assert out.stat().st_size > 5_000
+    img = plt.imread(out)
+    assert img.std() > 0.05  # not a blank canvas
