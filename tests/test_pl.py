@@ -159,9 +159,11 @@ def test_energy(tmp_path):
     out = tmp_path / "energy.png"
     ax = sda.pl.energy(reg, save=out)
     _written(out)
-    lines = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
-    assert set(lines) == {"total", "match", "reg"}  # the all-zero landmark term is left out
+    lines = {ln.get_label(): ln for a in ax.figure.axes for ln in a.get_lines() if not ln.get_label().startswith("_")}
+    assert set(lines) == {"total", "match", "reg (right axis)"}  # the all-zero landmark term is left out
     np.testing.assert_allclose(lines["total"].get_ydata(), e["total"])
+    np.testing.assert_allclose(lines["reg (right axis)"].get_ydata(), e["reg"])
+    assert lines["reg (right axis)"].axes is not ax  # its own scale
     levels = [ln for ln in ax.get_lines() if ln.get_label().startswith("_")]
     assert len(levels) == 1 and levels[0].get_xdata()[0] == pytest.approx(4.5)
     assert ax.get_yscale() == "log"

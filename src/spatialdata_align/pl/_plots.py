@@ -282,7 +282,7 @@ def energy(sdata_or_reg, key: str | None = None, *, log: bool = True, ax: Axes |
     key
         Stored transform (default: the most recent).
     log
-        Logarithmic energy axis.
+        Logarithmic energy axes (where the terms are positive).
     ax
         Axes to draw on.
     save
@@ -300,19 +300,29 @@ def energy(sdata_or_reg, key: str | None = None, *, log: bool = True, ax: Axes |
         )
     fig, (ax,) = _new_axes(ax, 1, figsize=(7, 4.5))
     it = np.arange(len(e))
-    for col, style in (("total", "k-"), ("match", "C0-"), ("reg", "C1-"), ("landmark", "C2-")):
-        if col in e and np.any(np.asarray(e[col], dtype=float) != 0):
-            ax.plot(it, np.asarray(e[col], dtype=float), style, lw=1.2, label=col)
+    terms = {c: np.asarray(e[c], dtype=float) for c in ("total", "match", "reg", "landmark") if c in e}
+    terms = {c: v for c, v in terms.items() if np.any(v != 0)}
+    # the matching term dominates: regularisation and landmark terms get their own (right) axis
+    right = [c for c in ("reg", "landmark") if c in terms]
+    ax_r = ax.twinx() if right else None
+    styles = {"total": "k-", "match": "C0-", "reg": "C1-", "landmark": "C2-"}
+    handles = []
+    for col, v in terms.items():
+        target = ax_r if col in right else ax
+        handles += target.plot(it, v, styles[col], lw=1.2, label=col + (" (right axis)" if col in right else ""))
     if "level" in e:
         lev = np.asarray(e["level"])
         for i in np.flatnonzero(lev[1:] != lev[:-1]) + 1:
             ax.axvline(i - 0.5, color="0.5", ls="--", lw=0.8)
-    if log and np.all(np.asarray(e["total"], dtype=float) > 0):
-        ax.set_yscale("log")
+    for a, cols in ((ax, [c for c in terms if c not in right]), (ax_r, right)):
+        if a is not None and log and cols and all(np.all(terms[c] > 0) for c in cols):
+            a.set_yscale("log")
     ax.set_xlabel("iteration (all levels)")
-    ax.set_ylabel("energy")
+    ax.set_ylabel("energy: total, matching")
+    if ax_r is not None:
+        ax_r.set_ylabel("energy: " + ", ".join(right))
     ax.set_title(f"LDDMM energy ({name}); dashed: new level")
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     _save(fig, save)
     return ax
 
