@@ -268,6 +268,7 @@ def twin_sections(
         g, tissue, centres, coefs, float(warp_length), rot, upp, float(anisotropy), bool(flip), float(capture_trim)
     )
     truth = geo["truth"]
+    truth.seed = int(seed)
     if warp > 0 and truth.jacobian_det_min() < 0.2:
         raise ValueError(
             f"warp={warp} µm is too strong for warp_length={warp_length} µm (the map would fold); "
