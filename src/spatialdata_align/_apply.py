@@ -33,10 +33,18 @@ def _mapper(reg: Registration, m_pre: np.ndarray, direction: str):
     return f
 
 
+#: points transformed at a time inside a partition (bounds the temporary float64/torch arrays)
+POINT_CHUNK = 1_000_000
+
+
 def _transform_partition(df, reg: Registration, m_pre: np.ndarray, direction: str):
     if len(df) == 0:
         return df
-    out = _mapper(reg, m_pre, direction)(df[["x", "y"]].to_numpy(dtype=np.float64))
+    f = _mapper(reg, m_pre, direction)
+    xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+    out = np.empty_like(xy)
+    for s in range(0, len(xy), POINT_CHUNK):
+        out[s : s + POINT_CHUNK] = f(xy[s : s + POINT_CHUNK])
     df = df.copy()
     df["x"] = out[:, 0]
     df["y"] = out[:, 1]
@@ -59,9 +67,11 @@ def _points(el, reg, m_pre, direction, out_cs):
 def _local_scale(reg: Registration, m_pre: np.ndarray, direction: str) -> float:
     lin = reg.affine[:2, :2] @ m_pre[:2, :2]
     s = abs(np.linalg.det(lin)) ** 0.5
-    return s if direction == "forward" else abs(np.linalg.det(m_pre[:2, :2])) ** 0.5 / abs(
-        np.linalg.det(reg.affine[:2, :2])
-    ) ** 0.5
+    return (
+        s
+        if direction == "forward"
+        else abs(np.linalg.det(m_pre[:2, :2])) ** 0.5 / abs(np.linalg.det(reg.affine[:2, :2])) ** 0.5
+    )
 
 
 def _shapes(el, reg, m_pre, direction, out_cs):
@@ -93,7 +103,10 @@ def _grid_from(sdata, grid, out_cs: str, entry: dict, direction: str, reg, img_i
         return da.coords["x"].values, da.coords["y"].values
     # a grid covering the mapped input extent
     xmin, xmax, ymin, ymax = (
-        float(img_in.x[0]), float(img_in.x[-1]), float(img_in.y[0]), float(img_in.y[-1]),
+        float(img_in.x[0]),
+        float(img_in.x[-1]),
+        float(img_in.y[0]),
+        float(img_in.y[-1]),
     )
     corners = np.array([[xmin, ymin], [xmax, ymin], [xmin, ymax], [xmax, ymax]])
     edges = np.concatenate([np.linspace(corners[i], corners[j], 50) for i, j in ((0, 1), (1, 3), (3, 2), (2, 0))])
@@ -141,8 +154,9 @@ def _table_copy(sdata, tname, f_xy, region_name: str | None) -> ad.AnnData:
     return new
 
 
-def apply(sdata: SpatialData, element: str, *, key: str, inverse: bool, name: str | None, tables: bool,
-          grid, pixel_size) -> str:
+def apply(
+    sdata: SpatialData, element: str, *, key: str, inverse: bool, name: str | None, tables: bool, grid, pixel_size
+) -> str:
     entry = _store.get_entry(sdata, key)
     reg = _store.load_registration(sdata, key)
     direction = "inverse" if inverse else "forward"

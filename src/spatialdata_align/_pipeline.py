@@ -131,9 +131,9 @@ def run_pipeline(
     with stages("subset to shared region"):
         shared = sda.tl.subset_shared(sdata)
     with stages("pseudo-spots"):
-        sda.tl.pseudo_spots(shared)
+        pseudo = sda.tl.pseudo_spots(shared, key_added="xenium_pseudo_spots")
     with stages("compare genes"):
-        comparison = sda.tl.compare_genes(shared)
+        comparison = sda.tl.compare_genes(shared, pseudo=pseudo)
     if out is not None:
         with stages(f"write {out}"):
             sdata.write(out, overwrite=True)
@@ -144,10 +144,10 @@ def run_pipeline(
         "n_spots": int(sdata.tables[VISIUM_TABLE].n_obs),
         "n_cells_shared": int(shared.tables[XENIUM_TABLE].n_obs) if XENIUM_TABLE in shared.tables else None,
         "n_spots_shared": int(shared.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in shared.tables else None,
-        "n_shared_genes": int(len(comparison)),
+        "n_shared_genes": len(comparison),
         "affine": affine_info,
         "lddmm": {
-            "iterations": int(len(reg.energy)),
+            "iterations": len(reg.energy),
             "levels": reg.params.get("levels"),
             "runtime_s": round(float(reg.params.get("runtime_s", np.nan)), 3),
         },
@@ -201,13 +201,30 @@ def write_report(sdata, shared, comparison, summary, report, *, gene="EGFR", sta
         lines.append(f"- **TRE against truth (µm)**: {summary['tre_um']}")
     if stage_times:
         lines += ["", "## Time per stage (s)", ""] + [f"- {k}: {v}" for k, v in stage_times.items()]
-    lines += ["", "## Top genes", "", comparison.head(10).to_markdown(index=False) if len(comparison) else "none"]
+    lines += ["", "## Top genes", "", _markdown_table(comparison.head(10)) if len(comparison) else "none"]
     files["summary"].write_text("\n".join(lines) + "\n")
     return files
 
 
-def run_demo(out, *, n_cells: int = 6000, n_spots: int = 500, seed: int = 0, verbose: bool = True,
-             progress: bool = True, **kwargs) -> PipelineResult:
+def _markdown_table(df) -> str:
+    """A small DataFrame as a Markdown table (no optional dependency)."""
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows += ["| " + " | ".join(fmt(v) for v in rec) + " |" for rec in df.itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def run_demo(
+    out,
+    *,
+    n_cells: int = 6000,
+    n_spots: int = 500,
+    seed: int = 0,
+    verbose: bool = True,
+    progress: bool = True,
+    **kwargs,
+) -> PipelineResult:
     """Generate twin sections under ``out/data``, run the pipeline, and score it against the truth."""
     import spatialdata_align as sda
 
@@ -220,8 +237,14 @@ def run_demo(out, *, n_cells: int = 6000, n_spots: int = 500, seed: int = 0, ver
     twin = sda.datasets.twin_sections(out / "data", n_cells=n_cells, n_spots=n_spots, seed=seed)
     lm_csv = out / "data" / "truth" / "landmarks.csv"
     res = run_pipeline(
-        twin.xenium_path, twin.visium_path, landmarks=lm_csv, out=out / "aligned.zarr", report=None,
-        verbose=verbose, progress=progress, **kwargs,
+        twin.xenium_path,
+        twin.visium_path,
+        landmarks=lm_csv,
+        out=out / "aligned.zarr",
+        report=None,
+        verbose=verbose,
+        progress=progress,
+        **kwargs,
     )
     sdata = res.sdata
     cells = element_xy(sdata, XENIUM_CELLS, "xenium")

@@ -50,6 +50,8 @@ _MATRIX_H5 = "cell_feature_matrix.h5"
 _MATRIX_DIR = "cell_feature_matrix"
 _TRANSCRIPT_FILES = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
 _CELLS_REQUIRED = ("cell_id", "x_centroid", "y_centroid")
+#: target partition size of lazily read transcripts (memory of each partition-wise pass)
+TRANSCRIPT_BLOCKSIZE = "32MiB"
 _TRANSCRIPTS_REQUIRED = ("feature_name", "x_location", "y_location")
 _FOCUS_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
 
@@ -249,9 +251,10 @@ def _read_transcripts(file: Path):
 
     try:
         if file.name.endswith(".parquet"):
-            ddf = dd.read_parquet(file)
+            # small partitions (by row group / ~32 MiB) keep every later pass bounded in memory
+            ddf = dd.read_parquet(file, blocksize=TRANSCRIPT_BLOCKSIZE)
         else:
-            ddf = dd.read_csv(file, blocksize=None, dtype={"cell_id": str, "feature_name": str})
+            ddf = dd.read_csv(file, blocksize=None, dtype={"cell_id": str, "feature_name": str})  # gzip: one block
         columns = list(ddf.columns)
     except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None

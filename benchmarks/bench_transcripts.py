@@ -1,0 +1,141 @@
+"""Peak memory of aligning a large Xenium transcripts table: lazy, partition by partition.
+
+For each size a child process builds a ``transcripts.parquet`` of that many rows (x, y, z in µm, feature
+name, qv; written in row groups, never held in memory at once), reads it with the package's Xenium
+transcript reader (lazy dask), stores an affine + LDDMM registration in the SpatialData object, runs
+``sdata.align.apply("xenium_transcripts")`` and writes the aligned points to a zarr store. It prints the
+child's peak resident memory (ru_maxrss) beside the size of the table, so the ratio shows whether memory
+stays bounded as the table grows (a table held in memory would need ~24 bytes per row for x, y, z alone).
+
+Usage::
+
+    python benchmarks/bench_transcripts.py [--rows 1e6 1e7 1e8] [--workdir /tmp/bench_tx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROW_GROUP = 2_000_000
+
+
+def write_parquet(path: Path, n: int, seed: int = 0) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"GENE{i:03d}" for i in range(300)])
+    writer = None
+    for start in range(0, n, ROW_GROUP):
+        m = min(ROW_GROUP, n - start)
+        codes = rng.integers(0, len(genes), m).astype(np.int16)
+        table = pa.table(
+            {
+                "x_location": rng.uniform(0, 4000, m).astype(np.float32),
+                "y_location": rng.uniform(0, 3000, m).astype(np.float32),
+                "z_location": rng.uniform(0, 20, m).astype(np.float32),
+                "feature_name": pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(genes)),
+                "qv": rng.uniform(20, 40, m).astype(np.float32),
+            }
+        )
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def child(path: str, out: str) -> None:
+    import spatialdata
+    import torch
+
+    from spatialdata_align import _store
+    from spatialdata_align._constants import VISIUM_CS, XENIUM_CS, XENIUM_TRANSCRIPTS
+    from spatialdata_align.io._xenium import _read_transcripts
+    from spatialdata_align.registration import Registration
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    points = _read_transcripts(Path(path))
+    sdata = spatialdata.SpatialData(points={XENIUM_TRANSCRIPTS: points})
+    # an affine + a smooth velocity field (nt=5) over the tissue: the cost of a real LDDMM result
+    xv, yv = np.linspace(-200, 4200, 60), np.linspace(-200, 3200, 48)
+    gx, gy = np.meshgrid(xv, yv)
+    v = np.stack([30 * np.sin(gx / 700) * np.cos(gy / 500), 25 * np.cos(gx / 600)])[None].repeat(5, 0)
+    aff = np.array([[0.9, -0.3, 500.0], [0.3, 0.9, 200.0], [0, 0, 1]]) * [[2.3], [2.3], [1]]
+    reg = Registration(affine=aff, velocity_values=v, xv=xv, yv=yv)
+    _store.store_registration(
+        sdata,
+        reg,
+        key="bench",
+        kind="lddmm",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_TRANSCRIPTS,
+        target_element=None,
+        native=False,
+    )
+    name = sdata.align.apply(XENIUM_TRANSCRIPTS)
+    t1 = time.perf_counter()
+    sdata.write(out, overwrite=True)  # streams the aligned partitions to disk
+    t2 = time.perf_counter()
+    head = sdata[name].head(3)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "partitions": int(sdata[name].npartitions),
+                "peak_mb": peak_mb,
+                "build_s": t1 - t0,
+                "write_s": t2 - t1,
+                "finite": bool(np.isfinite(head[["x", "y"]].to_numpy()).all()),
+            }
+        )
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", nargs="+", type=float, default=[1e6, 1e7])
+    ap.add_argument("--workdir", default="/tmp/bench_transcripts")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{'rows':>12} {'parquet MB':>11} {'x,y,z in RAM MB':>16} {'peak RSS MB':>12} {'partitions':>10} "
+        f"{'apply s':>8} {'write s':>8}"
+    )
+    for n in (int(r) for r in args.rows):
+        pq_path = work / f"transcripts_{n}.parquet"
+        if not pq_path.exists():
+            write_parquet(pq_path, n)
+        out = work / f"aligned_{n}.zarr"
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", str(pq_path), str(out)], capture_output=True, text=True, check=False
+        )
+        if res.returncode != 0:
+            print(res.stderr[-3000:])
+            raise SystemExit(f"child failed for {n} rows")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        assert r["finite"]
+        print(
+            f"{n:12,d} {pq_path.stat().st_size / 1e6:11.0f} {n * 24 / 1e6:16.0f} {r['peak_mb']:12.0f} "
+            f"{r['partitions']:10d} {r['build_s']:8.1f} {r['write_s']:8.1f}",
+            flush=True,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main()
