@@ -36,7 +36,7 @@ def _tre_um(pred_px, truth_px, um_per_px):
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
-    return sda.datasets.twin_sections(tmp_path_factory.mktemp("twin"), n_cells=4000, n_spots=500, seed=3)
+    return sda.datasets.twin_sections(tmp_path_factory.mktemp("twin"), n_spots=500, seed=3)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_landmarks_placed_as_points_elements_are_read(sdata, twin):
 
 
 def test_landmark_errors(sdata, twin):
-    with pytest.raises(ValueError, match="matched pairs: 4 source points .* 3 target"):
+    with pytest.raises(ValueError, match=r"matched pairs: 4 source points .* 3 target"):
         sdata.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:3])
     with pytest.raises(KeyError, match="no coordinate system 'nope'"):
         sdata.align.set_landmarks(source=np.zeros((3, 2)), target=np.zeros((3, 2)), source_cs="nope")
@@ -119,7 +119,7 @@ def test_affine_is_a_native_spatialdata_transformation(sdata, twin):
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
-    tw = sda.datasets.twin_sections(tmp_path, n_cells=4000, n_spots=400, seed=1, flip=flip, transcripts=False)
+    tw = sda.datasets.twin_sections(tmp_path, n_spots=400, seed=1, flip=flip, transcripts=False)
     sd = sda.io.read_pair(tw.xenium_path, tw.visium_path)
     res = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
     truth = decompose_affine(tw.truth.affine)
@@ -198,8 +198,8 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
 
 
 def test_apply_image_warps_onto_the_target_grid(fitted):
-    sd, _, reg = fitted
-    # the H&E pulled back into the Xenium frame, then pushed forward again, lands where it started
+    sd = fitted[0]
+    # the H&E pulled back into the Xenium frame: its stained tissue lies under the Xenium cells
     name = sd.align.apply(VISIUM_HIRES, inverse=True, pixel_size=10.0)
     assert list(get_transformation(sd[name], get_all=True)) == [XENIUM_CS]
     back = image_in_cs(sd, name, XENIUM_CS)
@@ -227,9 +227,7 @@ def test_apply_errors_and_no_mutation(sdata):
 
 
 def test_remove_drops_fields_and_native_affine(fitted):
-    from copy import deepcopy
-
-    sd = deepcopy(fitted[0])  # the fixture is shared: work on a copy
+    sd = spatialdata.deepcopy(fitted[0])  # the fixture is shared: work on a copy
     entry = sd.attrs["spatialdata_align"]["transforms"]["xenium_to_visium_lddmm"]
     vel = entry["velocity_element"]
     assert vel in sd
@@ -258,9 +256,10 @@ def test_spatialdata_plot_renders_aligned_cells_on_the_he(fitted, tmp_path):
     if f"{XENIUM_CELLS}_aligned" not in sd:
         sd.align.apply(XENIUM_CELLS)
     ax = plt.figure(figsize=(5, 4)).add_subplot()
+    # method="matplotlib": spatialdata-plot 0.4.0's datashader route (used above 10k shapes) assumes a "global" cs
     (
         sd.pl.render_images(VISIUM_HIRES)
-        .pl.render_shapes(f"{XENIUM_CELLS}_aligned", color="#000000", size=1.0)
+        .pl.render_shapes(f"{XENIUM_CELLS}_aligned", color="#000000", fill_alpha=0.6, method="matplotlib")
         .pl.show(coordinate_systems=VISIUM_CS, ax=ax)
     )
     out = tmp_path / "plot.png"

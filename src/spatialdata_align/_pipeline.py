@@ -17,8 +17,9 @@ import numpy as np
 
 from ._constants import VISIUM_HIRES, VISIUM_TABLE, XENIUM_CELLS, XENIUM_TABLE, XENIUM_TRANSCRIPTS
 
-#: LDDMM settings used by the pipeline (and the notebook); see :func:`spatialdata_align.registration.lddmm`
-PIPELINE_LDDMM = {"sigma_r": 300.0}
+#: LDDMM settings of the pipeline beyond the engine's defaults (none: the CLI, the notebook and a plain
+#: ``sdata.align.lddmm`` call give the same result); see :func:`spatialdata_align.registration.lddmm`
+PIPELINE_LDDMM: dict = {}
 
 
 @dataclass
@@ -218,7 +219,7 @@ def _markdown_table(df) -> str:
 def run_demo(
     out,
     *,
-    n_cells: int = 6000,
+    n_cells: int = 20000,
     n_spots: int = 500,
     seed: int = 0,
     verbose: bool = True,

@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate twin sections, align them and score against the truth")
     demo.add_argument("--out", required=True, type=Path, help="output folder (data, aligned.zarr, report/)")
-    demo.add_argument("--n-cells", type=int, default=6000, help="number of Xenium cells (default 6000)")
+    demo.add_argument(
+        "--n-cells",
+        type=int,
+        default=20000,
+        help="number of Xenium cells (default 20000, ~4000 per mm², as in real tissue)",
+    )
     demo.add_argument("--n-spots", type=int, default=500, help="number of Visium spots (default 500)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the generated tissue")
     demo.add_argument("--auto-init", action="store_true", help="ignore the landmarks; find the affine automatically")

@@ -290,9 +290,9 @@ def lddmm(
     sigma_m: float | None = None,
     sigma_b: float | None = None,
     sigma_a: float | None = None,
-    sigma_r: float = 1.0,
+    sigma_r: float | None = None,
     sigma_p: float | None = None,
-    contrast_degree: int = 1,
+    contrast_degree: int = 3,
     background: bool = True,
     artifact: bool = True,
     update_priors: bool = True,
@@ -340,7 +340,8 @@ def lddmm(
         Noise standard deviations of the matched, background and artifact classes (target
         intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, ``5 * sigma_m``.
     sigma_r
-        Regularisation scale: larger allows larger deformations (source units).
+        Regularisation scale: larger allows larger deformations (source units). Default
+        ``15 * dx`` of the source image (300 µm for a 20 µm raster).
     sigma_p
         Landmark tolerance (target units). Default: two source pixels mapped to target units.
     contrast_degree
@@ -407,6 +408,7 @@ def lddmm(
     dxI = I_img.dx
     a = float(8 * dxI if a is None else a)
     dv = float(a / 3 if dv is None else dv)
+    sigma_r = float(15 * dxI if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
     sigma_a = float(5 * sigma_m if sigma_a is None else sigma_a)
