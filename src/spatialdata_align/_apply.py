@@ -7,6 +7,7 @@ translation into the output coordinate system), so every spatialdata tool works 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import anndata as ad
 import geopandas as gpd
@@ -61,7 +62,9 @@ def _points(el, reg, m_pre, direction, out_cs):
         kw["feature_key"] = feature_key
     if instance_key is not None:
         kw["instance_key"] = instance_key
-    return PointsModel.parse(ddf, transformations={out_cs: Identity()}, **kw)
+    with warnings.catch_warnings():  # partition-wise RangeIndex (see io._xenium): harmless
+        warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
+        return PointsModel.parse(ddf, transformations={out_cs: Identity()}, **kw)
 
 
 def _local_scale(reg: Registration, m_pre: np.ndarray, direction: str) -> float:

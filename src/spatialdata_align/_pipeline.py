@@ -137,7 +137,7 @@ def run_pipeline(
         comparison = sda.tl.compare_genes(shared, pseudo=pseudo)
     if out is not None:
         with stages(f"write {out}"):
-            sdata.write(out, overwrite=True)
+            write_zarr(sdata, out)
     summary = {
         "xenium": str(xenium),
         "visium": str(visium),
@@ -163,6 +163,27 @@ def run_pipeline(
     if report is not None:
         (Path(report) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return PipelineResult(sdata=sdata, shared=shared, comparison=comparison, summary=summary, report_files=files)
+
+
+def write_zarr(sdata, out) -> Path:
+    """Write ``sdata`` to the zarr store ``out``, replacing an earlier store of that name.
+
+    Only a zarr store (a folder holding ``zarr.json`` or ``.zgroup``) is replaced; any other existing
+    path raises :class:`FileExistsError`, so a mistyped ``--out`` never deletes user data. (The
+    pipeline's object is read from the 10x folders, never backed by ``out``.)
+    """
+    import shutil
+    import warnings
+
+    out = Path(out)
+    if out.exists():
+        if not (out.is_dir() and ((out / "zarr.json").exists() or (out / ".zgroup").exists())):
+            raise FileExistsError(f"{out} exists and is not a zarr store; choose another --out or remove it.")
+        shutil.rmtree(out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        sdata.write(out)
+    return out
 
 
 def write_report(sdata, shared, comparison, summary, report, *, gene="EGFR", stage_times=None) -> dict[str, Path]:

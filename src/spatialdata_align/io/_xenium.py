@@ -279,6 +279,14 @@ def _read_transcripts(file: Path):
     coords = {"x": "x_location", "y": "y_location"}
     if "z_location" in columns:
         coords["z"] = "z_location"
+    with warnings.catch_warnings():
+        # dask gives each parquet partition its own RangeIndex; the row order is the file's, which is all
+        # that matters here (spatialdata only warns about unknown divisions)
+        warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
+        return _parse_points(ddf, coords, columns)
+
+
+def _parse_points(ddf, coords, columns):
     return PointsModel.parse(
         ddf,
         coordinates=coords,
