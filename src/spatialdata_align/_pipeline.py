@@ -105,6 +105,8 @@ def run_pipeline(
         raise ValueError("give a landmark file (--landmarks) or ask for automatic initialisation (--auto-init).")
     if landmark_units not in ("fullres", "hires"):
         raise ValueError(f"landmark_units must be 'fullres' or 'hires', got {landmark_units!r}.")
+    if out is not None:
+        _check_out(out)  # fail before the work, not after it
     stages = _Stages(8 + (out is not None) + (report is not None), verbose)
     with stages("read Xenium + Visium"):
         sdata = sda.io.read_pair(xenium, visium)
@@ -165,6 +167,14 @@ def run_pipeline(
     return PipelineResult(sdata=sdata, shared=shared, comparison=comparison, summary=summary, report_files=files)
 
 
+def _check_out(out) -> Path:
+    """``out`` may be new or an earlier zarr store (replaced); anything else raises FileExistsError."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and ((out / "zarr.json").exists() or (out / ".zgroup").exists())):
+        raise FileExistsError(f"{out} exists and is not a zarr store; choose another --out or remove it.")
+    return out
+
+
 def write_zarr(sdata, out) -> Path:
     """Write ``sdata`` to the zarr store ``out``, replacing an earlier store of that name.
 
@@ -175,10 +185,8 @@ def write_zarr(sdata, out) -> Path:
     import shutil
     import warnings
 
-    out = Path(out)
+    out = _check_out(out)
     if out.exists():
-        if not (out.is_dir() and ((out / "zarr.json").exists() or (out / ".zgroup").exists())):
-            raise FileExistsError(f"{out} exists and is not a zarr store; choose another --out or remove it.")
         shutil.rmtree(out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*")

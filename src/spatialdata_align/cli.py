@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                 progress=verbose,
                 lddmm_params=lddmm_params,
             )
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"spatialdata-align: error: {msg}", file=sys.stderr)
         return 2

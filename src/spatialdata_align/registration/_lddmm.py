@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ._flow import affine_torch, apply_symbol, flow_forward, inverse_displacement, sobolev_symbol
 from ._result import Registration
-from ._utils import Image, apply_affine, as_image, check_points, homogeneous, interp
+from ._utils import Image, as_image, check_points, homogeneous, interp
 
 _CLASSES = ("match", "background", "artifact")
 
@@ -122,12 +122,12 @@ class _Problem:
         self.B0 = self.NJ @ A0 @ np.linalg.inv(self.NI)  # = identity by construction
         self.nt, self.a, self.p = nt, a, p
         self.dxI = I_img.dx * I_img.dy
-        # velocity grid: the source extent and the pulled-back target extent, padded
-        pulled = apply_affine(np.linalg.inv(A0), _corners(J_img.extent))
+        # velocity grid: the source image's extent, padded by ``pad`` (2a) so the periodic Fourier-domain
+        # smoothing does not couple opposite edges. Target pixels pulled back outside it sample an empty
+        # source anyway; there the field is extended by its edge values (border extrapolation).
         src = _corners(I_img.extent)
-        allp = np.vstack([pulled, src])
-        lo = np.maximum(allp.min(axis=0), src.min(axis=0) - 0.5 * np.ptp(src, axis=0)) - pad
-        hi = np.minimum(allp.max(axis=0), src.max(axis=0) + 0.5 * np.ptp(src, axis=0)) + pad
+        lo = src.min(axis=0) - pad
+        hi = src.max(axis=0) + pad
         nvx = int(np.ceil((hi[0] - lo[0]) / dv)) + 1
         nvy = int(np.ceil((hi[1] - lo[1]) / dv)) + 1
         self.xv = lo[0] + dv * np.arange(nvx)

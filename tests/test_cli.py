@@ -1,0 +1,153 @@
+"""The ``spatialdata-align`` console script: ``run`` reproduces the Python API, bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata
+
+import spatialdata_align as sda
+from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
+from spatialdata_align._elements import element_xy
+from spatialdata_align.cli import main
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    return sda.datasets.twin_sections(tmp_path_factory.mktemp("cli"), n_cells=8000, n_spots=300, seed=2)
+
+
+def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
+    out, report = tmp_path / "aligned.zarr", tmp_path / "report"
+    rc = main(
+        [
+            "run",
+            "--xenium",
+            str(twin.xenium_path),
+            "--visium",
+            str(twin.visium_path),
+            "--landmarks",
+            str(twin.landmarks_path),
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    # the same calls through the Python API
+    sdata = sda.io.read_pair(twin.xenium_path, twin.visium_path)
+    lm = pd.read_csv(twin.landmarks_path)
+    sdata.align.set_landmarks(
+        source=lm[["source_x", "source_y"]].to_numpy(), target=lm[["target_x", "target_y"]].to_numpy()
+    )
+    sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    sdata.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, progress=False)
+    sdata.align.apply(XENIUM_CELLS)
+    back = spatialdata.read_zarr(out)
+    np.testing.assert_allclose(
+        element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS),
+        element_xy(sdata, f"{XENIUM_CELLS}_aligned", VISIUM_CS),
+        atol=1e-6,
+    )
+    # and it is a good alignment: the truth agrees to a few µm
+    cells = element_xy(back, XENIUM_CELLS, XENIUM_CS)
+    err = np.linalg.norm(element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS) - twin.truth.forward(cells), axis=1)
+    assert np.median(err * twin.truth.um_per_px) < 10.0
+    # the report folder
+    names = {p.name for p in report.iterdir()}
+    assert {"overlay.png", "energy.png", "EGFR_side_by_side.png", "gene_correlations.csv", "summary.md"} <= names
+    assert all((report / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["n_cells"] == 8000 and summary["n_shared_genes"] > 50
+    assert set(summary["time_per_stage_s"]) >= {"LDDMM", "read Xenium + Visium"}
+    corr = pd.read_csv(report / "gene_correlations.csv")
+    assert corr.set_index("gene").loc["EGFR", "pearson"] > 0.3
+
+
+def test_run_with_stalign_style_npy_landmarks(twin, tmp_path):
+    names = [f"p{i}" for i in range(4)]
+    src = {n: [list(p)] for n, p in zip(names, twin.truth.landmarks_source[:4], strict=True)}
+    dst = {n: [list(p)] for n, p in zip(names, twin.truth.landmarks_target[:4], strict=True)}
+    np.save(tmp_path / "src.npy", src, allow_pickle=True)
+    np.save(tmp_path / "dst.npy", dst, allow_pickle=True)
+    from spatialdata_align._landmark_files import read_landmarks
+
+    s, d, n = read_landmarks(tmp_path / "src.npy", tmp_path / "dst.npy")
+    np.testing.assert_allclose(s, twin.truth.landmarks_source[:4])
+    np.testing.assert_allclose(d, twin.truth.landmarks_target[:4])
+    assert n == names
+
+
+def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
+    base = [
+        "run",
+        "--xenium",
+        str(twin.xenium_path),
+        "--visium",
+        str(twin.visium_path),
+        "--out",
+        str(tmp_path / "o.zarr"),
+    ]
+    assert main(base) == 2
+    assert "--landmarks" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main([*base, "--landmarks", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "source_x" in err
+    assert main([*base, "--landmarks", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    # a Visium folder without its scale factors: the file is named
+    broken = tmp_path / "outs"
+    shutil.copytree(twin.visium_path, broken)
+    (broken / "spatial" / "scalefactors_json.json").unlink()
+    assert (
+        main(
+            [
+                "run",
+                "--xenium",
+                str(twin.xenium_path),
+                "--visium",
+                str(broken),
+                "--auto-init",
+                "--out",
+                str(tmp_path / "o2.zarr"),
+            ]
+        )
+        == 2
+    )
+    assert "scalefactors_json.json" in capsys.readouterr().err
+    # --out pointing at something that is not a zarr store is never deleted
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("x")
+    rc = main(
+        [
+            "run",
+            "--xenium",
+            str(twin.xenium_path),
+            "--visium",
+            str(twin.visium_path),
+            "--landmarks",
+            str(twin.landmarks_path),
+            "--out",
+            str(precious),
+            "--quiet",
+        ]
+    )
+    assert rc == 2 and (precious / "keep.txt").exists()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("spatialdata-align") or f"{sys.executable} -m spatialdata_align.cli"
+    res = subprocess.run([*exe.split(), "--help"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0
+    assert "run" in res.stdout and "demo" in res.stdout
