@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 import warnings
@@ -97,17 +98,23 @@ def run_ours(d):
     return reg, dt, err
 
 
-def run_stalign(d, reg, niter: int):
-    """STalign on the grids this engine used: the source raster and the target at the finest working level."""
+def run_stalign(d, reg, niter: int, steps: dict | None = None):
+    """STalign on the grids this engine used: the source raster and the target at the finest working level.
+
+    STalign's fixed gradient steps assume both images in comparable physical units, so the target grid is
+    expressed in source units (µm) for it (full-resolution pixels x um_per_px) and the results mapped back.
+    """
     from STalign import STalign
 
+    u = d["um_per_target_unit"]
     I_img = as_image(d["source"])
     J_img = as_image(d["target"])
     base = max(1, round(reg.params["target_pixel"] / J_img.dx))
     J_img = J_img.downsample(base)
     I = I_img.data / reg.params["source_intensity_scale"]
     J = J_img.data
-    A = torch.as_tensor(SWAP @ d["affine"] @ SWAP, dtype=torch.float64)
+    to_um = np.diag([u, u, 1.0])
+    A = torch.as_tensor(SWAP @ to_um @ d["affine"] @ SWAP, dtype=torch.float64)
     kw = {
         "a": reg.params["a"],
         "p": reg.params["p"],
@@ -117,16 +124,17 @@ def run_stalign(d, reg, niter: int):
         "niter": niter,
         "device": "cpu",
         "dtype": torch.float64,
+        **(steps or {}),
     }
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = STalign.LDDMM([I_img.y, I_img.x], I, [J_img.y, J_img.x], J, A=A, **kw)
+        out = STalign.LDDMM([I_img.y, I_img.x], I, [J_img.y * u, J_img.x * u], J, A=A, **kw)
     dt = time.perf_counter() - t
     pts_rc = d["eval_src"][:, ::-1].copy()
     mapped = STalign.transform_points_source_to_target(out["xv"], out["v"], out["A"], pts_rc)
-    mapped = mapped.detach().cpu().numpy()[:, ::-1]
-    err = np.linalg.norm(mapped - d["eval_dst"], axis=1) * d["um_per_target_unit"]
+    mapped = mapped.detach().cpu().numpy()[:, ::-1] / u
+    err = np.linalg.norm(mapped - d["eval_dst"], axis=1) * u
     return dt, err, kw, (I.shape, J.shape)
 
 
@@ -139,7 +147,14 @@ def main(argv=None):
     ap.add_argument("--datasets", nargs="+", default=["twin", "merfish"], choices=["twin", "merfish"])
     ap.add_argument("--stalign-niter", type=int, default=5000, help="STalign iterations (its default: 5000)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both methods")
-    ap.add_argument("--n-cells", type=int, default=20000)
+    ap.add_argument(
+        "--stalign-steps",
+        default='{"epV": 50.0, "diffeo_start": 100}',
+        help="JSON dict of STalign step parameters. Its defaults (epL=2e-8, epT=0.2, epV=2e3) diverged on the "
+        "twin sections (median TRE 192 um after 600 iterations); epV=50 with 100 affine-only iterations first "
+        "was the best of a small search at 600 iterations (5.1 um). Pass '{}' for STalign's own defaults.",
+    )
+    ap.add_argument("--n-cells", type=int, default=60000, help="twin: Xenium cells (60k over 1500 spots ≈ 4600/mm²)")
     ap.add_argument("--n-spots", type=int, default=1500)
     ap.add_argument("--dx", type=float, default=30.0, help="twin: source raster pixel (um)")
     args = ap.parse_args(argv)
@@ -164,8 +179,9 @@ def main(argv=None):
         reg, t_ours, err_ours = run_ours(d)
         lv = ", ".join(f"L{x['level']}/{x['stage']}:{x['iterations']}" for x in reg.params["levels"])
         print(f"  this engine               : {fmt(err_ours)}  {t_ours:8.1f} s  ({len(reg.energy)} iterations: {lv})")
-        t_st, err_st, kw, shapes = run_stalign(d, reg, args.stalign_niter)
-        print(f"  STalign ({args.stalign_niter} it.)         : {fmt(err_st)}  {t_st:8.1f} s")
+        t_st, err_st, kw, shapes = run_stalign(d, reg, args.stalign_niter, json.loads(args.stalign_steps))
+        label = f"STalign ({args.stalign_niter} it.)"
+        print(f"  {label:26s}: {fmt(err_st)}  {t_st:8.1f} s  (steps {args.stalign_steps})")
         print(
             f"  grids: source {shapes[0]}, target {shapes[1]} (both methods); a = {kw['a']:.1f}, "
             f"sigma M/B/A = {kw['sigmaM']:.3g}/{kw['sigmaB']:.3g}/{kw['sigmaA']:.3g}"

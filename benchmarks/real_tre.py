@@ -69,11 +69,15 @@ def main(argv=None):
     for idx in spread_subsets(sp, 4, args.subsets):
         e_aff, e_reg, dt, nit = run(src, tgt, sp, tp, idx, "affine", **kw)
         rows.append((np.median(e_aff), np.median(e_reg), dt, nit))
-        print(f"  fit on {idx}: held-out median TRE affine {np.median(e_aff):7.1f} um -> LDDMM "
-              f"{np.median(e_reg):7.1f} um  ({dt:.1f} s, {nit} iterations)")
+        print(
+            f"  fit on {idx}: held-out median TRE affine {np.median(e_aff):7.1f} um -> LDDMM "
+            f"{np.median(e_reg):7.1f} um  ({dt:.1f} s, {nit} iterations)"
+        )
     r = np.array(rows)
-    print(f"  median over subsets: affine {np.median(r[:, 0]):.1f} um, LDDMM {np.median(r[:, 1]):.1f} um, "
-          f"time {np.median(r[:, 2]):.1f} s")
+    print(
+        f"  median over subsets: affine {np.median(r[:, 0]):.1f} um, LDDMM {np.median(r[:, 1]):.1f} um, "
+        f"time {np.median(r[:, 2]):.1f} s"
+    )
 
     print("== Xenium breast: Rep2 (source) -> Rep1 (target), 30 um pixels, 3 landmarks, leave-one-out ==")
     src, sp = load(data, "Xenium_Breast_Cancer_Rep2")

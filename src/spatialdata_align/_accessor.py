@@ -118,8 +118,9 @@ class AlignAccessor:
         source, target
             ``(N, 2)`` arrays of ``(x, y)`` in the source / target coordinate systems (e.g. Xenium
             µm and Visium full-resolution pixels), DataFrames with ``x``/``y`` columns, or the
-            names of Points elements that already hold them (e.g. placed in napari-spatialdata;
-            pairs are matched by row order).
+            names of Points (or Shapes circles, as older napari-spatialdata versions save them)
+            elements that already hold them (e.g. placed in napari-spatialdata; pairs are matched by
+            row order).
         source_cs, target_cs
             Coordinate systems of the two sides.
         key
@@ -164,8 +165,10 @@ class AlignAccessor:
     def _landmark_side(self, value, cs: str, default_name: str, side: str) -> tuple[np.ndarray, str]:
         if isinstance(value, str):
             kind = element_kind(self._sdata, value)
-            if kind != "points":
-                raise TypeError(f"{side} landmarks element {value!r} is a {kind}, not points.")
+            if kind not in ("points", "shapes"):
+                raise TypeError(
+                    f"{side} landmarks element {value!r} is of kind {kind!r}, not points or shapes (circles)."
+                )
             return element_xy(self._sdata, value, cs), value
         if isinstance(value, pd.DataFrame):
             missing = {"x", "y"} - set(value.columns)
@@ -258,8 +261,15 @@ class AlignAccessor:
         reg = Registration.from_affine(fit.matrix, source_units="um", target_units="px")
         key = key or f"{scs}_to_{tcs}_affine"
         _store.store_registration(
-            sd, reg, key=key, kind="affine", source_cs=scs, target_cs=tcs, source_element=source,
-            target_element=target, extra=extra,
+            sd,
+            reg,
+            key=key,
+            kind="affine",
+            source_cs=scs,
+            target_cs=tcs,
+            source_element=source,
+            target_element=target,
+            extra=extra,
         )
         return fit
 
@@ -340,8 +350,15 @@ class AlignAccessor:
         reg = lddmm(src_img, tgt_img, affine=A0, **kw)
         key = key or f"{scs}_to_{tcs}_lddmm"
         _store.store_registration(
-            sd, reg, key=key, kind="lddmm", source_cs=scs, target_cs=tcs, source_element=source,
-            target_element=target, extra={"dx": float(dx), "init": init if isinstance(init, str) else None},
+            sd,
+            reg,
+            key=key,
+            kind="lddmm",
+            source_cs=scs,
+            target_cs=tcs,
+            source_element=source,
+            target_element=target,
+            extra={"dx": float(dx), "init": init if isinstance(init, str) else None},
             native=False,
         )
         # per-cell match confidence in the tables annotating the source element
@@ -396,7 +413,13 @@ class AlignAccessor:
         """
         key = self._key(key)
         return _apply.apply(
-            self._sdata, element, key=key, inverse=inverse, name=name, tables=tables, grid=grid,
+            self._sdata,
+            element,
+            key=key,
+            inverse=inverse,
+            name=name,
+            tables=tables,
+            grid=grid,
             pixel_size=pixel_size,
         )
 

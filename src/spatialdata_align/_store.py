@@ -267,6 +267,16 @@ def transforms_table(sdata: SpatialData) -> pd.DataFrame:
                 "created": e.get("created"),
             }
         )
-    cols = ["key", "kind", "source_cs", "target_cs", "source_element", "target_element", "iterations",
-            "velocity_element", "applied", "created"]
+    cols = [
+        "key",
+        "kind",
+        "source_cs",
+        "target_cs",
+        "source_element",
+        "target_element",
+        "iterations",
+        "velocity_element",
+        "applied",
+        "created",
+    ]
     return pd.DataFrame(rows, columns=cols).set_index("key")

@@ -114,6 +114,17 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # feature-barcode matrices
 # ----------------------------------------------------------------------------------------------------------------
+def _check_features(barcodes, feature_ids, feature_names, feature_types):
+    """Barcodes and per-feature columns as validated string arrays (a single feature type applies to all)."""
+    barcodes = _as_str_array(barcodes, "barcodes")
+    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    n_features = len(feature_ids)
+    feature_names = _as_str_array(feature_names, "feature_names", n_features)
+    if isinstance(feature_types, str):
+        feature_types = [feature_types] * n_features
+    return barcodes, feature_ids, feature_names, _as_str_array(feature_types, "feature_types", n_features)
+
+
 def write_feature_matrix_h5(
     path: str | Path,
     counts: Any,
@@ -151,13 +162,10 @@ def write_feature_matrix_h5(
     The path written.
     """
     path = Path(path)
-    barcodes = _as_str_array(barcodes, "barcodes")
-    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    barcodes, feature_ids, feature_names, feature_types = _check_features(
+        barcodes, feature_ids, feature_names, feature_types
+    )
     n_features = len(feature_ids)
-    feature_names = _as_str_array(feature_names, "feature_names", n_features)
-    if isinstance(feature_types, str):
-        feature_types = [feature_types] * n_features
-    feature_types = _as_str_array(feature_types, "feature_types", n_features)
     # CSC of the (features x barcodes) matrix == CSR of (barcodes x features): one compressed column per barcode
     by_barcode = _as_counts(counts, len(barcodes), n_features)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,13 +219,10 @@ def write_feature_matrix_mtx(
     The folder written.
     """
     folder = Path(folder)
-    barcodes = _as_str_array(barcodes, "barcodes")
-    feature_ids = _as_str_array(feature_ids, "feature_ids")
+    barcodes, feature_ids, feature_names, feature_types = _check_features(
+        barcodes, feature_ids, feature_names, feature_types
+    )
     n_features = len(feature_ids)
-    feature_names = _as_str_array(feature_names, "feature_names", n_features)
-    if isinstance(feature_types, str):
-        feature_types = [feature_types] * n_features
-    feature_types = _as_str_array(feature_types, "feature_types", n_features)
     mat = _as_counts(counts, len(barcodes), n_features).tocoo()  # barcodes x features
     # entries sorted by barcode (column of the features x barcodes matrix), then feature, as 10x writes them
     order = np.lexsort((mat.col, mat.row))

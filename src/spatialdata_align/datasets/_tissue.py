@@ -238,8 +238,9 @@ class TissueModel:
 
         Returns
         -------
-        ``(xy (N, 2) µm, cell_type codes (N,) into CELL_TYPES, region codes (N,) into REGIONS,
-        n_candidates used)``.
+        tuple
+            ``(xy, cell_types, regions, n_candidates)``: positions ``(N, 2)`` in µm, cell-type codes ``(N,)``
+            into ``CELL_TYPES``, region codes ``(N,)`` into ``REGIONS``, and the number of candidates used.
         """
         xmin, xmax, ymin, ymax = self.bbox()
         dmax = max(REGION_DENSITY.values())

@@ -341,7 +341,7 @@ def lddmm(
         intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, ``5 * sigma_m``.
     sigma_r
         Regularisation scale: larger allows larger deformations (source units). Default
-        ``15 * dx`` of the source image (300 µm for a 20 µm raster).
+        ``10 * dx`` of the source image (200 µm for a 20 µm raster).
     sigma_p
         Landmark tolerance (target units). Default: two source pixels mapped to target units.
     contrast_degree
@@ -408,7 +408,7 @@ def lddmm(
     dxI = I_img.dx
     a = float(8 * dxI if a is None else a)
     dv = float(a / 3 if dv is None else dv)
-    sigma_r = float(15 * dxI if sigma_r is None else sigma_r)
+    sigma_r = float(10 * dxI if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
     sigma_a = float(5 * sigma_m if sigma_a is None else sigma_a)
