@@ -25,6 +25,8 @@ XENIUM_TRANSCRIPTS = "xenium_transcripts"  #: transcripts (points), µm
 XENIUM_MORPHOLOGY = "xenium_morphology"  #: prefix of morphology images
 XENIUM_CELL_BOUNDARIES = "xenium_cell_boundaries"
 XENIUM_NUCLEUS_BOUNDARIES = "xenium_nucleus_boundaries"
+XENIUM_CELL_LABELS = "xenium_cell_labels"  #: cell segmentation labels (full layout, optional)
+XENIUM_NUCLEUS_LABELS = "xenium_nucleus_labels"  #: nucleus segmentation labels (full layout, optional)
 
 # --- Visium elements ----------------------------------------------------------------------------
 VISIUM_SPOTS = "visium_spots"  #: spot circles, full-res pixels, radius = spot_diameter_fullres / 2
@@ -45,9 +47,11 @@ VISIUM_SPOT_PITCH_UM = 100.0  #: Visium centre-to-centre spot distance (µm)
 # --- attrs keys (metadata stored in sdata.attrs / table.uns) ------------------------------------
 ATTRS_KEY = "spatialdata_align"  #: root key in ``sdata.attrs`` for everything this package stores
 UNS_VISIUM_KEY = "visium"  #: table.uns key with scale factors and the µm-per-pixel factor
+UNS_XENIUM_KEY = "xenium"  #: xenium_table.uns key with reader metadata (layout, pixel size)
 UNS_COMPARE_KEY = "sda_compare_genes"  #: visium_table.uns key of the gene comparison table
 MATCH_WEIGHT_KEY = "align_match_weight"  #: obs column: per-cell posterior of being matched tissue
 ALIGNED_SUFFIX = "_aligned"  #: suffix of elements materialised by ``sdata.align.apply``
+SHARED_REGION_KEY = "shared_region"  #: Shapes element written by ``sda.tl.shared_region``
 
 # --- feature filtering ---------------------------------------------------------------------------
 #: Xenium feature types / name prefixes that are not genes and are kept out of ``X``.

@@ -19,12 +19,15 @@ from .._constants import (
     INSTANCE_KEY,
     REGION_KEY,
     SPATIAL_KEY,
+    UNS_XENIUM_KEY,
     XENIUM_CELL_BOUNDARIES,
+    XENIUM_CELL_LABELS,
     XENIUM_CELLS,
     XENIUM_CONTROL_PREFIXES,
     XENIUM_CS,
     XENIUM_MORPHOLOGY,
     XENIUM_NUCLEUS_BOUNDARIES,
+    XENIUM_NUCLEUS_LABELS,
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
@@ -35,14 +38,10 @@ __all__ = ["XENIUM_PIXEL_SIZE", "read_xenium"]
 
 #: Default Xenium morphology pixel size (µm per pixel), used when no ``experiment.xenium`` says otherwise.
 XENIUM_PIXEL_SIZE = 0.2125
-#: ``xenium_table.uns`` key with reader metadata (layout, pixel size, software version).
-UNS_XENIUM_KEY = XENIUM_CS
 #: ``xenium_table`` keys holding the control/blank/unassigned features kept out of ``X``.
 CONTROL_COUNTS_KEY = "control_counts"
 CONTROL_FEATURES_KEY = "control_features"
 
-XENIUM_CELL_LABELS = f"{XENIUM_CS}_cell_labels"
-XENIUM_NUCLEUS_LABELS = f"{XENIUM_CS}_nucleus_labels"
 
 _SPECS = "experiment.xenium"
 _CELLS_FILES = ("cells.parquet", "cells.csv.gz", "cells.csv")

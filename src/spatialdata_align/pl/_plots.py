@@ -15,11 +15,10 @@ from matplotlib.collections import EllipseCollection
 from spatialdata import SpatialData
 
 from .. import _store
-from .._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
+from .._constants import SHARED_REGION_KEY, VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
 from .._elements import element_xy, image_in_cs
 from ..tl import _data
 from ..tl._compare import paired_expression
-from ..tl._region import SHARED_REGION_KEY
 
 PX = "full-resolution px"
 MAX_IMAGE_PIXELS = 4_000_000

@@ -15,14 +15,12 @@ from spatialdata import SpatialData, bounding_box_query
 from spatialdata.models import ShapesModel, get_table_keys
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 
-from .._constants import ALIGNED_SUFFIX, ATTRS_KEY, MATCH_WEIGHT_KEY, VISIUM_CS
+from .._constants import ALIGNED_SUFFIX, ATTRS_KEY, MATCH_WEIGHT_KEY, SHARED_REGION_KEY, VISIUM_CS
 from .._elements import apply_matrix, shapes_xy, to_cs_matrix
 from . import _data
 
 logger = logging.getLogger(__name__)
 
-#: default name of the Shapes element written by :func:`shared_region`
-SHARED_REGION_KEY = "shared_region"
 #: with ``min_cells=None`` a spot joins the shared region when its lattice cell holds at least this
 #: fraction of the median number of cells over the in-tissue spots that hold any
 AUTO_MIN_FRACTION = 0.1
