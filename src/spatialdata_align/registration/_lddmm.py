@@ -178,9 +178,14 @@ class _Problem:
         border[:, :k] = border[:, -k:] = True
         self.mu_b = J[border.reshape(-1)].median(dim=0).values if self.mu_b is None else self.mu_b
         if self.mu_a is None:
+            # the artifact class starts at the typical tissue colour (median of the pixels clearly off the
+            # background), so target tissue with no source counterpart (a section cut differently, a
+            # fold) is explained by it instead of pulling the source's edge outwards
             dist = ((J - self.mu_b) ** 2).sum(1)
-            far = dist >= torch.quantile(dist, 0.99)
-            self.mu_a = J[far].mean(0)
+            tissue = dist > (3 * self.sigma["match"]) ** 2
+            if int(tissue.sum()) < 10:
+                tissue = dist >= torch.quantile(dist, 0.9)
+            self.mu_a = J[tissue].median(dim=0).values
         if self.log_pi is None:
             pi = torch.tensor([0.6, 0.3, 0.1], dtype=self.dtype, device=self.device)
             pi = pi * torch.tensor(self.active, dtype=self.dtype, device=self.device)
@@ -295,7 +300,7 @@ def lddmm(
     contrast_degree: int = 3,
     background: bool = True,
     artifact: bool = True,
-    update_priors: bool = True,
+    update_priors: bool = False,
     scales=(4, 2, 1),
     max_iter=(200, 100, 50),
     affine_iter: int = 100,
@@ -349,7 +354,10 @@ def lddmm(
     background, artifact
         Whether to model background / artifact classes.
     update_priors
-        Re-estimate the class priors by EM (otherwise fixed at 0.6 / 0.3 / 0.1).
+        Re-estimate the class priors by EM. Off by default: the priors stay at 0.6 / 0.3 / 0.1 (match /
+        background / artifact). Re-estimated, the artifact prior collapses when little of the target
+        lacks a source counterpart, and the source's edges are then stretched over that tissue (on twin
+        sections with a cut Xenium edge: 95th-percentile TRE 12-30 µm with EM priors, ~11 µm fixed).
     scales
         Coarse-to-fine image downsampling factors (relative to the working resolution).
     max_iter
