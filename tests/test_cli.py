@@ -72,6 +72,18 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     assert corr.set_index("gene").loc["EGFR", "pearson"] > 0.3
 
 
+def test_run_with_automatic_initialisation(twin, tmp_path):
+    """No landmarks: the automatic affine search, then LDDMM, still lands within a few µm of the truth."""
+    from spatialdata_align._pipeline import run_pipeline
+
+    res = run_pipeline(twin.xenium_path, twin.visium_path, auto_init=True, verbose=False, progress=False)
+    assert res.summary["affine"]["method"] == "auto"
+    sd = res.sdata
+    cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
+    err = np.linalg.norm(element_xy(sd, f"{XENIUM_CELLS}_aligned", VISIUM_CS) - twin.truth.forward(cells), axis=1)
+    assert np.median(err * twin.truth.um_per_px) < 10.0
+
+
 def test_run_with_stalign_style_npy_landmarks(twin, tmp_path):
     names = [f"p{i}" for i in range(4)]
     src = {n: [list(p)] for n, p in zip(names, twin.truth.landmarks_source[:4], strict=True)}

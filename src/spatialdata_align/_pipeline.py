@@ -269,7 +269,7 @@ def run_demo(
     res = run_pipeline(
         twin.xenium_path,
         twin.visium_path,
-        landmarks=lm_csv,
+        landmarks=None if kwargs.get("auto_init") else lm_csv,
         out=out / "aligned.zarr",
         report=None,
         verbose=verbose,
