@@ -91,7 +91,6 @@ class _Problem:
     def __init__(
         self,
         I_img,
-        J_img,
         A0,
         *,
         a,
@@ -442,7 +441,6 @@ def lddmm(
 
     prob = _Problem(
         I_img,
-        J_img,
         A0,
         a=a,
         p=p,
