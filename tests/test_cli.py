@@ -23,24 +23,15 @@ def twin(tmp_path_factory):
     return sda.datasets.twin_sections(tmp_path_factory.mktemp("cli"), n_cells=8000, n_spots=300, seed=2)
 
 
+def _run_args(twin, out, *extra, visium=None):
+    """``spatialdata-align run`` arguments for the twin folders (landmarks and flags in ``extra``)."""
+    folders = ["--xenium", str(twin.xenium_path), "--visium", str(visium or twin.visium_path)]
+    return ["run", *folders, "--out", str(out), *extra]
+
+
 def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     out, report = tmp_path / "aligned.zarr", tmp_path / "report"
-    rc = main(
-        [
-            "run",
-            "--xenium",
-            str(twin.xenium_path),
-            "--visium",
-            str(twin.visium_path),
-            "--landmarks",
-            str(twin.landmarks_path),
-            "--out",
-            str(out),
-            "--report",
-            str(report),
-            "--quiet",
-        ]
-    )
+    rc = main(_run_args(twin, out, "--landmarks", str(twin.landmarks_path), "--report", str(report), "--quiet"))
     assert rc == 0
     # the same calls through the Python API
     sdata = sda.io.read_pair(twin.xenium_path, twin.visium_path)
@@ -99,15 +90,7 @@ def test_run_with_stalign_style_npy_landmarks(twin, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
-    base = [
-        "run",
-        "--xenium",
-        str(twin.xenium_path),
-        "--visium",
-        str(twin.visium_path),
-        "--out",
-        str(tmp_path / "o.zarr"),
-    ]
+    base = _run_args(twin, tmp_path / "o.zarr")
     assert main(base) == 2
     assert "--landmarks" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
@@ -121,40 +104,13 @@ def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
     broken = tmp_path / "outs"
     shutil.copytree(twin.visium_path, broken)
     (broken / "spatial" / "scalefactors_json.json").unlink()
-    assert (
-        main(
-            [
-                "run",
-                "--xenium",
-                str(twin.xenium_path),
-                "--visium",
-                str(broken),
-                "--auto-init",
-                "--out",
-                str(tmp_path / "o2.zarr"),
-            ]
-        )
-        == 2
-    )
+    assert main(_run_args(twin, tmp_path / "o2.zarr", "--auto-init", visium=broken)) == 2
     assert "scalefactors_json.json" in capsys.readouterr().err
     # --out pointing at something that is not a zarr store is never deleted
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "keep.txt").write_text("x")
-    rc = main(
-        [
-            "run",
-            "--xenium",
-            str(twin.xenium_path),
-            "--visium",
-            str(twin.visium_path),
-            "--landmarks",
-            str(twin.landmarks_path),
-            "--out",
-            str(precious),
-            "--quiet",
-        ]
-    )
+    rc = main(_run_args(twin, precious, "--landmarks", str(twin.landmarks_path), "--quiet"))
     assert rc == 2 and (precious / "keep.txt").exists()
 
 

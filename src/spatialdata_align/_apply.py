@@ -7,19 +7,18 @@ translation into the output coordinate system), so every spatialdata tool works 
 from __future__ import annotations
 
 import logging
-import warnings
 
 import anndata as ad
 import geopandas as gpd
 import numpy as np
 import shapely
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, PointsModel, ShapesModel, TableModel, get_table_keys
+from spatialdata.models import Image2DModel, ShapesModel, TableModel, get_table_keys
 from spatialdata.transformations import Identity
 
 from . import _store
 from ._constants import ALIGNED_SUFFIX, SPATIAL_KEY
-from ._elements import annotating_tables, apply_matrix, element_kind, image_in_cs, to_cs_matrix
+from ._elements import annotating_tables, apply_matrix, element_kind, image_in_cs, parse_lazy_points, to_cs_matrix
 from .registration import Registration
 
 logger = logging.getLogger(__name__)
@@ -62,9 +61,7 @@ def _points(el, reg, m_pre, direction, out_cs):
         kw["feature_key"] = feature_key
     if instance_key is not None:
         kw["instance_key"] = instance_key
-    with warnings.catch_warnings():  # partition-wise RangeIndex (see io._xenium): harmless
-        warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
-        return PointsModel.parse(ddf, transformations={out_cs: Identity()}, **kw)
+    return parse_lazy_points(ddf, transformations={out_cs: Identity()}, **kw)
 
 
 def _local_scale(reg: Registration, m_pre: np.ndarray, direction: str) -> float:

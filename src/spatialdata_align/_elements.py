@@ -7,6 +7,8 @@ element. Everything returns plain numpy/xarray so the engine never sees SpatialD
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 from spatialdata import SpatialData
@@ -23,6 +25,17 @@ from spatialdata.transformations import get_transformation
 from ._constants import REGION_KEY  # noqa: F401  (re-exported for callers)
 
 _XY = ("x", "y")
+
+
+def parse_lazy_points(ddf, **kwargs):
+    """``PointsModel.parse`` for a lazy, partition-wise dask frame (read from parquet or mapped partition-wise).
+
+    dask gives each partition its own RangeIndex; the row order is what matters here, so spatialdata's
+    warning about a non-monotonic index (unknown divisions) is silenced for this call only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
+        return PointsModel.parse(ddf, **kwargs)
 
 
 def element_kind(sdata: SpatialData, name: str) -> str:

@@ -251,11 +251,16 @@ def run_demo(
     n_cells: int = 20000,
     n_spots: int = 500,
     seed: int = 0,
+    auto_init: bool = False,
     verbose: bool = True,
     progress: bool = True,
     **kwargs,
 ) -> PipelineResult:
-    """Generate twin sections under ``out/data``, run the pipeline, and score it against the truth."""
+    """Generate twin sections under ``out/data``, run the pipeline, and score it against the truth.
+
+    ``auto_init=True`` ignores the generated landmarks and finds the affine automatically; other keyword
+    arguments go to :func:`run_pipeline`.
+    """
     import spatialdata_align as sda
 
     from ._elements import element_xy
@@ -269,7 +274,8 @@ def run_demo(
     res = run_pipeline(
         twin.xenium_path,
         twin.visium_path,
-        landmarks=None if kwargs.get("auto_init") else lm_csv,
+        landmarks=None if auto_init else lm_csv,
+        auto_init=auto_init,
         out=out / "aligned.zarr",
         report=None,
         verbose=verbose,

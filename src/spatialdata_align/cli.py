@@ -72,7 +72,13 @@ def main(argv=None) -> int:
     from ._pipeline import run_demo, run_pipeline
 
     verbose = not args.quiet
-    lddmm_params = {"device": args.device}
+    common = {
+        "dx": args.dx,
+        "gene": args.gene,
+        "verbose": verbose,
+        "progress": verbose,
+        "lddmm_params": {"device": args.device},
+    }
     try:
         if args.command == "run":
             if args.landmarks is None and not args.auto_init:
@@ -86,24 +92,11 @@ def main(argv=None) -> int:
                 auto_init=args.auto_init and args.landmarks is None,
                 out=args.out,
                 report=args.report,
-                dx=args.dx,
-                gene=args.gene,
-                verbose=verbose,
-                progress=verbose,
-                lddmm_params=lddmm_params,
+                **common,
             )
         else:
             res = run_demo(
-                args.out,
-                n_cells=args.n_cells,
-                n_spots=args.n_spots,
-                seed=args.seed,
-                auto_init=args.auto_init,
-                dx=args.dx,
-                gene=args.gene,
-                verbose=verbose,
-                progress=verbose,
-                lddmm_params=lddmm_params,
+                args.out, n_cells=args.n_cells, n_spots=args.n_spots, seed=args.seed, auto_init=args.auto_init, **common
             )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

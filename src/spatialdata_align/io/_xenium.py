@@ -31,6 +31,7 @@ from .._constants import (
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
+from .._elements import parse_lazy_points
 from ._files import check_folder, find_first, folder_listing, missing
 from ._matrix import FeatureMatrix, read_feature_matrix
 
@@ -278,15 +279,7 @@ def _read_transcripts(file: Path):
     coords = {"x": "x_location", "y": "y_location"}
     if "z_location" in columns:
         coords["z"] = "z_location"
-    with warnings.catch_warnings():
-        # dask gives each parquet partition its own RangeIndex; the row order is the file's, which is all
-        # that matters here (spatialdata only warns about unknown divisions)
-        warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
-        return _parse_points(ddf, coords, columns)
-
-
-def _parse_points(ddf, coords, columns):
-    return PointsModel.parse(
+    return parse_lazy_points(
         ddf,
         coordinates=coords,
         feature_key="feature_name",
