@@ -107,10 +107,22 @@ class VisiumInputs:
     hires: np.ndarray
     lowres: np.ndarray
     fullres: np.ndarray
-    marker_spot: int  # index (into barcodes) of the spot whose hires pixel is painted MARKER
+    cytassist: np.ndarray
+    marker_spot: int  # index (into barcodes) of the spot whose pixel is painted MARKER in every image
     marker_rc: tuple[int, int]  # its hires (row, col)
 
-    def write(self, out: Path, **kwargs) -> Path:
+    def marker_pixel(self, scalef: float) -> tuple[int, int]:
+        """(row, col) of the marker spot's centre in an image of ``scalef`` image px per full-res px."""
+        return int(np.floor(self.pxl_row[self.marker_spot] * scalef)), int(
+            np.floor(self.pxl_col[self.marker_spot] * scalef)
+        )
+
+    def write(self, out: Path, images=("hires", "lowres", "fullres"), **kwargs) -> Path:
+        """Write the folder with only ``images`` (any of hires, lowres, fullres, cytassist)."""
+        kwargs.setdefault("hires_image", self.hires if "hires" in images else None)
+        kwargs.setdefault("lowres_image", self.lowres if "lowres" in images else None)
+        kwargs.setdefault("fullres_image", self.fullres if "fullres" in images else None)
+        kwargs.setdefault("cytassist_image", self.cytassist if "cytassist" in images else None)
         return write_visium(
             out,
             barcodes=self.barcodes,
@@ -123,9 +135,6 @@ class VisiumInputs:
             feature_ids=self.feature_ids,
             feature_names=self.feature_names,
             scalefactors=self.scalefactors,
-            hires_image=self.hires,
-            lowres_image=self.lowres,
-            fullres_image=self.fullres,
             **kwargs,
         )
 
@@ -154,6 +163,7 @@ def make_visium(n_rows: int = 8, n_cols: int = 10, seed: int = 1) -> VisiumInput
         "tissue_hires_scalef": 0.2,
         "tissue_lowres_scalef": 0.05,
         "fiducial_diameter_fullres": 1.6 * spot_d,
+        "regist_target_img_scalef": 0.125,
     }
     extent_x = int(pxl_col.max() + 300)
     extent_y = int(pxl_row.max() + 200)
@@ -164,7 +174,12 @@ def make_visium(n_rows: int = 8, n_cols: int = 10, seed: int = 1) -> VisiumInput
     r = int(np.floor(pxl_row[marker_spot] * 0.2))
     c = int(np.floor(pxl_col[marker_spot] * 0.2))
     hires[r, c] = MARKER
-    fullres = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+    # every other image: the marker spot's centre pixel at the image's scale factor (fullres: 1)
+    lowres[int(np.floor(pxl_row[marker_spot] * 0.05)), int(np.floor(pxl_col[marker_spot] * 0.05))] = MARKER
+    fullres = np.full((extent_y, extent_x, 3), 180, dtype=np.uint8)
+    fullres[int(pxl_row[marker_spot]), int(pxl_col[marker_spot])] = MARKER
+    cytassist = np.full((int(extent_y * 0.125), int(extent_x * 0.125), 3), 90, dtype=np.uint8)
+    cytassist[int(np.floor(pxl_row[marker_spot] * 0.125)), int(np.floor(pxl_col[marker_spot] * 0.125))] = MARKER
     return VisiumInputs(
         barcodes,
         in_tissue,
@@ -179,6 +194,7 @@ def make_visium(n_rows: int = 8, n_cols: int = 10, seed: int = 1) -> VisiumInput
         hires,
         lowres,
         fullres,
+        cytassist,
         marker_spot,
         (r, c),
     )

@@ -75,6 +75,23 @@ def test_run_with_automatic_initialisation(twin, tmp_path):
     assert np.median(err * twin.truth.um_per_px) < 10.0
 
 
+def test_run_on_a_folder_with_the_lowres_image_only(twin, tmp_path, capsys):
+    """A real Space Ranger 3 CytAssist download has only the lowres image: read with defaults, run completes."""
+    outs = shutil.copytree(twin.visium_path, tmp_path / "outs")
+    (outs / "spatial" / "tissue_hires_image.png").unlink()
+    out = tmp_path / "aligned.zarr"
+    with pytest.warns(UserWarning, match="tissue_hires_image.png not found"):
+        args = _run_args(twin, out, "--landmarks", str(twin.landmarks_path), "--dx", "30", "--quiet", visium=outs)
+        rc = main(args)
+    assert rc == 0, capsys.readouterr().err
+    back = spatialdata.read_zarr(out)
+    assert "visium_hires_image" not in back.images and "visium_lowres_image" in back.images
+    assert back.align.transforms.loc["xenium_to_visium_lddmm", "target_element"] == "visium_lowres_image"
+    cells = element_xy(back, XENIUM_CELLS, XENIUM_CS)
+    err = np.linalg.norm(element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS) - twin.truth.forward(cells), axis=1)
+    assert np.median(err * twin.truth.um_per_px) < 12.0
+
+
 def test_run_with_stalign_style_npy_landmarks(twin, tmp_path):
     names = [f"p{i}" for i in range(4)]
     src = {n: [list(p)] for n, p in zip(names, twin.truth.landmarks_source[:4], strict=True)}
@@ -93,6 +110,11 @@ def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
     base = _run_args(twin, tmp_path / "o.zarr")
     assert main(base) == 2
     assert "--landmarks" in capsys.readouterr().err
+    # landmarks and --auto-init together: a clear error, not a silently ignored flag
+    assert main([*base, "--landmarks", str(twin.landmarks_path), "--auto-init"]) == 2
+    err = capsys.readouterr().err
+    assert "--auto-init and --landmarks exclude each other" in err
+    assert "error together with --landmarks" in " ".join(_help_text("run", capsys).split())
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     assert main([*base, "--landmarks", str(bad)]) == 2
@@ -112,6 +134,13 @@ def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
     (precious / "keep.txt").write_text("x")
     rc = main(_run_args(twin, precious, "--landmarks", str(twin.landmarks_path), "--quiet"))
     assert rc == 2 and (precious / "keep.txt").exists()
+
+
+def _help_text(command: str, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
 
 
 def test_console_script_is_installed():

@@ -23,6 +23,7 @@ from spatialdata_align._constants import (
     REGION_KEY,
     UNS_VISIUM_KEY,
     VISIUM_CS,
+    VISIUM_CYTASSIST,
     VISIUM_FULLRES,
     VISIUM_HIRES,
     VISIUM_LOWRES,
@@ -96,23 +97,24 @@ def vdirs(vin, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ matrices
 def test_feature_matrix_h5_and_mtx_round_trip(tmp_path, xin):
-    import scanpy as sc
-
     ids = xin.cells["cell_id"].to_numpy()
     args = (xin.counts, ids, xin.feature_ids, xin.feature_names, xin.feature_types)
     h5 = write_feature_matrix_h5(tmp_path / "m.h5", *args)
     mtx = write_feature_matrix_mtx(tmp_path / "mtx", *args)
-    for path, scanpy_read in ((h5, sc.read_10x_h5), (mtx, sc.read_10x_mtx)):
+    # a folder a user gunzipped: scanpy.read_10x_mtx cannot read it, our fallback does
+    plain = shutil.copytree(mtx, tmp_path / "plain")
+    for f in list(plain.iterdir()):
+        with gzip.open(f, "rb") as fh:
+            f.with_suffix("").write_bytes(fh.read())
+        f.unlink()
+    for path in (h5, mtx, plain):
         m = sda.io.read_feature_matrix(path)
-        assert m.counts.dtype == np.int32
-        np.testing.assert_array_equal(m.counts.toarray(), xin.counts.toarray())
-        assert list(m.barcodes) == list(ids)
-        assert list(m.features["name"]) == xin.feature_names
-        assert list(m.features["id"]) == xin.feature_ids
-        assert list(m.features["feature_type"]) == xin.feature_types
-        ref = scanpy_read(path, gex_only=False)  # scanpy reads our files too
-        np.testing.assert_array_equal(ref.X.toarray(), xin.counts.toarray())
-        assert list(ref.var["feature_types"]) == xin.feature_types
+        assert sparse.isspmatrix_csr(m.X) and m.X.dtype == np.int32  # scanpy's float32 back to the file's int32
+        np.testing.assert_array_equal(m.X.toarray(), xin.counts.toarray())
+        assert list(m.obs_names) == list(ids)
+        assert list(m.var_names) == xin.feature_names
+        assert list(m.var["gene_ids"]) == xin.feature_ids
+        assert list(m.var["feature_types"]) == xin.feature_types
     with gzip.open(mtx / "matrix.mtx.gz", "rt") as fh:
         header = [next(fh) for _ in range(3)]
     assert header[0].startswith("%%MatrixMarket matrix coordinate integer general")
@@ -295,6 +297,60 @@ def test_known_spot_lands_on_its_hires_pixel(vdirs, vin):
     np.testing.assert_array_equal(np.asarray(full.values), vin.fullres.transpose(2, 0, 1))
 
 
+_IMAGE_ELEMENTS = {
+    "hires": VISIUM_HIRES,
+    "lowres": VISIUM_LOWRES,
+    "fullres": VISIUM_FULLRES,
+    "cytassist": VISIUM_CYTASSIST,
+}
+#: Space Ranger folders as users share them: (images present, positions file, expected registration target)
+_VISIUM_VARIANTS = {
+    "hires_only": (("hires",), "tissue_positions.csv", VISIUM_HIRES),
+    "lowres_only_spaceranger1": (("lowres",), "tissue_positions_list.csv", VISIUM_LOWRES),
+    "fullres_only_parquet": (("fullres",), "tissue_positions.parquet", VISIUM_FULLRES),
+    "cytassist_only": (("cytassist",), "tissue_positions.csv", VISIUM_CYTASSIST),
+    "all_images_parquet": (("hires", "lowres", "fullres", "cytassist"), "tissue_positions.parquet", VISIUM_HIRES),
+}
+
+
+@pytest.mark.parametrize("variant", list(_VISIUM_VARIANTS))
+def test_visium_any_image_subset_reads_exactly(vin, tmp_path, variant):
+    images, pf, target = _VISIUM_VARIANTS[variant]
+    out = vin.write(tmp_path / "outs", images=images, positions_file=pf)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sdata = sda.io.read_visium(out)
+    # a missing hires / lowres image is one warning naming it and what was found
+    lacking = [f"tissue_{n}_image.png" for n in ("hires", "lowres") if n not in images]
+    msgs = [str(w.message) for w in rec if "not found in spatial/" in str(w.message)]
+    assert len(msgs) == (1 if lacking else 0)
+    assert all(name in msgs[0] for name in lacking) if lacking else True
+    # counts and positions exactly
+    table = sdata.tables[VISIUM_TABLE]
+    tissue = vin.in_tissue == 1
+    np.testing.assert_array_equal(table.X.toarray(), vin.counts.toarray())
+    assert list(table.obs_names) == list(vin.barcodes[tissue])
+    np.testing.assert_array_equal(table.obsm["spatial"], np.column_stack([vin.pxl_col, vin.pxl_row])[tissue])
+    assert table.uns[UNS_VISIUM_KEY]["positions_file"] == pf
+    # exactly the images present, and the best one is the registration target
+    assert set(sdata.images) == {_IMAGE_ELEMENTS[i] for i in images}
+    assert sda.io.registration_target(sdata) == target
+    # the marker spot lands on its marker pixel in each image present (and that pixel is the only marker)
+    spot = sdata.shapes[VISIUM_SPOTS].loc[vin.barcodes[vin.marker_spot]].geometry
+    for name in sdata.images:
+        img = sdata.images[name]
+        xy = np.linalg.inv(_matrix(img, VISIUM_CS)) @ np.array([spot.x, spot.y, 1.0])
+        row, col = int(np.floor(xy[1])), int(np.floor(xy[0]))
+        arr = np.asarray(_scale0(img).values)
+        np.testing.assert_array_equal(arr[:, row, col], MARKER, err_msg=name)
+        assert int((arr == MARKER[:, None, None]).all(axis=0).sum()) == 1, name
+    # uns['spatial'] in the scanpy layout: the hires / lowres images present, the scale factors
+    (lib,) = table.uns["spatial"]
+    node = table.uns["spatial"][lib]
+    assert set(node["images"]) == {i for i in images if i in ("hires", "lowres")}
+    assert node["scalefactors"]["spot_diameter_fullres"] == 80.0
+
+
 def test_visium_matches_spatialdata_io(vdirs):
     import spatialdata_io
 
@@ -412,15 +468,23 @@ def test_xenium_malformed_files(xcopy, xin):
 
 
 def test_visium_missing_files(vcopy, tmp_path):
+    # a missing image is a warning that lists what was found; the registration target falls back to lowres
+    (vcopy / "spatial" / "tissue_hires_image.png").unlink()
+    with pytest.warns(UserWarning, match=r"tissue_hires_image\.png not found in spatial/ \(it holds: .*"):
+        sd = sda.io.read_visium(vcopy)
+    assert sda.io.registration_target(sd) == VISIUM_LOWRES
+    # only positions, matrix or scale factors missing is an error naming the file
     for rel, pattern in (
-        ("spatial/tissue_hires_image.png", r"tissue_hires_image\.png.*holds: scalefactors_json\.json"),
         ("spatial/scalefactors_json.json", r"scalefactors_json\.json.*holds:"),
-        ("spatial/tissue_positions.csv", r"'tissue_positions\.csv' or 'tissue_positions_list\.csv'"),
+        ("spatial/tissue_positions.csv", r"'tissue_positions\.parquet' or 'tissue_positions\.csv' or 'tissue_pos"),
         ("filtered_feature_bc_matrix.h5", r"filtered_feature_bc_matrix\.h5.*holds: spatial/"),
     ):
         (vcopy / rel).unlink()
-        with pytest.raises(FileNotFoundError, match=pattern):
+        with pytest.raises(FileNotFoundError, match=pattern), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             sda.io.read_visium(vcopy)
+    with pytest.raises(ValueError, match=r"no Visium image to register onto.*images: none"):
+        sda.io.registration_target(SpatialData())
 
 
 def test_visium_malformed_files(vcopy):
@@ -431,6 +495,9 @@ def test_visium_malformed_files(vcopy):
     with pytest.raises(ValueError, match=r"tissue_positions\.csv: column 'pxl_col_in_fullres' has 1 missing"):
         sda.io.read_visium(vcopy)
     pos.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    with pytest.raises(ValueError, match=r"tissue_positions\.csv: columns \['pxl_col_in_fullres'\] are missing"):
+        sda.io.read_visium(vcopy)
+    pos.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines[1:]) + "\n")  # no header, 5 columns
     with pytest.raises(ValueError, match=r"tissue_positions\.csv has 5 column\(s\), expected 6"):
         sda.io.read_visium(vcopy)
     # drop three in-tissue barcodes from the positions: reported with counts
@@ -444,7 +511,7 @@ def test_visium_malformed_files(vcopy):
     with pytest.raises(ValueError, match=r"scalefactors_json\.json is not valid JSON"):
         sda.io.read_visium(vcopy)
     sf.write_text(json.dumps({"spot_diameter_fullres": 80.0, "tissue_lowres_scalef": 0.05}))
-    with pytest.raises(ValueError, match=r"lacks \['tissue_hires_scalef'\]"):
+    with pytest.raises(ValueError, match=r"lacks \['tissue_hires_scalef'\], needed to place tissue_hires_image\.png"):
         sda.io.read_visium(vcopy)
     sf.write_text(json.dumps({"spot_diameter_fullres": 80.0, "tissue_hires_scalef": -1, "tissue_lowres_scalef": 0.05}))
     with pytest.raises(ValueError, match=r"'tissue_hires_scalef' must be a positive number"):

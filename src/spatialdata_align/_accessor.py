@@ -20,6 +20,7 @@ from spatialdata.transformations import Identity
 from . import _apply, _store
 from ._constants import MATCH_WEIGHT_KEY, VISIUM_CS, XENIUM_CS
 from ._elements import annotating_tables, check_cs, element_cs, element_kind, element_xy, image_in_cs
+from .io import registration_target
 from .registration import (
     AffineFit,
     InitResult,
@@ -199,7 +200,7 @@ class AlignAccessor:
     def affine(
         self,
         source: str = "xenium_cells",
-        target: str = "visium_hires_image",
+        target: str | None = None,
         *,
         landmarks: bool | str = True,
         auto: bool = False,
@@ -220,7 +221,8 @@ class AlignAccessor:
         source
             Points/shapes element to align (e.g. ``"xenium_cells"``).
         target
-            Element of the target coordinate system (an image for ``auto=True``).
+            Element of the target coordinate system (an image for ``auto=True``); default: the best Visium image
+            present (:func:`spatialdata_align.io.registration_target`).
         landmarks
             ``True`` uses the landmark set ``"landmarks"``, a string names another set.
         auto
@@ -242,6 +244,7 @@ class AlignAccessor:
         (:class:`~spatialdata_align.registration.InitResult`).
         """
         sd = self._sdata
+        target = target or registration_target(sd)
         element_kind(sd, source)
         element_kind(sd, target)
         scs = _infer_cs(sd, source, source_cs, XENIUM_CS)
@@ -277,7 +280,7 @@ class AlignAccessor:
     def lddmm(
         self,
         source: str = "xenium_cells",
-        target: str = "visium_hires_image",
+        target: str | None = None,
         *,
         init: str | np.ndarray | None = None,
         landmarks: bool | str = False,
@@ -298,7 +301,8 @@ class AlignAccessor:
         Parameters
         ----------
         source, target
-            Points/shapes element and image element.
+            Points/shapes element and image element (default: the best Visium image present,
+            :func:`spatialdata_align.io.registration_target`).
         init
             Key of the stored affine to start from (default ``<source_cs>_to_<target_cs>_affine``),
             or a ``(3, 3)`` matrix.
@@ -322,6 +326,7 @@ class AlignAccessor:
         The fitted :class:`~spatialdata_align.registration.Registration` (also stored).
         """
         sd = self._sdata
+        target = target or registration_target(sd)
         element_kind(sd, source)
         if element_kind(sd, target) != "image":
             raise TypeError(f"target {target!r} must be an image element for LDDMM.")

@@ -34,6 +34,13 @@ VISIUM_TABLE = "visium_table"  #: spot x gene counts, annotates ``visium_spots``
 VISIUM_HIRES = "visium_hires_image"
 VISIUM_LOWRES = "visium_lowres_image"
 VISIUM_FULLRES = "visium_fullres_image"
+VISIUM_CYTASSIST = "visium_cytassist_image"  #: CytAssist camera image (``spatial/cytassist_image.tiff``)
+#: Visium images in the order the registration target is chosen (:func:`spatialdata_align.io.registration_target`)
+VISIUM_TARGET_ORDER = (VISIUM_HIRES, VISIUM_LOWRES, VISIUM_FULLRES, VISIUM_CYTASSIST)
+
+# --- Visium HD elements (same ``visium`` coordinate system, full-resolution pixels) ----------------
+VISIUM_HD_BINS = "visium_hd_bins_{:03d}um"  #: square bins of one size, e.g. ``visium_hd_bins_008um``
+VISIUM_HD_TABLE = "visium_hd_table_{:03d}um"  #: bins x genes, annotates ``visium_hd_bins_<size>um``
 
 # --- table keys ---------------------------------------------------------------------------------
 REGION_KEY = "region"

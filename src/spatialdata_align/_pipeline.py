@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ._constants import VISIUM_HIRES, VISIUM_TABLE, XENIUM_CELLS, XENIUM_TABLE, XENIUM_TRANSCRIPTS
+from ._constants import VISIUM_TABLE, XENIUM_CELLS, XENIUM_TABLE, XENIUM_TRANSCRIPTS
+
+#: the error for landmarks and automatic initialisation together (the CLI's --help says so too)
+AUTO_INIT_WITH_LANDMARKS = (
+    "--auto-init and --landmarks exclude each other: with landmarks the affine is fitted from them (a better start "
+    "than the automatic search); drop --auto-init to use the landmarks, or drop --landmarks to search automatically."
+)
 
 #: LDDMM settings of the pipeline beyond the engine's defaults (none: the CLI, the notebook and a plain
 #: ``sdata.align.lddmm`` call give the same result); see :func:`spatialdata_align.registration.lddmm`
@@ -83,7 +89,7 @@ def run_pipeline(
         Units of the target landmarks: ``"fullres"`` pixels or ``"hires"`` (hires-image pixels,
         converted with ``tissue_hires_scalef``).
     auto_init
-        Find the affine without landmarks.
+        Find the affine without landmarks (giving ``landmarks`` too is an error).
     out
         Where to write the aligned SpatialData (``.zarr``); ``None`` skips writing.
     report
@@ -103,6 +109,8 @@ def run_pipeline(
 
     if landmarks is None and not auto_init:
         raise ValueError("give a landmark file (--landmarks) or ask for automatic initialisation (--auto-init).")
+    if landmarks is not None and auto_init:
+        raise ValueError(AUTO_INIT_WITH_LANDMARKS)
     if landmark_units not in ("fullres", "hires"):
         raise ValueError(f"landmark_units must be 'fullres' or 'hires', got {landmark_units!r}.")
     if out is not None:
@@ -110,21 +118,25 @@ def run_pipeline(
     stages = _Stages(8 + (out is not None) + (report is not None), verbose)
     with stages("read Xenium + Visium"):
         sdata = sda.io.read_pair(xenium, visium)
+        target = sda.io.registration_target(sdata)  # the best Visium image present
     with stages("affine"):
         if landmarks is not None:
             src, dst, names = read_landmarks(landmarks, landmarks_target)
             if landmark_units == "hires":
-                dst = dst / sda.io.visium_scalefactors(sdata)["tissue_hires_scalef"]
+                sf = sda.io.visium_scalefactors(sdata)
+                if "tissue_hires_scalef" not in sf:
+                    raise ValueError(f"--landmark-units hires: {visium} has no tissue_hires_scalef scale factor.")
+                dst = dst / sf["tissue_hires_scalef"]
             sdata.align.set_landmarks(source=src, target=dst, names=names)
-            fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=True)
+            fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=True)
             affine_info = {"method": "landmarks", "n_landmarks": len(src), "rms_residual_px": float(fit.rms)}
         else:
-            fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=False, auto=True)
+            fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=False, auto=True)
             affine_info = {"method": "auto", "score": float(fit.score), "rotation_deg": fit.rotation_deg}
     with stages("LDDMM"):
         params = dict(PIPELINE_LDDMM, progress=progress)
         params.update(lddmm_params or {})
-        reg = sdata.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, dx=dx, **params)
+        reg = sdata.align.lddmm(XENIUM_CELLS, target, dx=dx, **params)
     with stages("apply to cells (and transcripts)"):
         sdata.align.apply(XENIUM_CELLS)
         if XENIUM_TRANSCRIPTS in sdata:
@@ -148,6 +160,7 @@ def run_pipeline(
         "n_cells_shared": int(shared.tables[XENIUM_TABLE].n_obs) if XENIUM_TABLE in shared.tables else None,
         "n_spots_shared": int(shared.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in shared.tables else None,
         "n_shared_genes": len(comparison),
+        "registration_target": target,
         "affine": affine_info,
         "lddmm": {
             "iterations": len(reg.energy),

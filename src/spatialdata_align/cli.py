@@ -22,7 +22,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="align a Xenium folder onto a Visium outs/ folder")
     run.add_argument("--xenium", required=True, type=Path, help="Xenium output folder (full or minimal download)")
-    run.add_argument("--visium", required=True, type=Path, help="Space Ranger outs/ folder")
+    run.add_argument(
+        "--visium",
+        required=True,
+        type=Path,
+        help="Space Ranger outs/ folder (any image subset; the registration target is the best image present: "
+        "hires, lowres, full resolution, CytAssist)",
+    )
     run.add_argument(
         "--landmarks",
         type=Path,
@@ -36,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         default="fullres",
         help="units of the Visium landmarks: full-resolution pixels (default) or hires-image pixels",
     )
-    run.add_argument("--auto-init", action="store_true", help="find the affine automatically (no landmarks)")
+    run.add_argument(
+        "--auto-init",
+        action="store_true",
+        help="find the affine automatically, without landmarks; an error together with --landmarks (the landmarks "
+        "then give the affine: use one or the other)",
+    )
     run.add_argument("--out", required=True, type=Path, help="output SpatialData zarr store (e.g. aligned.zarr)")
     run.add_argument("--report", type=Path, help="report folder (PNGs, correlation CSV, summary)")
     _common(run)
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
                 landmarks=args.landmarks,
                 landmarks_target=args.landmarks_target,
                 landmark_units=args.landmark_units,
-                auto_init=args.auto_init and args.landmarks is None,
+                auto_init=args.auto_init,
                 out=args.out,
                 report=args.report,
                 **common,

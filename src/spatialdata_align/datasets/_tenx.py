@@ -59,6 +59,8 @@ _XENIUM_CELL_ID_RE = re.compile(r"^[a-p]{8}-\d+$")
 _CELLS_COLUMNS = ("cell_id", "x_centroid", "y_centroid", "cell_area", "nucleus_area")
 _TRANSCRIPT_COLUMNS = ("feature_name", "x_location", "y_location")
 _VISIUM_SCALEFACTOR_KEYS = ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef")
+#: Space Ranger position files: 2.x (header), 1.x (no header), 3.x / HD (parquet)
+VISIUM_POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv", "tissue_positions.parquet")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -735,9 +737,10 @@ def write_visium(
     feature_ids: Sequence[str],
     feature_names: Sequence[str],
     scalefactors: dict,
-    hires_image: np.ndarray,
-    lowres_image: np.ndarray,
+    hires_image: np.ndarray | None,
+    lowres_image: np.ndarray | None,
     fullres_image: np.ndarray | None = None,
+    cytassist_image: np.ndarray | None = None,
     positions_file: str = "tissue_positions.csv",
     matrix_format: str = "h5",
     feature_types: Sequence[str] | str = "Gene Expression",
@@ -745,7 +748,7 @@ def write_visium(
     library_id: str = "visium",
     overwrite: bool = False,
 ) -> Path:
-    """Write a Space Ranger ``outs/`` folder (Visium SD / CytAssist layout).
+    """Write a Space Ranger ``outs/`` folder (Visium SD / CytAssist layout, Space Ranger 1.x-3.x variants).
 
     Parameters
     ----------
@@ -762,13 +765,17 @@ def write_visium(
     scalefactors
         ``spot_diameter_fullres`` (full-res px), ``tissue_hires_scalef``, ``tissue_lowres_scalef`` (hires/lowres px
         per full-res px) and usually ``fiducial_diameter_fullres``; written to ``spatial/scalefactors_json.json``.
+        With a CytAssist image also ``regist_target_img_scalef`` (CytAssist px per full-res px).
     hires_image, lowres_image
-        uint8 ``(H, W, 3)`` images, written to ``spatial/tissue_hires_image.png`` / ``tissue_lowres_image.png``.
+        uint8 ``(H, W, 3)`` images, written to ``spatial/tissue_hires_image.png`` / ``tissue_lowres_image.png``;
+        ``None`` leaves one out (folders shared with only some images).
     fullres_image
         Optional uint8 ``(H, W, 3)`` full-resolution image, written as ``outs_dir / fullres_image_file`` (TIFF).
+    cytassist_image
+        Optional uint8 ``(H, W, 3)`` CytAssist camera image, written as ``spatial/cytassist_image.tiff``.
     positions_file
-        ``"tissue_positions.csv"`` (Space Ranger >= 2, with header) or ``"tissue_positions_list.csv"`` (Space
-        Ranger 1, no header).
+        ``"tissue_positions.csv"`` (Space Ranger >= 2, with header), ``"tissue_positions_list.csv"`` (Space
+        Ranger 1, no header) or ``"tissue_positions.parquet"`` (Space Ranger 3 / Visium HD).
     matrix_format
         ``"h5"`` (``filtered_feature_bc_matrix.h5``) or ``"mtx"`` (``filtered_feature_bc_matrix/``).
     feature_types
@@ -784,13 +791,16 @@ def write_visium(
     -------
     The ``outs`` folder.
     """
-    if positions_file not in ("tissue_positions.csv", "tissue_positions_list.csv"):
-        raise ValueError(
-            f"positions_file must be 'tissue_positions.csv' or 'tissue_positions_list.csv', got {positions_file!r}."
-        )
+    if positions_file not in VISIUM_POSITION_FILES:
+        raise ValueError(f"positions_file must be one of {list(VISIUM_POSITION_FILES)}, got {positions_file!r}.")
     if matrix_format not in ("h5", "mtx"):
         raise ValueError(f"matrix_format must be 'h5' or 'mtx', got {matrix_format!r}.")
-    missing = [k for k in _VISIUM_SCALEFACTOR_KEYS if k not in scalefactors]
+    needed = ["spot_diameter_fullres"]
+    needed += [
+        k for k, im in zip(_VISIUM_SCALEFACTOR_KEYS[1:], (hires_image, lowres_image), strict=True) if im is not None
+    ]
+    needed += ["regist_target_img_scalef"] if cytassist_image is not None else []
+    missing = [k for k in needed if k not in scalefactors]
     if missing:
         raise ValueError(f"scalefactors lacks {missing}; it has {sorted(scalefactors)}.")
     barcodes = _as_str_array(barcodes, "barcodes")
@@ -813,10 +823,16 @@ def write_visium(
     tissue_bc = barcodes[in_tissue == 1]
     feature_ids = _as_str_array(feature_ids, "feature_ids")
     mat = _as_counts(counts, len(tissue_bc), len(feature_ids), "counts (in-tissue spots x features)")
-    hires_image = _check_rgb(hires_image, "hires_image")
-    lowres_image = _check_rgb(lowres_image, "lowres_image")
-    if fullres_image is not None:
-        fullres_image = _check_rgb(fullres_image, "fullres_image")
+    images = {
+        name: _check_rgb(im, name)
+        for name, im in (
+            ("hires_image", hires_image),
+            ("lowres_image", lowres_image),
+            ("fullres_image", fullres_image),
+            ("cytassist_image", cytassist_image),
+        )
+        if im is not None
+    }
 
     from PIL import Image
 
@@ -829,15 +845,27 @@ def write_visium(
         write_feature_matrix_h5(out / "filtered_feature_bc_matrix.h5", *mtx_args, library_id=library_id)
     else:
         write_feature_matrix_mtx(out / "filtered_feature_bc_matrix", *mtx_args)
-    positions.to_csv(spatial / positions_file, index=False, header=positions_file == "tissue_positions.csv")
+    write_positions(spatial / positions_file, positions)
     (spatial / "scalefactors_json.json").write_text(json.dumps({k: scalefactors[k] for k in scalefactors}))
-    Image.fromarray(hires_image).save(spatial / "tissue_hires_image.png")
-    Image.fromarray(lowres_image).save(spatial / "tissue_lowres_image.png")
-    if fullres_image is not None:
-        import tifffile
+    for key, file in (("hires_image", "tissue_hires_image.png"), ("lowres_image", "tissue_lowres_image.png")):
+        if key in images:
+            Image.fromarray(images[key]).save(spatial / file)
+    import tifffile
 
-        tifffile.imwrite(out / fullres_image_file, fullres_image, photometric="rgb", compression="zlib")
+    if "fullres_image" in images:
+        tifffile.imwrite(out / fullres_image_file, images["fullres_image"], photometric="rgb", compression="zlib")
+    if "cytassist_image" in images:
+        tifffile.imwrite(spatial / "cytassist_image.tiff", images["cytassist_image"], photometric="rgb")
     return out
+
+
+def write_positions(file: Path, positions: pd.DataFrame) -> Path:
+    """Write Space Ranger positions: ``.parquet``, ``tissue_positions.csv`` (header) or ``..._list.csv`` (none)."""
+    if file.suffix == ".parquet":
+        positions.to_parquet(file, index=False)
+    else:
+        positions.to_csv(file, index=False, header=file.name == "tissue_positions.csv")
+    return file
 
 
 def _maybe_int(values: np.ndarray) -> np.ndarray:

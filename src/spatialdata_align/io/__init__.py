@@ -2,15 +2,18 @@
 
 Public functions
 ----------------
-:func:`read_xenium`, :func:`read_visium`, :func:`read_pair` and :func:`visium_scalefactors`; the 10x matrix
-readers :func:`read_feature_matrix` (``.h5`` or Matrix Market folder) are exposed for convenience.
+:func:`read_xenium`, :func:`read_visium`, :func:`read_pair`, :func:`visium_scalefactors` and
+:func:`registration_target` (the best Visium image present: hires, lowres, full resolution, CytAssist);
+:func:`read_feature_matrix` (``.h5`` or Matrix Market folder, through :func:`scanpy.read_10x_h5` /
+:func:`scanpy.read_10x_mtx`) is exposed for convenience.
 
 Names (from :mod:`spatialdata_align._constants`)
 -----------------------------------------------
 Xenium, coordinate system ``xenium`` (µm): ``xenium_cells``, ``xenium_table``, ``xenium_transcripts``,
 ``xenium_morphology_focus`` / ``xenium_morphology_mip``, ``xenium_cell_boundaries``,
 ``xenium_nucleus_boundaries``. Visium, coordinate system ``visium`` (full-resolution pixels): ``visium_spots``,
-``visium_table``, ``visium_hires_image``, ``visium_lowres_image``, ``visium_fullres_image``.
+``visium_table``, ``visium_hires_image``, ``visium_lowres_image``, ``visium_fullres_image``,
+``visium_cytassist_image`` (whichever exist).
 
 Delegation to spatialdata-io
 ----------------------------
@@ -22,9 +25,9 @@ Delegation to spatialdata-io
   layouts give the same cells, counts and transcripts.
 * Visium: **not** delegated. :func:`spatialdata_io.visium` (0.7.1) needs a ``dataset_id``, names elements
   ``<id>_...``, does not find the ``filtered_feature_bc_matrix/`` folder by itself (it then fails opening a
-  non-existent ``.h5``), asserts on malformed position files and, without ``scalefactors_json.json``, fails with
-  an ``UnboundLocalError``; wrapping it would need as much code as reading the four small files directly, with
-  worse errors. :func:`read_visium` reads them itself; the tests check that counts, gene order, spot positions
+  non-existent ``.h5``), reads neither ``tissue_positions.parquet`` nor the CytAssist image, asserts on malformed
+  position files and, without ``scalefactors_json.json``, fails with an ``UnboundLocalError``; wrapping it would
+  need as much code as reading the four small files directly, with worse errors. The counts are read by scanpy. :func:`read_visium` reads them itself; the tests check that counts, gene order, spot positions
   and radii, hires/lowres pixels and their transformations equal those of ``spatialdata_io.visium`` on the same
   folder.
 """
@@ -37,21 +40,19 @@ from typing import Any
 
 from spatialdata import SpatialData
 
-from ._matrix import FeatureMatrix, read_feature_matrix, read_feature_matrix_h5, read_feature_matrix_mtx
-from ._visium import read_positions, read_scalefactors, read_visium, visium_scalefactors
+from ._matrix import read_feature_matrix
+from ._visium import read_positions, read_scalefactors, read_visium, registration_target, visium_scalefactors
 from ._xenium import XENIUM_PIXEL_SIZE, read_xenium
 
 __all__ = [
     "XENIUM_PIXEL_SIZE",
-    "FeatureMatrix",
     "read_feature_matrix",
-    "read_feature_matrix_h5",
-    "read_feature_matrix_mtx",
     "read_pair",
     "read_positions",
     "read_scalefactors",
     "read_visium",
     "read_xenium",
+    "registration_target",
     "visium_scalefactors",
 ]
 

@@ -1,4 +1,4 @@
-"""Visium reader: a Space Ranger ``outs/`` folder (SD and CytAssist) read by this package's own code."""
+"""Visium reader: a Space Ranger ``outs/`` folder (SD, CytAssist; Space Ranger 1.x-3.x) read by our own code."""
 
 from __future__ import annotations
 
@@ -20,30 +20,41 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_VISIUM_KEY,
     VISIUM_CS,
+    VISIUM_CYTASSIST,
     VISIUM_FULLRES,
+    VISIUM_HD_TABLE,
     VISIUM_HIRES,
     VISIUM_LOWRES,
     VISIUM_SPOT_DIAMETER_UM,
     VISIUM_SPOTS,
     VISIUM_TABLE,
+    VISIUM_TARGET_ORDER,
 )
-from ._files import check_folder, find_first, missing
-from ._matrix import read_feature_matrix
+from ._files import check_folder, find_first, folder_listing, missing
+from ._matrix import features_of, read_feature_matrix
 from ._xenium import gene_var
 
-__all__ = ["read_visium", "visium_scalefactors"]
+__all__ = ["read_visium", "registration_target", "spatial_uns", "visium_scalefactors"]
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
-_POSITION_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
+_POSITION_FILES = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 _SCALEFACTORS = "scalefactors_json.json"
-_SCALEFACTOR_KEYS = ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef")
+#: the only scale factor every folder needs (it gives µm per full-resolution pixel); the others are needed only
+#: by the image they place
+_REQUIRED_SCALEFACTORS = ("spot_diameter_fullres",)
 _MATRIX_H5 = "filtered_feature_bc_matrix.h5"
 _MATRIX_DIR = "filtered_feature_bc_matrix"
-_HIRES = "tissue_hires_image.png"
-_LOWRES = "tissue_lowres_image.png"
+#: images in ``spatial/``: element -> (file, scale factor key giving image pixels per full-resolution pixel,
+#: ``uns['spatial']`` image key)
+SPATIAL_IMAGES = {
+    VISIUM_HIRES: ("tissue_hires_image.png", "tissue_hires_scalef", "hires"),
+    VISIUM_LOWRES: ("tissue_lowres_image.png", "tissue_lowres_scalef", "lowres"),
+    VISIUM_CYTASSIST: ("cytassist_image.tiff", "regist_target_img_scalef", None),
+}
 _FULLRES_SUFFIXES = (".tif", ".tiff", ".btf")
-#: Full-resolution images larger than this (pixels, either side) are read as a multiscale pyramid.
-_MULTISCALE_ABOVE = 4096
+#: full-resolution images get pyramid levels down to at most this many pixels on their long side, so that the
+#: registration (which reads the finest level with at most ~4 Mpx) gets a downsampled image, not the full one
+_PYRAMID_TOP_PX = 2048
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,20 +77,14 @@ def _find_counts(path: Path, counts_file: str | Path | None) -> Path:
     return found
 
 
-def read_positions(file: str | Path) -> pd.DataFrame:
-    """Read ``tissue_positions.csv`` (header) or ``tissue_positions_list.csv`` (no header; a header is detected).
-
-    Returns a DataFrame with the six Space Ranger columns (``barcode`` as ``str``, ``in_tissue`` / ``array_row`` /
-    ``array_col`` as ``int64``, ``pxl_row_in_fullres`` (y) / ``pxl_col_in_fullres`` (x) in full-resolution pixels as
-    ``float64``), in file order.
-
-    Raises
-    ------
-    ValueError
-        The file is empty, has the wrong number of columns, missing or non-numeric values, ``in_tissue`` values other
-        than 0/1, or duplicated barcodes.
-    """
-    file = Path(file)
+def _raw_positions(file: Path) -> tuple[pd.DataFrame, bool]:
+    """The positions file as strings (CSV) or as stored (parquet), and whether it named its columns."""
+    if file.suffix == ".parquet":
+        try:
+            df = pd.read_parquet(file)
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise ValueError(f"{file} is not a readable parquet file ({type(e).__name__}: {e}).") from None
+        return df, True
     try:
         with open(file, encoding="utf-8") as fh:
             first = fh.readline()
@@ -92,28 +97,53 @@ def read_positions(file: str | Path) -> pd.DataFrame:
         df = pd.read_csv(file, header=0 if has_header else None, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not a readable CSV file ({type(e).__name__}: {e}).") from None
-    if df.shape[1] != len(POSITION_COLUMNS):
+    return df, has_header
+
+
+def read_positions(file: str | Path) -> pd.DataFrame:
+    """Read Space Ranger spot / bin positions, any version.
+
+    ``tissue_positions_list.csv`` (Space Ranger 1, no header; a header is detected), ``tissue_positions.csv``
+    (Space Ranger >= 2, header) or ``tissue_positions.parquet`` (Visium HD, some Space Ranger 3 outputs).
+
+    Returns a DataFrame with the six Space Ranger columns (``barcode`` as ``str``, ``in_tissue`` / ``array_row`` /
+    ``array_col`` as ``int64``, ``pxl_row_in_fullres`` (y) / ``pxl_col_in_fullres`` (x) in full-resolution pixels as
+    ``float64``), in file order.
+
+    Raises
+    ------
+    ValueError
+        The file is empty or unreadable, has the wrong columns, missing or non-numeric values, ``in_tissue`` values
+        other than 0/1, or duplicated barcodes.
+    """
+    file = Path(file)
+    df, named = _raw_positions(file)
+    if named:
+        lacking = [c for c in POSITION_COLUMNS if c not in df.columns]
+        if lacking:
+            raise ValueError(f"{file}: columns {lacking} are missing; it has {list(df.columns)}.")
+        df = df[list(POSITION_COLUMNS)]
+    elif df.shape[1] != len(POSITION_COLUMNS):
         raise ValueError(
             f"{file} has {df.shape[1]} column(s), expected {len(POSITION_COLUMNS)}: {', '.join(POSITION_COLUMNS)}."
         )
-    if has_header:
-        lacking = [c for c in POSITION_COLUMNS if c not in df.columns]
-        if lacking:
-            raise ValueError(f"{file}: header lacks {lacking}; it has {list(df.columns)}.")
-        df = df[list(POSITION_COLUMNS)]
     else:
         df.columns = list(POSITION_COLUMNS)
     if len(df) == 0:
         raise ValueError(f"{file} lists no spots.")
-    out = pd.DataFrame({"barcode": df["barcode"].astype(str).str.strip().to_numpy()})
+    bc = df["barcode"]
+    if len(bc) and isinstance(bc.iloc[0], bytes):
+        bc = bc.str.decode("utf-8")
+    out = pd.DataFrame({"barcode": bc.astype(str).str.strip().to_numpy()})
     for col in POSITION_COLUMNS[1:]:
-        vals = pd.to_numeric(df[col].str.strip(), errors="coerce")
+        raw = df[col]
+        vals = pd.to_numeric(raw.str.strip() if raw.dtype == object else raw, errors="coerce")
         bad = vals.isna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise ValueError(
                 f"{file}: column {col!r} has {int(bad.sum())} missing or non-numeric value(s) "
-                f"(first at data row {row + 1}: {df[col].iloc[row]!r})."
+                f"(first at data row {row + 1}: {raw.iloc[row]!r})."
             )
         if col.startswith("pxl_"):
             out[col] = vals.astype(np.float64).to_numpy()
@@ -129,13 +159,18 @@ def read_positions(file: str | Path) -> pd.DataFrame:
     return out
 
 
-def read_scalefactors(file: str | Path) -> dict:
-    """Read ``scalefactors_json.json``; checks ``spot_diameter_fullres`` and the hires/lowres scale factors.
+def read_scalefactors(file: str | Path, require: tuple[str, ...] = _REQUIRED_SCALEFACTORS) -> dict:
+    """Read ``scalefactors_json.json``: every numeric entry, checked positive.
+
+    Space Ranger writes ``spot_diameter_fullres``, ``tissue_hires_scalef``, ``tissue_lowres_scalef``,
+    ``fiducial_diameter_fullres``, CytAssist runs ``regist_target_img_scalef``, Visium HD ``microns_per_pixel`` and
+    ``bin_size_um``. Only ``require`` (default ``spot_diameter_fullres``) must be present; an image's scale factor
+    is checked where that image is read.
 
     Raises
     ------
     ValueError
-        Invalid JSON, a missing key, or a value that is not a positive number.
+        Invalid JSON, a missing required key, or a scale factor that is not a positive number.
     """
     file = Path(file)
     try:
@@ -144,28 +179,28 @@ def read_scalefactors(file: str | Path) -> dict:
         raise ValueError(f"{file} is not valid JSON ({e}).") from None
     if not isinstance(sf, dict):
         raise ValueError(f"{file} must hold a JSON object, found {type(sf).__name__}.")
-    lacking = [k for k in _SCALEFACTOR_KEYS if k not in sf]
+    lacking = [k for k in require if k not in sf]
     if lacking:
         raise ValueError(f"{file} lacks {lacking}; it has {sorted(sf)}.")
     out = {}
     for k, v in sf.items():
         if isinstance(v, bool) or not isinstance(v, int | float):
-            if k in _SCALEFACTOR_KEYS:
+            if k in require or k.endswith(("_scalef", "_fullres")):
                 raise ValueError(f"{file}: {k!r} must be a number, found {v!r}.")
             continue  # keep only numeric entries (all Space Ranger scale factors are numbers)
         out[k] = float(v)
-    for k in _SCALEFACTOR_KEYS:
-        if not (np.isfinite(out[k]) and out[k] > 0):
+        if not (np.isfinite(out[k]) and out[k] > 0) and (k in require or k.endswith(("_scalef", "_fullres"))):
             raise ValueError(f"{file}: {k!r} must be a positive number, found {out[k]}.")
     return out
 
 
-def _read_png(file: Path) -> np.ndarray:
+def _read_rgb(file: Path) -> np.ndarray:
+    """A small image file (PNG, JPEG, TIFF) as uint8 ``(c, y, x)`` RGB (16-bit grey is rescaled to 8 bit)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(file) as im:
-            if im.mode in ("I;16", "I;16B", "I"):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
                 arr = np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8)
                 arr = np.repeat(arr[..., None], 3, axis=2)
@@ -185,6 +220,68 @@ def _image(arr: Any, transform, scale_factors=None):
         scale_factors=scale_factors,
         transformations={VISIUM_CS: transform},
     )
+
+
+def spatial_images(
+    spatial: Path, scalefactors: dict, sf_file: Path, *, names=tuple(SPATIAL_IMAGES), what: str = "Visium"
+) -> dict[str, np.ndarray]:
+    """Read whichever of the ``spatial/`` images exist (``(c, y, x)`` uint8); warn once about the missing ones.
+
+    An image present without its scale factor is a ``ValueError`` naming both files; a missing hires or lowres
+    image is a warning listing what the folder holds (the alignment then registers onto the best image left, see
+    :func:`registration_target`).
+    """
+    out = {}
+    for name in names:
+        fname, key, _ = SPATIAL_IMAGES[name]
+        file = spatial / fname
+        if not file.is_file():
+            continue
+        if key not in scalefactors:
+            raise ValueError(
+                f"{sf_file} lacks [{key!r}], needed to place {fname} (image pixels per full-resolution pixel); "
+                f"it has {sorted(scalefactors)}."
+            )
+        out[name] = _read_rgb(file)
+    lacking = [SPATIAL_IMAGES[n][0] for n in (VISIUM_HIRES, VISIUM_LOWRES) if n in names and n not in out]
+    if lacking:
+        found = [SPATIAL_IMAGES[n][0] for n in out]
+        warnings.warn(
+            f"{what} folder {spatial.parent}: {' and '.join(lacking)} not found in spatial/ (it holds: "
+            f"{folder_listing(spatial)}); read {', '.join(found) if found else 'no spatial/ image'}.",
+            stacklevel=3,
+        )
+    return out
+
+
+def spatial_image_elements(images: dict[str, np.ndarray], scalefactors: dict) -> dict:
+    """Image elements of :func:`spatial_images`, each mapped to ``visium`` by ``Scale(1 / scale factor)``."""
+    out = {}
+    for name, arr in images.items():
+        s = scalefactors[SPATIAL_IMAGES[name][1]]
+        out[name] = _image(arr, Scale([1.0 / s, 1.0 / s], axes=("x", "y")))
+    return out
+
+
+def spatial_uns(library_id: str, images: dict[str, np.ndarray], scalefactors: dict, metadata: dict | None = None):
+    """``uns['spatial']`` in the scanpy/squidpy layout: ``{library_id: {'images', 'scalefactors', 'metadata'}}``.
+
+    ``images`` maps image element names to ``(c, y, x)`` arrays; the hires and lowres images go in as ``'hires'`` /
+    ``'lowres'`` ``(y, x, c)`` views (no copy), so :func:`scanpy.pl.spatial` and ``squidpy.pl.spatial_scatter``
+    draw ``obsm['spatial']`` (full-resolution pixels) on them with their ``tissue_<res>_scalef``.
+    """
+    imgs = {}
+    for name, arr in images.items():
+        key = SPATIAL_IMAGES[name][2] if name in SPATIAL_IMAGES else None
+        if key is not None:
+            imgs[key] = np.asarray(arr).transpose(1, 2, 0)
+    return {
+        str(library_id): {
+            "images": imgs,
+            "scalefactors": {k: float(v) for k, v in scalefactors.items()},
+            "metadata": {k: str(v) for k, v in (metadata or {}).items()},
+        }
+    }
 
 
 def _find_fullres(path: Path, fullres_image: str | Path | bool | None) -> Path | None:
@@ -224,8 +321,16 @@ def _read_fullres(file: Path):
         im = im.transpose(2, 0, 1)
     elif int(np.argmin(im.shape)) != 0:
         raise ValueError(f"{file}: unsupported image shape {im.shape}.")
-    big = max(im.shape[1:]) > _MULTISCALE_ABOVE
-    return _image(im, Identity(), scale_factors=[2, 2, 2, 2] if big else None)
+    n_levels = int(np.ceil(np.log2(max(im.shape[1:]) / _PYRAMID_TOP_PX))) if max(im.shape[1:]) > _PYRAMID_TOP_PX else 0
+    return _image(im, Identity(), scale_factors=[2] * n_levels or None)
+
+
+def _library_id(path: Path, mat: ad.AnnData) -> str:
+    """Space Ranger's library id (HDF5 ``library_ids``), else the run folder's name."""
+    lib = mat.uns.get("library_id")
+    if lib:
+        return str(lib)
+    return path.parent.name if path.name == "outs" and path.parent.name else path.name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,13 +344,18 @@ def read_visium(
     fullres_image: str | Path | bool | None = "auto",
     gex_only: bool = True,
 ) -> SpatialData:
-    """Read a Space Ranger ``outs/`` folder (Visium SD or CytAssist) into SpatialData (cs ``visium``, full-res px).
+    """Read a Space Ranger ``outs/`` folder (Visium SD or CytAssist, Space Ranger 1.x-3.x) into SpatialData.
 
-    Reads ``filtered_feature_bc_matrix.h5`` (or ``<id>_filtered_feature_bc_matrix.h5`` or the
-    ``filtered_feature_bc_matrix/`` Matrix Market folder), ``spatial/tissue_positions.csv`` (with header, Space
-    Ranger >= 2) or ``spatial/tissue_positions_list.csv`` (no header, Space Ranger 1),
-    ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png``, ``spatial/tissue_lowres_image.png`` and
-    an optional full-resolution image. Inputs on disk are never modified.
+    Needs three things, and raises a clear error naming the file only when one is missing: the counts
+    (``filtered_feature_bc_matrix.h5``, ``<id>_filtered_feature_bc_matrix.h5`` or the ``filtered_feature_bc_matrix/``
+    Matrix Market folder, read with :func:`scanpy.read_10x_h5` / :func:`scanpy.read_10x_mtx`), the spot positions
+    (``spatial/tissue_positions.parquet``, ``spatial/tissue_positions.csv`` or, Space Ranger 1,
+    ``spatial/tissue_positions_list.csv``) and ``spatial/scalefactors_json.json`` (with ``spot_diameter_fullres``).
+    Whichever images exist are read, each placed by its scale factor: ``spatial/tissue_hires_image.png``,
+    ``spatial/tissue_lowres_image.png``, the CytAssist camera image ``spatial/cytassist_image.tiff``
+    (``regist_target_img_scalef``; Space Ranger registers a CytAssist-only run onto it) and a full-resolution
+    microscope image next to ``spatial/``. A missing hires or lowres image is a warning that lists what was found.
+    Inputs on disk are never modified.
 
     Parameters
     ----------
@@ -254,7 +364,7 @@ def read_visium(
     counts_file
         Counts to read instead of the filtered matrix (e.g. ``"raw_feature_bc_matrix.h5"``), relative to ``path``.
     images
-        Read the hires and lowres images (then both are required).
+        Read the images present (``False``: none).
     fullres_image
         Full-resolution image: ``"auto"`` reads the single ``.tif`` / ``.tiff`` / ``.btf`` file directly in
         ``path`` if there is exactly one; a file name (relative to ``path``) or path reads that file; ``None`` or
@@ -273,19 +383,23 @@ def read_visium(
       ``var['feature_types']``); obs = the six tissue-position columns plus ``region`` / ``instance_id``
       (= barcode) annotating ``visium_spots``; ``obsm['spatial']`` = (x, y) full-res px;
       ``uns['visium']`` = ``{'scalefactors': {...}, 'um_per_px': 55 / spot_diameter_fullres, ...}`` (see
-      :func:`visium_scalefactors`);
-    * ``visium_hires_image`` / ``visium_lowres_image``: uint8 (c, y, x) RGB mapped to ``visium`` by
-      ``Scale(1 / scalef)`` (hires pixel (i, j) covers full-res x in [j / s, (j + 1) / s));
-    * ``visium_fullres_image`` (if found): Identity to ``visium``; multiscale when larger than 4096 px.
+      :func:`visium_scalefactors`); ``uns['spatial']`` in the scanpy layout (library id, hires/lowres images,
+      scale factors), so :func:`scanpy.pl.spatial` draws the spots on the H&E with no extra arguments;
+    * whichever images exist: ``visium_hires_image`` / ``visium_lowres_image`` / ``visium_cytassist_image``, uint8
+      (c, y, x) RGB mapped to ``visium`` by ``Scale(1 / scalef)`` (hires pixel (i, j) covers full-res x in
+      [j / s, (j + 1) / s)); ``visium_fullres_image``: Identity, with pyramid levels down to ~2000 px.
+
+    :func:`registration_target` names the image to register onto (hires, else lowres, else full resolution, else
+    CytAssist).
 
     Raises
     ------
     FileNotFoundError
-        The folder, the counts, the ``spatial/`` folder, the positions file, ``scalefactors_json.json`` or (with
-        ``images``) an image is missing; the message names it and lists what the folder holds.
+        The folder, the counts, the ``spatial/`` folder, the positions file or ``scalefactors_json.json`` is
+        missing; the message names it and lists what the folder holds.
     ValueError
-        A malformed CSV/HDF5/JSON/PNG (named, with the problem), or matrix barcodes absent from the positions file
-        (with counts).
+        A malformed CSV/parquet/HDF5/JSON/image (named, with the problem), an image without its scale factor, or
+        matrix barcodes absent from the positions file (with counts).
     """
     path = check_folder(path, "Space Ranger outs")
     if not (path / "spatial").is_dir() and (path / "outs").is_dir():
@@ -300,30 +414,28 @@ def read_visium(
     sf_file = spatial / _SCALEFACTORS
     if not sf_file.is_file():
         raise missing(spatial, "Visium scale factors", [_SCALEFACTORS])
-    image_files = {}
-    if images:
-        for name, fname in ((VISIUM_HIRES, _HIRES), (VISIUM_LOWRES, _LOWRES)):
-            if not (spatial / fname).is_file():
-                raise missing(spatial, f"Visium image (or pass images=False) for {name}", [fname])
-            image_files[name] = spatial / fname
-    full_file = _find_fullres(path, fullres_image)
+    full_file = _find_fullres(path, fullres_image) if images else None
 
     positions = read_positions(pos_file)
     scalefactors = read_scalefactors(sf_file)
+    image_arrays = spatial_images(spatial, scalefactors, sf_file) if images else {}
+    if images and not image_arrays and full_file is None:
+        warnings.warn(f"Visium folder {path} has no image at all: nothing to register onto.", stacklevel=2)
     mat = read_feature_matrix(counts_path)
-    features, counts = mat.features, mat.counts
+    features, counts = features_of(mat), mat.X
     if gex_only:
         gex = (features["feature_type"] == "Gene Expression").to_numpy()
         if gex.any() and not gex.all():
             features, counts = features.loc[gex].reset_index(drop=True), counts[:, np.flatnonzero(gex)]
 
+    barcodes_m = mat.obs_names.to_numpy().astype(str)
     pos_index = pd.Index(positions["barcode"])
-    rows = pos_index.get_indexer(mat.barcodes)
+    rows = pos_index.get_indexer(barcodes_m)
     absent = rows < 0
     if absent.any():
         raise ValueError(
             f"{int(absent.sum())} of {len(rows)} barcodes of {counts_path.name} are not in {pos_file.name} "
-            f"({len(positions)} barcodes there; e.g. {list(mat.barcodes[absent][:3])}): the matrix and the positions "
+            f"({len(positions)} barcodes there; e.g. {list(barcodes_m[absent][:3])}): the matrix and the positions "
             "do not come from the same Space Ranger run."
         )
     obs = positions.iloc[rows].reset_index(drop=True)
@@ -342,6 +454,7 @@ def read_visium(
     obs[INSTANCE_KEY] = barcodes
     xy = obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     um_per_px = VISIUM_SPOT_DIAMETER_UM / scalefactors["spot_diameter_fullres"]
+    library_id = _library_id(path, mat)
     uns = {
         "scalefactors": scalefactors,
         "um_per_px": float(um_per_px),
@@ -349,11 +462,19 @@ def read_visium(
         "positions_file": pos_file.name,
         "counts_file": counts_path.name,
         "path": str(path),
+        "library_id": library_id,
+        "images": sorted(image_arrays) + ([VISIUM_FULLRES] if full_file is not None else []),
     }
-    lib = mat.attrs.get("library_ids")
-    if isinstance(lib, list) and lib:
-        uns["library_id"] = str(lib[0])
-    table = ad.AnnData(X=counts, obs=obs, var=gene_var(features), obsm={SPATIAL_KEY: xy}, uns={UNS_VISIUM_KEY: uns})
+    table = ad.AnnData(
+        X=counts,
+        obs=obs,
+        var=gene_var(features),
+        obsm={SPATIAL_KEY: xy},
+        uns={
+            UNS_VISIUM_KEY: uns,
+            "spatial": spatial_uns(library_id, image_arrays, scalefactors, {"source": str(path)}),
+        },
+    )
     table = TableModel.parse(table, region=VISIUM_SPOTS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     spots = ShapesModel.parse(
         xy,
@@ -362,49 +483,79 @@ def read_visium(
         index=pd.Index(barcodes),
         transformations={VISIUM_CS: Identity()},
     )
-    imgs = {}
-    for name, file in image_files.items():
-        s = scalefactors["tissue_hires_scalef" if name == VISIUM_HIRES else "tissue_lowres_scalef"]
-        imgs[name] = _image(_read_png(file), Scale([1.0 / s, 1.0 / s], axes=("x", "y")))
+    imgs = spatial_image_elements(image_arrays, scalefactors)
     if full_file is not None:
         imgs[VISIUM_FULLRES] = _read_fullres(full_file)
     return SpatialData(images=imgs, shapes={VISIUM_SPOTS: spots}, tables={VISIUM_TABLE: table})
 
 
+def registration_target(sdata: SpatialData) -> str:
+    """The image to register the Xenium cells onto: the best Visium image present.
+
+    The hires image, else the lowres image, else the full-resolution image (the registration reads its finest
+    pyramid level with at most ~4 Mpx, i.e. a downsampled copy), else the CytAssist image. The accessor
+    (``sdata.align.affine`` / ``lddmm`` with no ``target``), the pipeline and the CLI all use it.
+
+    Raises
+    ------
+    ValueError
+        No Visium image in ``sdata``; the message lists the images it holds.
+    """
+    for name in VISIUM_TARGET_ORDER:
+        if name in sdata.images:
+            return name
+    raise ValueError(
+        f"no Visium image to register onto: none of {list(VISIUM_TARGET_ORDER)} is in this SpatialData (images: "
+        f"{sorted(sdata.images) or 'none'}). The Space Ranger folder needs spatial/tissue_hires_image.png, "
+        "spatial/tissue_lowres_image.png, a full-resolution image or spatial/cytassist_image.tiff."
+    )
+
+
+def visium_table_name(sdata: SpatialData) -> str:
+    """``visium_table``, else the Visium HD table of the smallest bin size (all share the image scale factors)."""
+    if VISIUM_TABLE in sdata.tables:
+        return VISIUM_TABLE
+    hd = sorted(t for t in sdata.tables if t.startswith(VISIUM_HD_TABLE.split("{")[0]))
+    if hd:
+        return hd[0]
+    raise ValueError(
+        f"no table {VISIUM_TABLE!r} (nor a Visium HD table) in this SpatialData (tables: {sorted(sdata.tables)}); "
+        "read the Visium data with sda.io.read_visium, sda.io.read_visium_hd or sda.io.read_pair."
+    )
+
+
 def visium_scalefactors(sdata: SpatialData | ad.AnnData) -> dict:
-    """Scale factors of the Visium data in ``sdata``, plus ``um_per_px``.
+    """Scale factors of the Visium (or Visium HD) data in ``sdata``, plus ``um_per_px``.
 
     Parameters
     ----------
     sdata
-        A SpatialData object holding ``visium_table`` (as :func:`read_visium` makes it), or that table itself.
+        A SpatialData object holding ``visium_table`` (as :func:`read_visium` makes it) or Visium HD tables (as
+        :func:`read_visium_hd` makes them), or such a table itself.
 
     Returns
     -------
     ``{'spot_diameter_fullres': full-res px, 'tissue_hires_scalef': hires px per full-res px,
     'tissue_lowres_scalef': lowres px per full-res px, 'fiducial_diameter_fullres': ..., 'um_per_px': µm per
-    full-res px}`` (floats; whatever scale factors Space Ranger wrote).
+    full-res px}`` (floats; whatever scale factors Space Ranger wrote, e.g. also ``regist_target_img_scalef``,
+    ``microns_per_pixel``, ``bin_size_um``).
 
     Raises
     ------
     ValueError
-        No ``visium_table`` or no ``uns['visium']`` scale factors in it.
+        No Visium table or no ``uns['visium']`` scale factors in it.
     """
     if isinstance(sdata, ad.AnnData):
-        table = sdata
+        table, name = sdata, "table"
     else:
-        if VISIUM_TABLE not in sdata.tables:
-            raise ValueError(
-                f"no table {VISIUM_TABLE!r} in this SpatialData (tables: {sorted(sdata.tables)}); read the Visium "
-                "data with sda.io.read_visium or sda.io.read_pair."
-            )
-        table = sdata.tables[VISIUM_TABLE]
+        name = visium_table_name(sdata)
+        table = sdata.tables[name]
     node = table.uns.get(UNS_VISIUM_KEY)
     if not isinstance(node, dict):
-        raise ValueError(f"{VISIUM_TABLE}.uns has no {UNS_VISIUM_KEY!r} entry (uns keys: {sorted(table.uns)}).")
+        raise ValueError(f"{name}.uns has no {UNS_VISIUM_KEY!r} entry (uns keys: {sorted(table.uns)}).")
     sf = node.get("scalefactors", node)
-    if not isinstance(sf, dict) or "tissue_hires_scalef" not in sf:
-        raise ValueError(f"{VISIUM_TABLE}.uns[{UNS_VISIUM_KEY!r}] holds no scale factors (keys: {sorted(node)}).")
+    if not isinstance(sf, dict) or "spot_diameter_fullres" not in sf:
+        raise ValueError(f"{name}.uns[{UNS_VISIUM_KEY!r}] holds no scale factors (keys: {sorted(node)}).")
     out = {k: float(v) for k, v in sf.items() if np.ndim(v) == 0 and not isinstance(v, str)}
     if "um_per_px" in node:
         out["um_per_px"] = float(node["um_per_px"])

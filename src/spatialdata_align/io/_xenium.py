@@ -33,7 +33,7 @@ from .._constants import (
 )
 from .._elements import parse_lazy_points
 from ._files import check_folder, find_first, folder_listing, missing
-from ._matrix import FeatureMatrix, read_feature_matrix
+from ._matrix import features_of, read_feature_matrix
 
 __all__ = ["XENIUM_PIXEL_SIZE", "read_xenium"]
 
@@ -214,23 +214,24 @@ def _read_cells_file(file: Path) -> pd.DataFrame:
     return cells
 
 
-def _align_matrix(mat: FeatureMatrix, cells: pd.DataFrame, cells_file: Path) -> sparse.csr_matrix:
+def _align_matrix(mat: ad.AnnData, cells: pd.DataFrame, cells_file: Path) -> sparse.csr_matrix:
     ids = cells["cell_id"].to_numpy()
-    barcodes = mat.barcodes
+    barcodes = mat.obs_names.to_numpy().astype(str)
+    source = Path(mat.uns["source"])
     if len(barcodes) == len(ids) and np.array_equal(barcodes, ids):
-        return mat.counts
+        return mat.X
     pos = pd.Index(barcodes)
     if not pos.is_unique:
-        raise ValueError(f"{mat.source}: barcodes (cell ids) are not unique.")
+        raise ValueError(f"{source}: barcodes (cell ids) are not unique.")
     only_cells = int((~pd.Index(ids).isin(pos)).sum())
     only_matrix = int((~pos.isin(pd.Index(ids))).sum())
     if only_cells or only_matrix:
         raise ValueError(
-            f"cell ids of {cells_file.name} ({len(ids)} cells) and {mat.source.name} ({len(barcodes)} barcodes) do "
+            f"cell ids of {cells_file.name} ({len(ids)} cells) and {source.name} ({len(barcodes)} barcodes) do "
             f"not match: {only_cells} cells are missing from the matrix and {only_matrix} matrix barcodes are "
             f"missing from the cells file."
         )
-    return mat.counts[pos.get_indexer(ids)]
+    return mat.X[pos.get_indexer(ids)]
 
 
 def _parquet_rows(file: Path) -> int:
@@ -336,7 +337,7 @@ def _read_minimal(path: Path, specs: dict | None, pixel_size: float, opts: dict)
     mat = read_feature_matrix(matrix)
     counts = _align_matrix(mat, cells, cells_file)
     uns = _uns(specs, pixel_size, "minimal", path)
-    table = _xenium_table(counts, mat.features, cells, uns)
+    table = _xenium_table(counts, features_of(mat), cells, uns)
     return _assemble(path, table, opts, pixel_size, points={}, extra={}, minimal=True)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.backend_bases import MouseButton
 from spatialdata import SpatialData
 
-from .._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
+from .._constants import VISIUM_CS, XENIUM_CELLS, XENIUM_CS
 from .._elements import element_kind, element_xy
 from ._plots import _subsample, draw_image
 
@@ -176,7 +176,7 @@ class LandmarkAnnotator:
 def annotate_landmarks(
     sdata: SpatialData,
     source: str = XENIUM_CELLS,
-    target: str = VISIUM_HIRES,
+    target: str | None = None,
     *,
     key: str = "landmarks",
     source_cs: str = XENIUM_CS,
@@ -201,7 +201,8 @@ def annotate_landmarks(
     sdata
         The SpatialData object.
     source, target
-        Elements shown in the two panels (images, points or shapes).
+        Elements shown in the two panels (images, points or shapes); ``target`` defaults to the best Visium
+        image present (:func:`spatialdata_align.io.registration_target`).
     key
         Landmark set name (as in ``sdata.align.set_landmarks``).
     source_cs, target_cs
@@ -224,8 +225,11 @@ def annotate_landmarks(
     >>> ann = sda.pl.annotate_landmarks(sdata)  # doctest: +SKIP
     >>> # ... click pairs ...
     >>> src, dst = ann.landmarks  # doctest: +SKIP
-    >>> sdata.align.affine("xenium_cells", "visium_hires_image")  # doctest: +SKIP
+    >>> sdata.align.affine("xenium_cells")  # doctest: +SKIP
     """
+    from ..io import registration_target
+
+    target = target or registration_target(sdata)
     for name, cs in ((source, source_cs), (target, target_cs)):
         element_kind(sdata, name)
         if cs not in sdata.coordinate_systems:

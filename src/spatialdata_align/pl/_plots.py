@@ -15,7 +15,7 @@ from matplotlib.collections import EllipseCollection
 from spatialdata import SpatialData
 
 from .. import _store
-from .._constants import SHARED_REGION_KEY, VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
+from .._constants import SHARED_REGION_KEY, VISIUM_CS, VISIUM_TARGET_ORDER, XENIUM_CELLS, XENIUM_CS
 from .._elements import element_xy, image_in_cs
 from ..tl import _data
 from ..tl._compare import paired_expression
@@ -77,7 +77,7 @@ def _default_image(sdata: SpatialData, image):
     if image is False:
         return None
     if image is None:
-        return VISIUM_HIRES if VISIUM_HIRES in sdata.images else None
+        return next((name for name in VISIUM_TARGET_ORDER if name in sdata.images), None)
     if image not in sdata.images:
         raise KeyError(f"no image {image!r}; images present: {sorted(sdata.images)}.")
     return image
