@@ -16,6 +16,7 @@ from scipy import sparse
 from spatialdata_align.datasets._tenx import write_visium, write_xenium, xenium_cell_ids
 
 PIXEL_SIZE = 0.2125
+MORPH_MARKER = 60000  # morphology channel i holds MORPH_MARKER + i at the marker cell's centroid pixel
 
 
 @dataclass
@@ -26,11 +27,17 @@ class XeniumInputs:
     feature_names: list[str]
     feature_types: list[str]
     transcripts: pd.DataFrame
-    morphology: np.ndarray
+    morphology: np.ndarray  # (4, y, x): DAPI + three stains; channel i holds MORPH_MARKER + i at the marker cell
     gene_mask: np.ndarray = field(init=False)
+    marker_cell: int = 7
 
     def __post_init__(self) -> None:
         self.gene_mask = np.array([t == "Gene Expression" for t in self.feature_types])
+
+    def marker_pixel(self) -> tuple[int, int]:
+        """(row, col) of the marker cell's centroid in the morphology image."""
+        c = self.cells.iloc[self.marker_cell]
+        return int(np.floor(c["y_centroid"] / PIXEL_SIZE)), int(np.floor(c["x_centroid"] / PIXEL_SIZE))
 
     def write(self, out: Path, **kwargs) -> Path:
         return write_xenium(
@@ -41,7 +48,7 @@ class XeniumInputs:
             feature_names=self.feature_names,
             feature_types=self.feature_types,
             transcripts=self.transcripts,
-            morphology=self.morphology,
+            morphology=kwargs.pop("morphology", self.morphology),
             pixel_size=PIXEL_SIZE,
             **kwargs,
         )
@@ -88,8 +95,11 @@ def make_xenium(n_cells: int = 60, n_tx: int = 400, seed: int = 0) -> XeniumInpu
         }
     )
     h, w = round(70 / PIXEL_SIZE), round(100 / PIXEL_SIZE)
-    morphology = rng.integers(0, 4000, size=(h, w)).astype(np.uint16)
-    return XeniumInputs(cells, counts, ids, names, types, transcripts, morphology)
+    morphology = rng.integers(0, 4000, size=(4, h, w)).astype(np.uint16)
+    out = XeniumInputs(cells, counts, ids, names, types, transcripts, morphology)
+    r, c = out.marker_pixel()
+    morphology[:, r, c] = MORPH_MARKER + np.arange(4)
+    return out
 
 
 @dataclass

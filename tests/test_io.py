@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _io_data import MARKER, PIXEL_SIZE, make_visium, make_xenium
+from _io_data import MARKER, MORPH_MARKER, PIXEL_SIZE, make_visium, make_xenium
 from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
@@ -36,7 +37,7 @@ from spatialdata_align._constants import (
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
-from spatialdata_align.datasets._tenx import write_feature_matrix_h5, write_feature_matrix_mtx
+from spatialdata_align.datasets._tenx import FOCUS_CHANNELS, write_feature_matrix_h5, write_feature_matrix_mtx
 
 XY = ("x", "y")
 
@@ -169,13 +170,53 @@ def test_read_xenium_transcripts(xread, xin, layout):
     np.testing.assert_allclose(_matrix(pts, XENIUM_CS), np.eye(3))
 
 
+def test_transcripts_have_a_unique_lazy_index(xcopy, xin, tmp_path, monkeypatch):
+    """Several partitions, known divisions: sd.transform, queries and a zarr round trip work lazily."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import spatialdata as sd
+    from spatialdata.transformations import Affine, set_transformation
+
+    from spatialdata_align.io import _transcripts
+
+    pq.write_table(
+        pa.Table.from_pandas(xin.transcripts, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50
+    )
+    monkeypatch.setattr(_transcripts, "TRANSCRIPT_BLOCKSIZE", 1)  # one partition per row group
+    pts = sda.io.read_xenium(xcopy).points[XENIUM_TRANSCRIPTS]
+    assert pts.npartitions == 8 and pts.known_divisions
+    assert pts.divisions == (0, 50, 100, 150, 200, 250, 300, 350, 399)
+    df = pts.compute()
+    assert df.index.is_unique and list(df.index) == list(range(len(xin.transcripts)))
+    A = np.array([[0.0, -2.0, 300.0], [2.0, 0.0, 10.0], [0.0, 0.0, 1.0]])
+    set_transformation(pts, Affine(A, input_axes=XY, output_axes=XY), to_coordinate_system="other")
+    moved = sd.transform(pts, to_coordinate_system="other")
+    assert not isinstance(moved, pd.DataFrame)  # still lazy
+    np.testing.assert_allclose(
+        moved.compute()[["x", "y"]].to_numpy(), df[["x", "y"]].to_numpy() @ A[:2, :2].T + A[:2, 2], rtol=1e-6
+    )
+    box = sd.bounding_box_query(
+        pts, axes=XY, min_coordinate=[0, 0], max_coordinate=[50, 35], target_coordinate_system=XENIUM_CS
+    )
+    inside = (df["x"] >= 0) & (df["x"] <= 50) & (df["y"] >= 0) & (df["y"] <= 35)
+    assert len(box.compute()) == int(inside.sum()) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd.SpatialData(points={"t": pts}).write(tmp_path / "t.zarr")
+    back = sd.read_zarr(tmp_path / "t.zarr").points["t"]
+    back_df = back.compute()
+    assert back_df.index.is_unique
+    pd.testing.assert_frame_equal(back_df.sort_index(), df.astype({"feature_name": back_df["feature_name"].dtype}))
+
+
 def test_xenium_morphology_maps_pixels_to_um(xread, xin):
     for layout in ("minimal_csv_h5", "full"):
         img = xread[layout].images["xenium_morphology_focus"]
         np.testing.assert_allclose(_matrix(img, XENIUM_CS), np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]))
         arr = np.asarray(_scale0(img).values)
-        assert arr.shape == (1, *xin.morphology.shape)
-        np.testing.assert_array_equal(arr[0], xin.morphology)
+        assert arr.shape == xin.morphology.shape
+        np.testing.assert_array_equal(arr, xin.morphology)
+        assert list(img["scale0"]["image"].coords["c"].values) == list(FOCUS_CHANNELS)
 
 
 def test_xenium_full_boundaries_in_um(xread, xin):
@@ -223,6 +264,90 @@ def test_xenium_options(xdirs, xin):
     assert np.mean(expected == np.arange(1, len(px) + 1)) > 0.5
     with pytest.raises(ValueError, match="cells_as"):
         sda.io.read_xenium(xdirs["full"], cells_as="polygons")
+
+
+#: Xenium folders as each XOA version writes them: writer arguments (all with experiment.xenium and boundaries)
+_XOA_VARIANTS = {
+    "xoa1_integer_ids": {"xoa_version": 1, "cells_format": "csv.gz", "transcripts_format": "csv.gz", "int_ids": True},
+    "xoa1_string_ids": {"xoa_version": 1, "cells_format": "csv.gz", "transcripts_format": "csv.gz"},
+    "xoa2_parquet": {"xoa_version": 2, "cells_format": "parquet"},
+    "xoa3_mtx": {"xoa_version": 3, "cells_format": "parquet", "matrix_format": "mtx"},
+    "xoa4_parquet": {"xoa_version": 4, "cells_format": "parquet"},
+}
+
+
+@pytest.mark.parametrize("variant", list(_XOA_VARIANTS))
+def test_xenium_every_analysis_version_reads_exactly(xin, tmp_path, variant):
+    from spatialdata_align.datasets._tenx import XOA_VERSIONS
+
+    kw = dict(_XOA_VARIANTS[variant])
+    cells = xin.cells.copy()
+    if kw.pop("int_ids", False):  # XOA 1.0-1.2
+        cells["cell_id"] = np.arange(1, len(cells) + 1)
+    ids = cells["cell_id"].astype(str).to_numpy()
+    xin_v = dataclasses.replace(xin, cells=cells)
+    xin_v.transcripts = xin.transcripts.assign(
+        cell_id=xin.transcripts["cell_id"].map(dict(zip(xin.cells["cell_id"], ids, strict=True))).fillna("UNASSIGNED")
+    )
+    folder = xin_v.write(tmp_path / variant, layout="minimal", boundaries=True, experiment=True, **kw)
+    sdata = sda.io.read_xenium(folder)
+    table = sdata.tables[XENIUM_TABLE]
+    # counts, ids and positions exactly
+    np.testing.assert_array_equal(table.X.toarray(), xin.counts.toarray()[:, xin.gene_mask])
+    assert list(table.obs_names) == list(ids) == list(sdata.shapes[XENIUM_CELLS].index)
+    np.testing.assert_array_equal(table.obsm["spatial"], xin.cells[["x_centroid", "y_centroid"]].to_numpy())
+    assert table.uns["xenium"]["analysis_sw_version"] == XOA_VERSIONS[kw["xoa_version"]]
+    assert table.uns["xenium"]["pixel_size"] == pytest.approx(PIXEL_SIZE)
+    # transcripts: all of them, unique lazy index, their cells
+    tx = sdata.points[XENIUM_TRANSCRIPTS]
+    df = tx.compute()
+    assert len(df) == len(xin.transcripts) and df.index.is_unique
+    assert sorted(df["cell_id"].astype(str)) == sorted(xin_v.transcripts["cell_id"].astype(str))
+    # morphology: one OME-TIFF per channel (XOA >= 2; DAPI only in 1.x), the marker cell on its marker pixel
+    img = sdata.images["xenium_morphology_focus"]
+    arr = np.asarray(_scale0(img).values)
+    n_c = 1 if kw["xoa_version"] == 1 else 4
+    assert arr.shape == (n_c, *xin.morphology.shape[1:])
+    assert list(_scale0(img).coords["c"].values) == list(FOCUS_CHANNELS[:n_c])
+    np.testing.assert_allclose(_matrix(img, XENIUM_CS), np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]))
+    cx, cy = xin.cells.iloc[xin.marker_cell][["x_centroid", "y_centroid"]]
+    px = np.linalg.inv(_matrix(img, XENIUM_CS)) @ np.array([cx, cy, 1.0])
+    np.testing.assert_array_equal(arr[:, int(px[1]), int(px[0])], MORPH_MARKER + np.arange(n_c))
+    assert ("xenium_morphology_mip" in sdata.images) == (kw["xoa_version"] == 1)
+    # cell and nucleus boundaries: polygons in µm, one per cell, index = cell id
+    for name, area in ((XENIUM_CELL_BOUNDARIES, "cell_area"), (XENIUM_NUCLEUS_BOUNDARIES, "nucleus_area")):
+        polys = sdata.shapes[name]
+        assert list(polys.index) == list(ids)
+        np.testing.assert_allclose(polys.geometry.centroid.x.to_numpy(), xin.cells["x_centroid"], atol=1e-3)
+        np.testing.assert_allclose(polys.geometry.centroid.y.to_numpy(), xin.cells["y_centroid"], atol=1e-3)
+        ratio = polys.geometry.area.to_numpy() / xin.cells[area].to_numpy()
+        np.testing.assert_allclose(ratio, 13 / (2 * np.pi) * np.sin(2 * np.pi / 13), rtol=1e-4)
+    # uns['spatial']: cells (µm) on a small DAPI image whose scale factor maps µm to its pixels
+    node = table.uns["spatial"]["synthetic"]
+    hires = node["images"]["hires"]
+    s = node["scalefactors"]["tissue_hires_scalef"]
+    assert list(hires.shape[:2]) == np.ceil(np.array(arr.shape[1:]) * PIXEL_SIZE * s - 1e-9).astype(int).tolist()
+    assert hires[int(cy * s), int(cx * s)].max() == 255  # the marker is the brightest DAPI pixel
+
+
+def test_xenium_cell_boundaries_align_with_the_cells(xdirs, vdirs):
+    """Boundary polygons get the native affine and ``apply`` maps their vertices with the fitted transform."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = sda.io.read_pair(xdirs["minimal_parquet_mtx"], vdirs[("tissue_positions.csv", "h5")])
+    assert XENIUM_CELL_BOUNDARIES not in sdata.shapes  # the minimal download has none
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = sda.io.read_pair(xdirs["full"], vdirs[("tissue_positions.csv", "h5")], transcripts=False)
+    A = np.array([[0.0, -9.5, 1400.0], [10.2, 0.5, 200.0], [0.0, 0.0, 1.0]])  # rotation + anisotropic scale
+    src = np.array([[10.0, 10.0], [90.0, 15.0], [50.0, 60.0], [20.0, 55.0]])
+    sdata.align.set_landmarks(source=src, target=src @ A[:2, :2].T + A[:2, 2])
+    sdata.align.affine(XENIUM_CELLS)
+    name = sdata.align.apply(XENIUM_CELL_BOUNDARIES)
+    before = np.asarray(sdata.shapes[XENIUM_CELL_BOUNDARIES].geometry.iloc[3].exterior.coords)
+    after = np.asarray(sdata.shapes[name].geometry.iloc[3].exterior.coords)
+    np.testing.assert_allclose(after, before @ A[:2, :2].T + A[:2, 2], atol=1e-6)
+    np.testing.assert_allclose(_matrix(sdata.shapes[XENIUM_CELL_BOUNDARIES], VISIUM_CS), A, atol=1e-6)
 
 
 def test_xenium_old_integer_ids_and_no_transcripts(tmp_path):
@@ -349,6 +474,49 @@ def test_visium_any_image_subset_reads_exactly(vin, tmp_path, variant):
     node = table.uns["spatial"][lib]
     assert set(node["images"]) == {i for i in images if i in ("hires", "lowres")}
     assert node["scalefactors"]["spot_diameter_fullres"] == 80.0
+
+
+def _drawn_circles(ax) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and radii (axes data units) of the circles scanpy drew, sorted by centre."""
+    paths = ax.collections[0].get_paths()
+    lo = np.array([p.vertices.min(0) for p in paths])
+    hi = np.array([p.vertices.max(0) for p in paths])
+    centres, radii = (lo + hi) / 2, (hi - lo)[:, 0] / 2
+    order = np.lexsort((centres[:, 1], centres[:, 0]))
+    return centres[order], radii[order]
+
+
+def test_scanpy_draws_spots_and_cells_on_their_images_without_arguments(vdirs, xdirs):
+    """``uns['spatial']`` at read time: sc.pl.spatial needs no library id, image or scale factor argument."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    vis = sda.io.read_visium(vdirs[("tissue_positions.csv", "h5")]).tables[VISIUM_TABLE]
+    ax = sc.pl.spatial(vis, color="in_tissue", show=False)[0]
+    assert list(vis.uns["spatial"]) == ["visium"]  # the library id Space Ranger wrote into the HDF5 file
+    assert ax.images[0].get_array().shape == vis.uns["spatial"]["visium"]["images"]["hires"].shape
+    centres, radii = _drawn_circles(ax)
+    expected = vis.obsm["spatial"] * 0.2  # full-res px -> hires px
+    np.testing.assert_allclose(centres, expected[np.lexsort((expected[:, 1], expected[:, 0]))], atol=1e-6)
+    np.testing.assert_allclose(radii, 40.0 * 0.2)  # spot_diameter_fullres / 2 in hires px
+    plt.close("all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xen = sda.io.read_xenium(xdirs["full"]).tables[XENIUM_TABLE]
+    ax = sc.pl.spatial(xen, color="total_counts", show=False)[0]
+    s = xen.uns["spatial"]["synthetic"]["scalefactors"]["tissue_hires_scalef"]  # DAPI thumbnail px per µm
+    assert s == pytest.approx(1 / PIXEL_SIZE)  # the small test image is its own thumbnail
+    from spatialdata_align.io._xenium import morphology_thumbnail
+
+    thumb, factor = morphology_thumbnail(xdirs["full"], max_px=100)  # every 5th pixel of the 329 x 471 image
+    assert factor == 5 and thumb.shape == (66, 95, 3)
+    centres, _ = _drawn_circles(ax)
+    expected = xen.obsm["spatial"] * s
+    np.testing.assert_allclose(centres, expected[np.lexsort((expected[:, 1], expected[:, 0]))], atol=1e-6)
+    plt.close("all")
 
 
 def test_visium_matches_spatialdata_io(vdirs):

@@ -11,11 +11,12 @@ Formats
   fixed-length ASCII, as in Cell Ranger / Space Ranger / Xenium Onboard Analysis.
 * Feature-barcode Matrix Market folder: ``matrix.mtx.gz`` (features x barcodes, 1-based coordinates),
   ``barcodes.tsv.gz`` and ``features.tsv.gz`` (id, name, type; no header).
-* Xenium output folder (XOA >= 2.0 conventions): ``experiment.xenium`` (JSON), ``cells.csv.gz`` /
-  ``cells.parquet``, ``cell_feature_matrix.h5`` / ``cell_feature_matrix/``, ``transcripts.parquet``,
-  ``cells.zarr.zip`` (cell ids, cell summary, label masks, polygon sets), ``cell_boundaries.parquet``,
-  ``nucleus_boundaries.parquet``, ``morphology_focus/morphology_focus_0000.ome.tif``. Positions in µm; the
-  morphology image and label masks in pixels of ``pixel_size`` µm with origin at (0, 0) µm.
+* Xenium output folder (XOA 1.x-4.x file layouts): ``experiment.xenium`` (JSON), ``cells.csv.gz`` /
+  ``cells.parquet``, ``cell_feature_matrix.h5`` / ``cell_feature_matrix/``, ``transcripts.parquet`` /
+  ``transcripts.csv.gz``, ``cells.zarr.zip`` (XOA >= 2.0: cell ids, cell summary, label masks, polygon sets),
+  ``cell_boundaries`` / ``nucleus_boundaries`` (``.csv.gz`` in XOA 1.x, ``.parquet`` after), the morphology focus
+  image (``morphology_focus.ome.tif`` in XOA 1.x, one OME-TIFF per channel in ``morphology_focus/`` after).
+  Positions in µm; the morphology image and label masks in pixels of ``pixel_size`` µm with origin at (0, 0) µm.
 * Space Ranger ``outs/`` folder: ``filtered_feature_bc_matrix.h5`` / ``filtered_feature_bc_matrix/``,
   ``spatial/tissue_positions.csv`` (header) or ``spatial/tissue_positions_list.csv`` (no header),
   ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png``, ``spatial/tissue_lowres_image.png`` and
@@ -50,8 +51,6 @@ __all__ = [
     "xenium_cell_ids",
 ]
 
-#: ``analysis_sw_version`` written to ``experiment.xenium`` and the Xenium HDF5 attributes.
-XENIUM_SOFTWARE_VERSION = "xenium-2.0.0.10"
 #: ``software_version`` written to the Space Ranger HDF5 attributes.
 SPACERANGER_SOFTWARE_VERSION = "spaceranger-2.1.0"
 
@@ -358,8 +357,10 @@ def _disc_tiles(
             yield y0, x0, block
 
 
-def _write_ome_tiff(path: Path, image: np.ndarray | None, pixel_size: float, tiles: Any = None, shape=None) -> None:
-    """Write a 2D uint16 OME-TIFF (single DAPI channel), tiled and zlib-compressed, with physical pixel size."""
+def _write_ome_tiff(
+    path: Path, image: np.ndarray | None, pixel_size: float, tiles: Any = None, shape=None, channel: str = "DAPI"
+) -> None:
+    """Write a 2D uint16 OME-TIFF (one channel, named), tiled and zlib-compressed, with physical pixel size."""
     import tifffile
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +370,7 @@ def _write_ome_tiff(path: Path, image: np.ndarray | None, pixel_size: float, til
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": float(pixel_size),
         "PhysicalSizeYUnit": "µm",
-        "Channel": {"Name": ["DAPI"]},
+        "Channel": {"Name": [channel]},
     }
     if image is not None:
         tifffile.imwrite(path, image, ome=True, metadata=metadata, tile=(256, 256), compression="zlib")
@@ -515,9 +516,12 @@ def write_xenium(
     cells_format: str = "csv.gz",
     matrix_format: str = "h5",
     transcripts_format: str = "parquet",
+    xoa_version: int = 2,
+    boundaries: bool | None = None,
+    experiment: bool | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a Xenium Onboard Analysis output folder.
+    """Write a Xenium Onboard Analysis output folder (XOA 1.x-4.x file layouts).
 
     Parameters
     ----------
@@ -536,9 +540,10 @@ def write_xenium(
         Optional, columns ``feature_name``, ``x_location``, ``y_location`` (µm) and optionally ``transcript_id``,
         ``cell_id`` (``"UNASSIGNED"`` when not in a cell), ``overlaps_nucleus``, ``z_location`` (µm), ``qv``.
     morphology
-        Optional 2D uint16 ``(y, x)`` DAPI-like image with pixels of ``pixel_size`` µm, pixel ``(0, 0)`` covering
-        ``[0, pixel_size)²`` µm. Written as ``morphology_focus/morphology_focus_0000.ome.tif``. With
-        ``layout="full"`` and no image, one is rendered from the nuclei (discs of ``nucleus_area``).
+        Optional uint16 ``(y, x)`` DAPI-like image, or ``(c, y, x)`` with 4 channels (DAPI, boundary, interior
+        RNA, interior protein stains), pixels of ``pixel_size`` µm, pixel ``(0, 0)`` covering ``[0, pixel_size)²``
+        µm. Written as the XOA version writes it (see ``xoa_version``). With ``layout="full"`` and no image, one is
+        rendered from the nuclei (discs of ``nucleus_area``).
     pixel_size
         Morphology/label pixel size (µm per pixel), written to ``experiment.xenium`` in the full layout.
     layout
@@ -554,6 +559,17 @@ def write_xenium(
         ``"h5"`` (``cell_feature_matrix.h5``) or ``"mtx"`` (``cell_feature_matrix/``), minimal layout.
     transcripts_format
         ``"parquet"`` (``transcripts.parquet``) or ``"csv.gz"`` (``transcripts.csv.gz``).
+    xoa_version
+        Xenium Onboard Analysis major version whose file layout is written: ``1`` (``morphology_focus.ome.tif`` and
+        ``morphology_mip.ome.tif``, DAPI only; boundaries as ``*.csv.gz``), ``2`` or ``3``
+        (``morphology_focus/morphology_focus_0000.ome.tif`` ... one file per channel; boundaries as parquet) or
+        ``4`` (``morphology_focus/ch0000_dapi.ome.tif``, ``ch0001_atp1a1_cd45_e-cadherin.ome.tif`` ...). Its
+        ``analysis_sw_version`` goes into ``experiment.xenium``. ``layout="full"`` needs ``2`` or ``3``.
+    boundaries
+        Write ``cell_boundaries`` / ``nucleus_boundaries`` (13-gons of ``cell_area`` / ``nucleus_area``); default:
+        with ``layout="full"`` only.
+    experiment
+        Write ``experiment.xenium``; default: with ``layout="full"`` only.
     overwrite
         Replace a non-empty ``out_dir``.
 
@@ -569,8 +585,14 @@ def write_xenium(
         raise ValueError(f"matrix_format must be 'h5' or 'mtx', got {matrix_format!r}.")
     if transcripts_format not in ("parquet", "csv.gz"):
         raise ValueError(f"transcripts_format must be 'parquet' or 'csv.gz', got {transcripts_format!r}.")
+    if xoa_version not in XOA_VERSIONS:
+        raise ValueError(f"xoa_version must be one of {sorted(XOA_VERSIONS)}, got {xoa_version!r}.")
+    if layout == "full" and xoa_version not in (2, 3):
+        raise ValueError(f"layout='full' writes an XOA 2.x/3.x folder (cells.zarr.zip), got xoa_version={xoa_version}.")
     if not pixel_size > 0:
         raise ValueError(f"pixel_size must be positive (µm per pixel), got {pixel_size}.")
+    boundaries = layout == "full" if boundaries is None else bool(boundaries)
+    experiment = layout == "full" if experiment is None else bool(experiment)
     cells = _check_cells(cells)
     cell_ids = cells["cell_id"].to_numpy()
     if layout == "full":
@@ -579,40 +601,49 @@ def write_xenium(
     mat = _as_counts(counts, len(cells), len(feature_ids))
     if morphology is not None:
         morphology = np.asarray(morphology)
-        if morphology.ndim != 2:
-            raise ValueError(f"morphology must be a 2D (y, x) image, got shape {morphology.shape}.")
+        if morphology.ndim == 2:
+            morphology = morphology[None]
+        if morphology.ndim != 3 or morphology.shape[0] not in (1, 4):
+            raise ValueError(f"morphology must be (y, x) or (c, y, x) with 1 or 4 channels, got {morphology.shape}.")
         morphology = morphology.astype(np.uint16, copy=False)
     tx = _check_transcripts(transcripts) if transcripts is not None else None
 
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
+    sw_version = XOA_VERSIONS[xoa_version]
     h5_kwargs = {
         "genome": "Unknown",
         "library_id": "xenium",
         "chemistry_description": "Xenium",
-        "software_version": XENIUM_SOFTWARE_VERSION,
+        "software_version": sw_version,
     }
     mtx_args = (mat, cell_ids, feature_ids, feature_names, feature_types)
+    x = cells["x_centroid"].to_numpy(np.float64)
+    y = cells["y_centroid"].to_numpy(np.float64)
+    cell_r = np.sqrt(np.clip(cells["cell_area"].to_numpy(np.float64), 0, None) / np.pi)
+    nuc_r = np.sqrt(np.clip(cells["nucleus_area"].to_numpy(np.float64), 0, None) / np.pi)
+    if boundaries:
+        fmt = "csv.gz" if xoa_version == 1 else "parquet"
+        _write_table(_disc_polygons(cell_ids, x, y, cell_r), out / f"cell_boundaries.{fmt}", fmt)
+        _write_table(_disc_polygons(cell_ids, x, y, nuc_r), out / f"nucleus_boundaries.{fmt}", fmt)
+    if experiment:
+        _write_experiment(out, cells, feature_ids, feature_types, tx, pixel_size, xoa_version)
 
     if layout == "minimal":
         _write_table(cells, out / f"cells.{cells_format}", cells_format)
         if matrix_format == "h5":
             write_feature_matrix_h5(out / "cell_feature_matrix.h5", *mtx_args, **h5_kwargs)
         else:
-            write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=XENIUM_SOFTWARE_VERSION)
+            write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=sw_version)
         if tx is not None:
             _write_table(tx, out / f"transcripts.{transcripts_format}", transcripts_format)
         if morphology is not None:
-            _write_ome_tiff(out / "morphology_focus" / "morphology_focus_0000.ome.tif", morphology, pixel_size)
+            _write_morphology(out, morphology, pixel_size, xoa_version)
         return out
 
     # --- full layout ---------------------------------------------------------------------------------------------
-    x = cells["x_centroid"].to_numpy(np.float64)
-    y = cells["y_centroid"].to_numpy(np.float64)
-    cell_r = np.sqrt(np.clip(cells["cell_area"].to_numpy(np.float64), 0, None) / np.pi)
-    nuc_r = np.sqrt(np.clip(cells["nucleus_area"].to_numpy(np.float64), 0, None) / np.pi)
     if morphology is not None:
-        shape = morphology.shape
+        shape = morphology.shape[1:]
     else:
         extent_x = float(np.max(x + cell_r, initial=0.0))
         extent_y = float(np.max(y + cell_r, initial=0.0))
@@ -626,18 +657,15 @@ def write_xenium(
     _write_table(cells_full, out / "cells.csv.gz", "csv.gz")
     _write_table(cells_full, out / "cells.parquet", "parquet")
     write_feature_matrix_h5(out / "cell_feature_matrix.h5", *mtx_args, **h5_kwargs)
-    write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=XENIUM_SOFTWARE_VERSION)
-    _disc_polygons(cell_ids, x, y, cell_r).to_parquet(out / "cell_boundaries.parquet", index=False)
-    _disc_polygons(cell_ids, x, y, nuc_r).to_parquet(out / "nucleus_boundaries.parquet", index=False)
+    write_feature_matrix_mtx(out / "cell_feature_matrix", *mtx_args, software_version=sw_version)
     _write_cells_zarr(out / "cells.zarr.zip", cells, shape, pixel_size)
     if tx is None:
         tx = _check_transcripts(pd.DataFrame({c: pd.Series(dtype=float) for c in _TRANSCRIPT_COLUMNS}))
     _write_table(tx, out / "transcripts.parquet", "parquet")
     if transcripts_format == "csv.gz":
         _write_table(tx, out / "transcripts.csv.gz", "csv.gz")
-    morph_path = out / "morphology_focus" / "morphology_focus_0000.ome.tif"
     if morphology is not None:
-        _write_ome_tiff(morph_path, morphology, pixel_size)
+        _write_morphology(out, morphology, pixel_size, xoa_version)
     else:
         tiles = (
             block
@@ -653,15 +681,43 @@ def write_xenium(
             )
         )
         padded = (_pad_tile(b, 256) for b in tiles)
-        _write_ome_tiff(morph_path, None, pixel_size, tiles=padded, shape=shape)
+        _write_ome_tiff(_focus_paths(out, 1, xoa_version)[0], None, pixel_size, tiles=padded, shape=shape)
+    return out
 
+
+#: XOA major version -> ``analysis_sw_version`` written by :func:`write_xenium`
+XOA_VERSIONS = {1: "xenium-1.9.0.2", 2: "xenium-2.0.0.10", 3: "xenium-3.1.0.4", 4: "xenium-4.0.0.8"}
+#: morphology focus channels (XOA >= 2 with the multi-tissue stain) and the file-name stems XOA 4 gives them
+FOCUS_CHANNELS = ("DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin")
+_FOCUS_STEMS_V4 = ("dapi", "atp1a1_cd45_e-cadherin", "18s", "alphasma_vimentin")
+
+
+def _focus_paths(out: Path, n_channels: int, xoa_version: int) -> list[Path]:
+    if xoa_version == 1:
+        return [out / "morphology_focus.ome.tif"]
+    if xoa_version == 4:
+        return [out / "morphology_focus" / f"ch{i:04d}_{_FOCUS_STEMS_V4[i]}.ome.tif" for i in range(n_channels)]
+    return [out / "morphology_focus" / f"morphology_focus_{i:04d}.ome.tif" for i in range(n_channels)]
+
+
+def _write_morphology(out: Path, morphology: np.ndarray, pixel_size: float, xoa_version: int) -> None:
+    """One OME-TIFF per channel (XOA >= 2) or the DAPI focus + MIP images (XOA 1)."""
+    n = 1 if xoa_version == 1 else morphology.shape[0]
+    for i, path in enumerate(_focus_paths(out, n, xoa_version)):
+        _write_ome_tiff(path, morphology[i], pixel_size, channel=FOCUS_CHANNELS[i])
+    if xoa_version == 1:
+        _write_ome_tiff(out / "morphology_mip.ome.tif", morphology[0], pixel_size)
+
+
+def _write_experiment(out, cells, feature_ids, feature_types, tx, pixel_size: float, xoa_version: int) -> None:
     types = np.asarray(
         [feature_types] * len(feature_ids) if isinstance(feature_types, str) else feature_types, dtype=str
     )
     n_genes = int(np.sum(types == "Gene Expression"))
     n_tx = 0 if tx is None else len(tx)
+    focus = _focus_paths(Path("."), 1, xoa_version)[0].as_posix()
     experiment = {
-        "major_version": 5,
+        "major_version": {1: 3, 2: 5, 3: 5, 4: 6}[xoa_version],
         "minor_version": 0,
         "patch_version": 0,
         "run_name": "spatialdata-align synthetic",
@@ -680,18 +736,15 @@ def write_xenium(
         "panel_num_targets_custom": 0,
         "pixel_size": float(pixel_size),
         "instrument_sn": "0000",
-        "instrument_sw_version": "2.0.0.0",
-        "analysis_sw_version": XENIUM_SOFTWARE_VERSION,
+        "instrument_sw_version": XOA_VERSIONS[xoa_version].replace("xenium-", ""),
+        "analysis_sw_version": XOA_VERSIONS[xoa_version],
         "experiment_uuid": "00000000-0000-0000-0000-000000000000",
         "cassette_uuid": "00000000-0000-0000-0000-000000000000",
         "roi_uuid": "00000000-0000-0000-0000-000000000000",
         "z_step_size": 3.0,
         "well_uuid": "",
         "calibration_uuid": "00000000-0000-0000-0000-000000000000",
-        "images": {
-            "morphology_filepath": "morphology.ome.tif",
-            "morphology_focus_filepath": "morphology_focus/morphology_focus_0000.ome.tif",
-        },
+        "images": {"morphology_filepath": "morphology.ome.tif", "morphology_focus_filepath": focus},
         "xenium_explorer_files": {
             "transcripts_zarr_filepath": "transcripts.zarr.zip",
             "cells_zarr_filepath": "cells.zarr.zip",
@@ -701,7 +754,6 @@ def write_xenium(
         },
     }
     (out / "experiment.xenium").write_text(json.dumps(experiment, indent=4))
-    return out
 
 
 def _pad_tile(block: np.ndarray, tile: int) -> np.ndarray:

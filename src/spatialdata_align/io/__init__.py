@@ -18,18 +18,19 @@ Xenium, coordinate system ``xenium`` (µm): ``xenium_cells``, ``xenium_table``, 
 Delegation to spatialdata-io
 ----------------------------
 * Xenium, full Xenium Onboard Analysis folder: delegated to :func:`spatialdata_io.xenium` (labels, polygons,
-  transcripts, multiscale morphology, aligned images), then renamed, moved from its pixel system ``global`` to
-  ``xenium`` (µm) and its table rebuilt by the same code as the minimal layout. ``spatialdata_io.xenium`` cannot
-  read the minimal download (it opens ``experiment.xenium`` and ``cells.zarr.zip`` unconditionally and reads only
-  ``cells.parquet`` / ``cell_feature_matrix.h5``), so that layout has its own path here; the tests check that both
-  layouts give the same cells, counts and transcripts.
+  multiscale morphology, aligned images; transcripts are read here, with a unique index), then renamed, moved from
+  its pixel system ``global`` to ``xenium`` (µm) and its table rebuilt by the same code as the other layouts.
+  ``spatialdata_io.xenium`` cannot read a download without ``cells.zarr.zip`` (it opens ``experiment.xenium`` and
+  ``cells.zarr.zip`` unconditionally and reads only ``cells.parquet`` / ``cell_feature_matrix.h5``), so the other
+  layouts (and any full folder it fails on) have their own path here; the tests check that both give the same
+  cells, counts and transcripts.
 * Visium: **not** delegated. :func:`spatialdata_io.visium` (0.7.1) needs a ``dataset_id``, names elements
   ``<id>_...``, does not find the ``filtered_feature_bc_matrix/`` folder by itself (it then fails opening a
   non-existent ``.h5``), reads neither ``tissue_positions.parquet`` nor the CytAssist image, asserts on malformed
   position files and, without ``scalefactors_json.json``, fails with an ``UnboundLocalError``; wrapping it would
-  need as much code as reading the four small files directly, with worse errors. The counts are read by scanpy. :func:`read_visium` reads them itself; the tests check that counts, gene order, spot positions
-  and radii, hires/lowres pixels and their transformations equal those of ``spatialdata_io.visium`` on the same
-  folder.
+  need as much code as reading the four small files directly, with worse errors. :func:`read_visium` reads them
+  itself (the counts with scanpy); the tests check that counts, gene order, spot positions and radii, hires/lowres
+  pixels and their transformations equal those of ``spatialdata_io.visium`` on the same folder.
 """
 
 from __future__ import annotations

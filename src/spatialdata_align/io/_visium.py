@@ -266,13 +266,14 @@ def spatial_image_elements(images: dict[str, np.ndarray], scalefactors: dict) ->
 def spatial_uns(library_id: str, images: dict[str, np.ndarray], scalefactors: dict, metadata: dict | None = None):
     """``uns['spatial']`` in the scanpy/squidpy layout: ``{library_id: {'images', 'scalefactors', 'metadata'}}``.
 
-    ``images`` maps image element names to ``(c, y, x)`` arrays; the hires and lowres images go in as ``'hires'`` /
-    ``'lowres'`` ``(y, x, c)`` views (no copy), so :func:`scanpy.pl.spatial` and ``squidpy.pl.spatial_scatter``
-    draw ``obsm['spatial']`` (full-resolution pixels) on them with their ``tissue_<res>_scalef``.
+    ``images`` maps image element names (or ``'hires'`` / ``'lowres'``) to ``(c, y, x)`` arrays; the hires and
+    lowres images go in as ``'hires'`` / ``'lowres'`` ``(y, x, c)`` views (no copy), so :func:`scanpy.pl.spatial`
+    and ``squidpy.pl.spatial_scatter`` draw ``obsm['spatial']`` (full-resolution pixels) on them with their
+    ``tissue_<res>_scalef``.
     """
     imgs = {}
     for name, arr in images.items():
-        key = SPATIAL_IMAGES[name][2] if name in SPATIAL_IMAGES else None
+        key = SPATIAL_IMAGES[name][2] if name in SPATIAL_IMAGES else name if name in ("hires", "lowres") else None
         if key is not None:
             imgs[key] = np.asarray(arr).transpose(1, 2, 0)
     return {

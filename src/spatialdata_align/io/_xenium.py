@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .._constants import (
 from .._elements import parse_lazy_points
 from ._files import check_folder, find_first, folder_listing, missing
 from ._matrix import features_of, read_feature_matrix
+from ._transcripts import read_transcripts_csv, read_transcripts_parquet
 
 __all__ = ["XENIUM_PIXEL_SIZE", "read_xenium"]
 
@@ -50,8 +52,6 @@ _MATRIX_H5 = "cell_feature_matrix.h5"
 _MATRIX_DIR = "cell_feature_matrix"
 _TRANSCRIPT_FILES = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
 _CELLS_REQUIRED = ("cell_id", "x_centroid", "y_centroid")
-#: target partition size of lazily read transcripts (memory of each partition-wise pass)
-TRANSCRIPT_BLOCKSIZE = "32MiB"
 _TRANSCRIPTS_REQUIRED = ("feature_name", "x_location", "y_location")
 _FOCUS_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
 
@@ -234,49 +234,12 @@ def _align_matrix(mat: ad.AnnData, cells: pd.DataFrame, cells_file: Path) -> spa
     return mat.X[pos.get_indexer(ids)]
 
 
-def _parquet_rows(file: Path) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(file).metadata.num_rows
-    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise ValueError(f"{file} is not a readable parquet file ({type(e).__name__}: {e}).") from None
-
-
 def _read_transcripts(file: Path):
-    """Lazy transcripts (``None`` for an empty parquet file: nothing to show, and the models reject it)."""
-    import dask.dataframe as dd
-
-    if file.name.endswith(".parquet") and _parquet_rows(file) == 0:
+    """Lazy transcripts with a unique index (``None`` for an empty parquet file: the models reject it)."""
+    ddf = read_transcripts_parquet(file) if file.name.endswith(".parquet") else read_transcripts_csv(file)
+    if ddf is None:
         return None
-
-    try:
-        if file.name.endswith(".parquet"):
-            # small partitions (by row group / ~32 MiB) keep every later pass bounded in memory
-            ddf = dd.read_parquet(file, blocksize=TRANSCRIPT_BLOCKSIZE)
-        else:
-            ddf = dd.read_csv(file, blocksize=None, dtype={"cell_id": str, "feature_name": str})  # gzip: one block
-        columns = list(ddf.columns)
-    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
-    lacking = [c for c in _TRANSCRIPTS_REQUIRED if c not in columns]
-    if lacking:
-        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {columns}.")
-    try:
-        sample = ddf[["feature_name"]].head(1)
-        needs_decode = len(sample) > 0 and isinstance(sample["feature_name"].iloc[0], bytes)
-        names = ddf["feature_name"].drop_duplicates().compute()  # one column, not the whole table
-    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
-    if needs_decode:
-        names = names.str.decode("utf-8")
-    cat = pd.CategoricalDtype(categories=pd.Index(names.astype(str).unique()))
-    if needs_decode:
-        ddf["feature_name"] = ddf["feature_name"].map_partitions(
-            lambda s: s.str.decode("utf-8").astype(cat), meta=pd.Series(dtype=cat)
-        )
-    else:
-        ddf["feature_name"] = ddf["feature_name"].astype(cat)
+    columns = list(ddf.columns)
     coords = {"x": "x_location", "y": "y_location"}
     if "z_location" in columns:
         coords["z"] = "z_location"
@@ -289,22 +252,58 @@ def _read_transcripts(file: Path):
     )
 
 
-def _read_morphology(path: Path, pixel_size: float) -> dict:
+def focus_files(path: Path) -> list[Path]:
+    """The morphology focus image, one file per channel, of any XOA version (channel order).
+
+    XOA 1.x: ``morphology_focus.ome.tif``; 2.x-3.x: ``morphology_focus/morphology_focus_0000.ome.tif`` ... (1 or 4
+    files); 4.x: ``morphology_focus/ch0000_dapi.ome.tif``, ``ch0001_<stain>.ome.tif`` ...
+    """
+    folder = path / "morphology_focus"
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.name.endswith(".ome.tif") and not p.name.startswith("._"))
+        v2 = [p for p in files if re.fullmatch(r"morphology_focus_\d{4}\.ome\.tif", p.name)]
+        v4 = [p for p in files if re.fullmatch(r"ch\d{4}_.+\.ome\.tif", p.name)]
+        if v2 or v4:
+            return v2 or v4
+    single = path / "morphology_focus.ome.tif"
+    return [single] if single.is_file() else []
+
+
+def _ome_channel_names(file: Path) -> list[str]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(file) as tif:
+            xml = tif.ome_metadata or ""
+    except Exception:  # names are a nicety; the image itself is read (and checked) elsewhere
+        return []
+    return re.findall(r"<Channel\b[^>]*\bName=\"([^\"]+)\"", xml)
+
+
+def _channel_names(files: list[Path]) -> list[str]:
+    if files[0].name.startswith("morphology_focus"):
+        if len(files) == 1:
+            return ["DAPI"]
+        if len(files) == 4:
+            return list(_FOCUS_CHANNELS_4)
+    names = []
+    for i, f in enumerate(files):
+        ome = _ome_channel_names(f)
+        if len(ome) == len(files):
+            names.append(ome[i])
+        elif len(ome) == 1:
+            names.append(ome[0])
+        else:
+            names.append(f.name.removesuffix(".ome.tif").split("_", 1)[-1])
+    return names if len(set(names)) == len(names) else [f"channel_{i}" for i in range(len(files))]
+
+
+def _read_channels(files: list[Path]):
+    import dask.array as da
     from dask_image.imread import imread
 
-    found = {}
-    focus_dir = path / "morphology_focus"
-    focus = (
-        find_first(focus_dir, ("morphology_focus_0000.ome.tif", "ch0000_dapi.ome.tif")) if focus_dir.is_dir() else None
-    )
-    focus = focus or find_first(path, ("morphology_focus.ome.tif",))
-    if focus is not None:
-        found["focus"] = focus
-    mip = find_first(path, ("morphology_mip.ome.tif",))
-    if mip is not None:
-        found["mip"] = mip
-    images = {}
-    for key, file in found.items():
+    planes = []
+    for file in files:
         try:
             image = imread(str(file))
         except Exception as e:  # tifffile/pims raise many types
@@ -313,17 +312,69 @@ def _read_morphology(path: Path, pixel_size: float) -> dict:
             image = image[None]
         if image.ndim != 3:
             raise ValueError(f"{file}: expected a 2D (or channels x y x x) image, found shape {image.shape}.")
+        planes.append(image)
+    shapes = {p.shape[1:] for p in planes}
+    if len(shapes) > 1:
+        raise ValueError(f"the morphology channel files {[f.name for f in files]} differ in size: {sorted(shapes)}.")
+    return da.concatenate(planes, axis=0) if len(planes) > 1 else planes[0]
+
+
+def _read_morphology(path: Path, pixel_size: float) -> dict:
+    found = {}
+    focus = focus_files(path)
+    if focus:
+        found["focus"] = focus
+    mip = find_first(path, ("morphology_mip.ome.tif",))
+    if mip is not None:
+        found["mip"] = [mip]
+    images = {}
+    for key, files in found.items():
+        image = _read_channels(files)
         n_c = image.shape[0]
-        c_coords = ["DAPI"] if n_c == 1 else _FOCUS_CHANNELS_4 if n_c == 4 else None
+        names = _channel_names(files) if len(files) > 1 else ["DAPI"] if n_c == 1 else None
+        if names is None and n_c == 4:
+            names = list(_FOCUS_CHANNELS_4)
         images[f"{XENIUM_MORPHOLOGY}_{key}"] = Image2DModel.parse(
             image,
             dims=("c", "y", "x"),
-            c_coords=c_coords,
+            c_coords=names,
             scale_factors=[2, 2, 2, 2],
             chunks=(1, 4096, 4096),
             transformations={XENIUM_CS: Scale([pixel_size, pixel_size], axes=("x", "y"))},
         )
     return images
+
+
+def morphology_thumbnail(path: Path, max_px: int = 2000) -> tuple[np.ndarray, float] | None:
+    """A small uint8 RGB (grey) copy of the DAPI focus image for ``uns['spatial']``, and its downsampling factor.
+
+    Reads the file's own pyramid level with at most ``max_px`` pixels on its long side (real XOA images are
+    pyramidal OME-TIFFs, so this never decodes the full image), else strides through a level of at most 16384 px;
+    ``None`` when there is no focus image or only a larger one without pyramid.
+    """
+    import tifffile
+
+    files = focus_files(path)
+    if not files:
+        return None
+    try:
+        with tifffile.TiffFile(files[0]) as tif:
+            levels = tif.series[0].levels
+            full = levels[0].shape[-2:]
+            level = next((lv for lv in levels if max(lv.shape[-2:]) <= max_px), levels[-1])
+            if max(level.shape[-2:]) > 16384:
+                return None
+            arr = np.asarray(level.asarray())
+    except Exception:  # a thumbnail is optional; _read_morphology reports unreadable images
+        return None
+    while arr.ndim > 2:
+        arr = arr[0]
+    step = int(np.ceil(max(arr.shape) / max_px))
+    factor = full[-1] / arr.shape[-1] * step  # full-resolution pixels per thumbnail pixel
+    arr = arr[::step, ::step].astype(np.float64)
+    hi = np.percentile(arr, 99.5) if arr.size else 1.0
+    grey = np.clip(arr / max(hi, 1e-9) * 255, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2), float(factor)
 
 
 def _read_minimal(path: Path, specs: dict | None, pixel_size: float, opts: dict) -> SpatialData:
@@ -360,16 +411,78 @@ def _assemble(
         points = {XENIUM_CELLS: cells_el, **points}
     else:
         shapes[XENIUM_CELLS] = cells_el
-    if minimal and opts["transcripts"]:
+    if opts["transcripts"]:  # both layouts: our reader gives the transcripts a unique index
         tx = find_first(path, _TRANSCRIPT_FILES)
         tx_points = _read_transcripts(tx) if tx is not None else None
         if tx_points is not None:
             points[XENIUM_TRANSCRIPTS] = tx_points
     if minimal and opts["images"]:
         images.update(_read_morphology(path, pixel_size))
+    if minimal and opts["boundaries"]:
+        for name in (XENIUM_CELL_BOUNDARIES, XENIUM_NUCLEUS_BOUNDARIES):
+            stem = name.removeprefix(f"{XENIUM_CS}_")  # cell_boundaries, nucleus_boundaries
+            file = find_first(path, (f"{stem}.parquet", f"{stem}.csv.gz", f"{stem}.csv"))
+            if file is not None:
+                shapes[name] = read_boundaries(file)
     for kind, elements in extra.items():
         {"shapes": shapes, "images": images, "labels": labels, "points": points}[kind].update(elements)
+    table.uns["spatial"] = _spatial_uns(path, table, pixel_size if opts["images"] else None)
     return SpatialData(images=images, labels=labels, points=points, shapes=shapes, tables={XENIUM_TABLE: table})
+
+
+def _spatial_uns(path: Path, table: ad.AnnData, pixel_size: float | None) -> dict:
+    """``uns['spatial']`` for scanpy/squidpy: cells (µm) on a small DAPI image (``tissue_hires_scalef`` = px/µm)."""
+    from ._visium import spatial_uns
+
+    area = pd.to_numeric(table.obs.get("cell_area", pd.Series(dtype=float)), errors="coerce").to_numpy()
+    area = area[np.isfinite(area) & (area > 0)]
+    diameter = float(2 * np.sqrt(np.median(area) / np.pi)) if len(area) else 10.0
+    scalefactors = {"spot_diameter_fullres": diameter}
+    images = {}
+    thumb = morphology_thumbnail(path) if pixel_size is not None else None
+    if thumb is not None:
+        images["hires"], factor = thumb[0].transpose(2, 0, 1), thumb[1]
+        scalefactors["tissue_hires_scalef"] = 1.0 / (pixel_size * factor)
+    library = str(table.uns.get(UNS_XENIUM_KEY, {}).get("region_name") or "xenium")
+    return spatial_uns(library, images, scalefactors, {"source": str(path), "units": "um"})
+
+
+def read_boundaries(file: Path):
+    """Xenium cell or nucleus boundaries (``cell_id``, ``vertex_x``, ``vertex_y`` in µm; parquet or CSV) as polygons.
+
+    One polygon per cell, index = ``cell_id``, in ``xenium`` (µm); a cell with several rings (XOA >= 2 nuclei, told
+    apart by ``label_id``) becomes a MultiPolygon. Rings are closed if the file does not repeat the first vertex.
+    """
+    import geopandas as gpd
+    import shapely
+
+    cols = ["cell_id", "vertex_x", "vertex_y"]
+    try:
+        df = pd.read_parquet(file) if file.suffix == ".parquet" else pd.read_csv(file, compression="infer")
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError) as e:
+        raise ValueError(f"{file} could not be read as Xenium boundaries ({type(e).__name__}: {e}).") from None
+    lacking = [c for c in cols if c not in df.columns]
+    if lacking:
+        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {list(df.columns)}.")
+    ids = _decode_str(df["cell_id"])
+    ring_key = ids + "\x00" + df["label_id"].astype(str) if "label_id" in df.columns else ids
+    ring, _ = pd.factorize(ring_key, sort=False)
+    order = np.argsort(ring, kind="stable")
+    xy = df[["vertex_x", "vertex_y"]].to_numpy(np.float64)[order]
+    ring = ring[order]
+    try:
+        rings = shapely.linearrings(xy, indices=ring)
+    except (ValueError, shapely.errors.GEOSException) as e:
+        raise ValueError(f"{file}: a boundary has fewer than 3 vertices ({e}).") from None
+    ring_cell = pd.Index(ids.to_numpy()[order][np.r_[0, np.flatnonzero(np.diff(ring)) + 1]])
+    cell, cells = pd.factorize(ring_cell, sort=False)
+    polys = shapely.polygons(rings)
+    if len(cells) < len(polys):
+        geoms = shapely.multipolygons(polys, indices=cell)
+    else:
+        geoms = polys
+    gdf = gpd.GeoDataFrame(geometry=geoms, index=pd.Index(cells.astype(str), name=None))
+    return ShapesModel.parse(gdf, transformations={XENIUM_CS: Identity()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,8 +498,7 @@ def _is_full(path: Path) -> bool:
 def _read_full(path: Path, specs: dict, pixel_size: float, opts: dict) -> SpatialData:
     import spatialdata_io
 
-    has = {f: (path / f).exists() for f in ("transcripts.parquet", "cell_boundaries.parquet")}
-    has["transcripts.parquet"] = has["transcripts.parquet"] and _parquet_rows(path / "transcripts.parquet") > 0
+    has = {f: (path / f).exists() for f in ("cell_boundaries.parquet",)}
     version = str(specs.get("analysis_sw_version", ""))
     v2 = not version.startswith(("xenium-1.", "Xenium-1."))
     focus_ok = (path / "morphology_focus").is_dir() if v2 else (path / "morphology_focus.ome.tif").is_file()
@@ -396,7 +508,7 @@ def _read_full(path: Path, specs: dict, pixel_size: float, opts: dict) -> Spatia
         "cells_as_circles": False,
         "cells_labels": opts["labels"],
         "nucleus_labels": opts["labels"],
-        "transcripts": opts["transcripts"] and has["transcripts.parquet"],
+        "transcripts": False,  # read by _read_transcripts (unique index), see _assemble
         "morphology_mip": opts["images"] and (path / "morphology_mip.ome.tif").is_file(),
         "morphology_focus": opts["images"] and focus_ok,
         "aligned_images": opts["images"],
@@ -462,21 +574,25 @@ def read_xenium(
     labels: bool = False,
     pixel_size: float | None = None,
 ) -> SpatialData:
-    """Read a 10x Xenium output folder into :class:`~spatialdata.SpatialData` (coordinate system ``xenium``, µm).
+    """Read a 10x Xenium output folder (XOA 1.x-4.x) into :class:`~spatialdata.SpatialData` (``xenium``, µm).
 
     The layout is detected from the files present:
 
     * **full** Xenium Onboard Analysis output (``experiment.xenium``, ``cells.zarr.zip``, ``cells.parquet`` and
       ``cell_feature_matrix.h5`` all present): read with :func:`spatialdata_io.xenium`, then renamed to the names
-      below, moved from its pixel system ``global`` to ``xenium`` (µm) and the table rebuilt as for the minimal
-      layout;
-    * **minimal** download: ``cells.parquet`` / ``cells.csv.gz`` / ``cells.csv`` plus ``cell_feature_matrix.h5``
-      or the ``cell_feature_matrix/`` folder (``matrix.mtx.gz``, ``barcodes.tsv.gz``, ``features.tsv.gz``),
-      optionally ``transcripts.parquet`` / ``transcripts.csv.gz`` and a morphology image
-      (``morphology_focus/morphology_focus_0000.ome.tif``, ``morphology_focus.ome.tif``,
-      ``morphology_mip.ome.tif``).
+      below, moved from its pixel system ``global`` to ``xenium`` (µm) and the table rebuilt as for the other
+      layouts; should spatialdata-io fail on it (a version it does not know), a warning says so and the folder is
+      read as below;
+    * any other folder (a download, an older or newer XOA version): the cells table (``cells.parquet``,
+      ``cells.csv.gz`` or ``cells.csv``; integer ids of XOA 1.0-1.2 or string ids), ``cell_feature_matrix.h5`` or
+      the ``cell_feature_matrix/`` folder, and whichever of these exist: ``transcripts.parquet`` /
+      ``transcripts.csv.gz``, ``cell_boundaries`` / ``nucleus_boundaries`` (``.parquet`` or ``.csv.gz``), the
+      morphology focus image (XOA 1.x ``morphology_focus.ome.tif``; 2.x-3.x
+      ``morphology_focus/morphology_focus_0000.ome.tif`` ... and 4.x ``morphology_focus/ch0000_dapi.ome.tif`` ...,
+      one OME-TIFF per channel, stacked into one multichannel image), ``morphology_mip.ome.tif`` and
+      ``experiment.xenium`` (pixel size, software version).
 
-    Both layouts give the same cells, table and transcripts. Inputs on disk are never modified.
+    All layouts give the same cells, table and transcripts. Inputs on disk are never modified.
 
     Parameters
     ----------
@@ -489,7 +605,7 @@ def read_xenium(
     images
         Read the morphology image(s) (and, in the full layout, aligned H&E/IF images) when present.
     boundaries
-        Full layout: read cell and nucleus boundary polygons.
+        Read cell and nucleus boundary polygons when present.
     labels
         Full layout: read the cell and nucleus segmentation label rasters (``xenium_cell_labels``,
         ``xenium_nucleus_labels``).
@@ -510,10 +626,15 @@ def read_xenium(
       ``uns['control_features']``); ``uns['xenium']`` holds the layout, ``pixel_size`` (µm/px) and
       software version;
     * ``xenium_transcripts`` (if present): lazy points ``x``, ``y`` (, ``z``) µm, categorical ``feature_name``,
-      ``cell_id``, ``qv``, ...;
+      ``cell_id``, ``qv``, ...; a unique index (row number in the file, known dask divisions), so
+      ``spatialdata.transform``, queries and ``render_points`` work on them lazily;
     * ``xenium_morphology_focus`` / ``xenium_morphology_mip`` (if present): multiscale images mapped to µm by
       ``Scale(pixel_size)``;
-    * full layout only: ``xenium_cell_boundaries``, ``xenium_nucleus_boundaries`` (polygons, µm), optional labels.
+    * ``xenium_cell_boundaries``, ``xenium_nucleus_boundaries`` (if present): polygons (µm), index = ``cell_id``;
+      ``sdata.align.apply`` aligns them like the cells; full layout only: optional labels;
+    * ``xenium_table.uns['spatial']`` in the scanpy layout: a small DAPI image with ``tissue_hires_scalef`` in
+      image pixels per µm and ``spot_diameter_fullres`` the median cell diameter (µm), so
+      :func:`scanpy.pl.spatial` draws the cells on the morphology with no extra arguments.
 
     Raises
     ------
@@ -538,5 +659,8 @@ def read_xenium(
         "labels": labels,
     }
     if specs is not None and _is_full(path):
-        return _read_full(path, specs, ps, opts)
+        try:
+            return _read_full(path, specs, ps, opts)
+        except ValueError as err:  # a layout spatialdata_io does not know yet: read the files it is made of
+            warnings.warn(f"{err} Reading its cells table, matrix, transcripts, boundaries and images directly.")
     return _read_minimal(path, specs, ps, opts)

@@ -1,0 +1,122 @@
+"""Xenium transcripts, read lazily with a unique, ordered index (known dask divisions).
+
+``dask.dataframe.read_parquet`` gives every partition its own ``RangeIndex`` starting at 0, so the index of the
+whole frame repeats; ``spatialdata.transform``, queries and spatialdata-plot's ``render_points`` then fail with
+"cannot reindex on an axis with duplicate labels". Here each partition (a run of parquet row groups of about
+``TRANSCRIPT_BLOCKSIZE`` bytes) gets the rows ``start .. stop - 1`` of the file as its index, from the parquet
+metadata alone, so the divisions are known before anything is read and the frame stays lazy. Column projection is
+kept (the partition reader takes ``columns=``), so ``ddf[["x", "y"]]`` reads two columns only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: target partition size of lazily read transcripts (memory of each partition-wise pass)
+TRANSCRIPT_BLOCKSIZE = 32 * 2**20
+_REQUIRED = ("feature_name", "x_location", "y_location")
+
+
+def _read_row_groups(part: tuple[list[int], int, int], file: str, categories: pd.Index, columns=None) -> pd.DataFrame:
+    """One partition (a run of row groups) of a parquet file, with its global row numbers as index.
+
+    ``columns=`` lets dask project columns (only the columns a computation uses are read).
+    """
+    import pyarrow.parquet as pq
+
+    groups, start, stop = part
+    table = pq.ParquetFile(file).read_row_groups(groups, columns=None if columns is None else list(columns))
+    return _fix(table.to_pandas(), categories, start, stop)
+
+
+def _fix(df: pd.DataFrame, categories: pd.Index, start: int, stop: int) -> pd.DataFrame:
+    if "feature_name" in df.columns:
+        names = df["feature_name"]
+        if isinstance(names.dtype, pd.CategoricalDtype):
+            names = names.astype(object)
+        if len(names) and isinstance(names.iloc[0], bytes):
+            names = names.str.decode("utf-8")
+        df["feature_name"] = pd.Categorical(names.astype(str), categories=categories)
+    for col in ("cell_id",):
+        if col in df.columns and len(df) and isinstance(df[col].iloc[0], bytes):
+            df[col] = df[col].str.decode("utf-8")
+    df.index = pd.RangeIndex(start, stop)
+    return df
+
+
+def _categories(pf) -> pd.Index:
+    """Unique feature names, in order of first appearance, one row group at a time (dictionary-encoded)."""
+    seen: dict[str, None] = {}
+    for i in range(pf.metadata.num_row_groups):
+        for v in pf.read_row_group(i, columns=["feature_name"]).column(0).unique().to_pylist():
+            seen.setdefault(v.decode("utf-8") if isinstance(v, bytes) else str(v), None)
+    return pd.Index(list(seen))
+
+
+def read_transcripts_parquet(file: Path):
+    """``transcripts.parquet`` as a lazy dask frame with a unique index; ``None`` when it has no rows."""
+    import dask.dataframe as dd
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(file)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"{file} is not a readable parquet file ({type(e).__name__}: {e}).") from None
+    md = pf.metadata
+    if md.num_rows == 0:
+        return None
+    columns = list(pf.schema_arrow.names)
+    lacking = [c for c in _REQUIRED if c not in columns]
+    if lacking:
+        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {columns}.")
+    parts, groups, size, start, row = [], [], 0, 0, 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        groups.append(i)
+        size += rg.total_byte_size
+        row += rg.num_rows
+        if size >= TRANSCRIPT_BLOCKSIZE or i == md.num_row_groups - 1:
+            if row > start:
+                parts.append((groups, start, row))
+            groups, size, start = [], 0, row
+    categories = _categories(pf)
+    meta = _fix(pf.schema_arrow.empty_table().to_pandas(), categories, 0, 0)
+    divisions = (*(p[1] for p in parts), parts[-1][2] - 1)
+    return dd.from_map(
+        _read_row_groups,
+        parts,
+        file=str(file),
+        categories=categories,
+        meta=meta,
+        divisions=divisions,
+        enforce_metadata=False,
+    )
+
+
+def read_transcripts_csv(file: Path):
+    """``transcripts.csv(.gz)``: one partition (gzip cannot be split), so its ``RangeIndex`` is unique."""
+    import dask.dataframe as dd
+
+    try:
+        ddf = dd.read_csv(file, blocksize=None, dtype={"cell_id": str, "feature_name": str})
+        columns = list(ddf.columns)
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
+    lacking = [c for c in _REQUIRED if c not in columns]
+    if lacking:
+        raise ValueError(f"{file} lacks required column(s) {lacking}; it has {columns}.")
+    try:
+        names = ddf["feature_name"].drop_duplicates().compute()
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
+    cat = pd.CategoricalDtype(categories=pd.Index(names.astype(str).unique()))
+    ddf["feature_name"] = ddf["feature_name"].astype(cat)
+    return ddf
+
+
+def n_rows(ddf) -> int:
+    """Rows of a frame from :func:`read_transcripts_parquet` without reading it (known divisions)."""
+    return int(np.asarray(ddf.divisions)[-1]) + 1
