@@ -49,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "then give the affine: use one or the other)",
     )
     run.add_argument("--out", required=True, type=Path, help="output SpatialData zarr store (e.g. aligned.zarr)")
-    run.add_argument("--report", type=Path, help="report folder (PNGs, correlation CSV, summary)")
+    run.add_argument(
+        "--report", type=Path, help="report folder: index.html (open it in a browser), PNGs, CSVs, exports for R"
+    )
+    run.add_argument(
+        "--allow-flip",
+        action="store_true",
+        help="accept a mirrored alignment (the Visium section is mounted upside down); refused by default",
+    )
     _common(run)
 
     demo = sub.add_parser("demo", help="generate twin sections, align them and score against the truth")
@@ -72,6 +79,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gene", default="EGFR", help="gene shown side by side in the report (default EGFR)")
     p.add_argument("--device", default="cpu", help="torch device for LDDMM (cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run despite suspect inputs (the verdict is then 'unreliable'), and exit 0 even when the verdict is "
+        "'unreliable'",
+    )
+    p.add_argument(
+        "--loo",
+        choices=("lddmm", "affine", "none"),
+        default="lddmm",
+        help="held-out landmark error: refit affine + LDDMM without each landmark (default; a few extra LDDMM "
+        "runs), the affine only (instant), or none",
+    )
 
 
 def main(argv=None) -> int:
@@ -89,6 +109,8 @@ def main(argv=None) -> int:
         "verbose": verbose,
         "progress": verbose,
         "lddmm_params": {"device": args.device},
+        "force": args.force,
+        "loo": args.loo,
     }
     try:
         if args.command == "run":
@@ -103,6 +125,7 @@ def main(argv=None) -> int:
                 auto_init=args.auto_init,
                 out=args.out,
                 report=args.report,
+                flip=args.allow_flip,
                 **common,
             )
         else:
@@ -113,13 +136,38 @@ def main(argv=None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"spatialdata-align: error: {msg}", file=sys.stderr)
         return 2
+    s = res.summary
     if verbose:
-        s = res.summary
         print(
             f"done: {s['n_cells']} cells, {s['n_spots']} spots, {s['n_shared_genes']} shared genes; "
             f"time per stage (s): {s.get('time_per_stage_s')}"
         )
+    _print_verdict(s, verbose)
+    if res.verdict == "unreliable" and not args.force:
+        print(
+            "spatialdata-align: the verdict is 'unreliable' (reasons above); the outputs were written for "
+            "inspection. Exit status 3; rerun with --force to accept the result.",
+            file=sys.stderr,
+        )
+        return 3
     return 0
+
+
+def _print_verdict(summary: dict, verbose: bool) -> None:
+    """The CLI's last lines: the verdict, its reasons and the held-out error."""
+    from ._report import accuracy_lines
+
+    v = summary.get("verdict", {})
+    acc = summary.get("accuracy", {})
+    loo = acc.get("loo_lddmm_um") or acc.get("loo_affine_um")
+    est = f"; held-out landmark error median {loo['median']:.1f} µm, max {loo['max']:.1f} µm" if loo else ""
+    stream = sys.stderr if v.get("level") == "unreliable" else sys.stdout
+    if verbose:
+        for line in accuracy_lines(summary):
+            print(f"  {line}", file=stream)
+    for r in v.get("reasons", []):
+        print(f"  - {r}", file=stream)
+    print(f"verdict: {v.get('level', '?')}{est}", file=stream)
 
 
 if __name__ == "__main__":  # pragma: no cover

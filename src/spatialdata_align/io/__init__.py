@@ -41,6 +41,7 @@ from typing import Any
 
 from spatialdata import SpatialData
 
+from .._checks import check_pair_modalities
 from ._matrix import read_feature_matrix
 from ._visium import read_positions, read_scalefactors, read_visium, registration_target, visium_scalefactors
 from ._xenium import XENIUM_PIXEL_SIZE, read_xenium
@@ -93,6 +94,7 @@ def read_pair(
     TypeError
         A keyword argument neither reader accepts.
     """
+    check_pair_modalities(xenium_path, visium_path)
     xkw, vkw = dict(xenium_kwargs or {}), dict(visium_kwargs or {})
     xparams = set(inspect.signature(read_xenium).parameters) - {"path"}
     vparams = set(inspect.signature(read_visium).parameters) - {"path"}

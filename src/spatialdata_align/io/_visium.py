@@ -14,6 +14,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale
 
+from .._checks import check_finite, check_folder_modality, check_visium_geometry
 from .._constants import (
     INSTANCE_KEY,
     REGION_KEY,
@@ -151,6 +152,7 @@ def read_positions(file: str | Path) -> pd.DataFrame:
             if not np.all(vals == np.round(vals)):
                 raise ValueError(f"{file}: column {col!r} must hold integers.")
             out[col] = vals.astype(np.int64).to_numpy()
+    check_finite(out, file, ("pxl_col_in_fullres", "pxl_row_in_fullres"), ids=out["barcode"], what="pixel positions")
     if not out["in_tissue"].isin((0, 1)).all():
         raise ValueError(f"{file}: 'in_tissue' must be 0 or 1, found {sorted(out['in_tissue'].unique())[:5]}.")
     if not out["barcode"].is_unique:
@@ -403,6 +405,7 @@ def read_visium(
         matrix barcodes absent from the positions file (with counts).
     """
     path = check_folder(path, "Space Ranger outs")
+    check_folder_modality(path, "visium")
     if not (path / "spatial").is_dir() and (path / "outs").is_dir():
         path = path / "outs"
     counts_path = _find_counts(path, counts_file)
@@ -487,6 +490,10 @@ def read_visium(
     imgs = spatial_image_elements(image_arrays, scalefactors)
     if full_file is not None:
         imgs[VISIUM_FULLRES] = _read_fullres(full_file)
+    shown = {spatial / SPATIAL_IMAGES[n][0]: (imgs[n], SPATIAL_IMAGES[n][1]) for n in image_arrays}
+    if full_file is not None:
+        shown[full_file] = (imgs[VISIUM_FULLRES], None)
+    check_visium_geometry(positions, pos_file, scalefactors, sf_file, shown)
     return SpatialData(images=imgs, shapes={VISIUM_SPOTS: spots}, tables={VISIUM_TABLE: table})
 
 

@@ -16,6 +16,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, PointsModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, Scale, get_transformation, set_transformation
 
+from .._checks import check_finite, check_folder_modality
 from .._constants import (
     INSTANCE_KEY,
     REGION_KEY,
@@ -208,6 +209,7 @@ def _read_cells_file(file: Path) -> pd.DataFrame:
         if vals.isna().any():
             raise ValueError(f"{file}: column {c!r} has {int(vals.isna().sum())} missing or non-numeric value(s).")
         cells[c] = vals.astype(np.float64)
+    check_finite(cells, file, ("x_centroid", "y_centroid"), ids=cells["cell_id"], what="centroids")
     if not cells["cell_id"].is_unique:
         dup = cells["cell_id"][cells["cell_id"].duplicated()].unique()
         raise ValueError(f"{file}: 'cell_id' is not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}).")
@@ -529,6 +531,7 @@ def _read_full(path: Path, specs: dict, pixel_size: float, opts: dict) -> Spatia
     obs = io_table.obs.drop(columns=[c for c in ("region",) if c in io_table.obs.columns]).copy()
     obs["cell_id"] = _decode_str(obs["cell_id"])
     xy = np.asarray(io_table.obsm["spatial"], dtype=np.float64)
+    check_finite(xy, path / "cells.parquet", ("x_centroid", "y_centroid"), ids=obs["cell_id"], what="centroids")
     obs.insert(1, "x_centroid", xy[:, 0])
     obs.insert(2, "y_centroid", xy[:, 1])
     features = pd.DataFrame(
@@ -647,6 +650,7 @@ def read_xenium(
     if cells_as not in ("circles", "points"):
         raise ValueError(f"cells_as must be 'circles' or 'points', got {cells_as!r}.")
     path = check_folder(path, "Xenium output")
+    check_folder_modality(path, "xenium")
     if find_first(path, _CELLS_FILES) is None and (path / "outs").is_dir():
         path = path / "outs"
     specs = _read_specs(path)

@@ -1,0 +1,416 @@
+"""Wrong inputs are caught before any work: a clear message naming the file, inputs untouched, no output left.
+
+Each case copies the folders of one small generated twin into a temporary folder, corrupts the copy the way
+a user's folder gets corrupted, and runs ``spatialdata-align run`` on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import spatialdata_align as sda
+from spatialdata_align import _checks
+from spatialdata_align.cli import main
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    return sda.datasets.twin_sections(tmp_path_factory.mktemp("checks"), n_cells=1500, n_spots=120, seed=4)
+
+
+@pytest.fixture
+def case(twin, tmp_path):
+    """A private copy of the twin's folders (and landmarks) to corrupt."""
+    root = tmp_path / "inputs"
+    shutil.copytree(twin.xenium_path, root / "xenium")
+    shutil.copytree(twin.visium_path, root / "visium" / "outs")
+    shutil.copy(twin.landmarks_path, root / "landmarks.csv")
+    return Case(root, tmp_path)
+
+
+class Case:
+    def __init__(self, root: Path, tmp: Path):
+        self.root, self.tmp = root, tmp
+        self.xenium, self.visium = root / "xenium", root / "visium" / "outs"
+        self.landmarks = root / "landmarks.csv"
+        self.spatial = self.visium / "spatial"
+        self.out, self.report = tmp / "results" / "aligned.zarr", tmp / "results" / "report"
+        self._before = None
+
+    def snapshot(self) -> dict:
+        return {
+            str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file()
+        }
+
+    def freeze(self) -> None:
+        """Remember the (corrupted) inputs, to check they stay byte-identical."""
+        self._before = self.snapshot()
+
+    def run(self, capsys, *extra, landmarks=True, out=None, report=None, xenium=None, visium=None):
+        self.freeze()
+        args = ["run", "--xenium", str(xenium or self.xenium), "--visium", str(visium or self.visium)]
+        if landmarks:
+            args += ["--landmarks", str(self.landmarks)]
+        args += ["--out", str(out or self.out), "--report", str(report or self.report), "--quiet", *extra]
+        rc = main(args)
+        captured = capsys.readouterr()
+        return rc, captured.err
+
+    def assert_untouched(self) -> None:
+        assert self.snapshot() == self._before, "an input file changed"
+        results = self.tmp / "results"
+        left = sorted(p.name for p in results.iterdir()) if results.exists() else []
+        assert left == [], f"output left behind: {left}"
+        assert not list(self.tmp.rglob("*sda-tmp*")), "a temporary output was left behind"
+
+
+def _positions(case: Case) -> pd.DataFrame:
+    return pd.read_csv(case.spatial / "tissue_positions.csv")
+
+
+def _refused(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    for n in needles:
+        assert n in err, f"{n!r} not in the message:\n{err}"
+
+
+# ---------------------------------------------------------------------------------------------- landmarks
+def test_landmark_typo_is_named_before_any_work(case, capsys):
+    lm = pd.read_csv(case.landmarks)
+    lm.loc[3, "target_x"] += 1e6
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", f"'{lm.loc[3, 'name']}'", "line 5", "typo")
+    assert err.count("landmark '") == 1  # only the wrong one is named
+    case.assert_untouched()
+
+
+def test_two_swapped_landmark_targets_are_both_named(case, capsys):
+    """Another form of a bad landmark: two rows whose targets were exchanged."""
+    lm = pd.read_csv(case.landmarks)
+    lm.loc[[0, 5], ["target_x", "target_y"]] = lm.loc[[5, 0], ["target_x", "target_y"]].to_numpy()
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", f"'{lm.loc[0, 'name']}'", f"'{lm.loc[5, 'name']}'")
+    case.assert_untouched()
+
+
+def test_yx_target_landmarks_are_a_reflection(case, capsys):
+    lm = pd.read_csv(case.landmarks)
+    lm[["target_x", "target_y"]] = lm[["target_y", "target_x"]].to_numpy()
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", "mirrored", "(y, x)", "--allow-flip")
+    case.assert_untouched()
+
+
+def test_reflection_is_accepted_with_flip(twin):
+    src, dst = twin.truth.landmarks_source, twin.truth.landmarks_target
+    mirrored = dst[:, ::-1]
+    upp = twin.truth.um_per_px
+    with pytest.raises(_checks.PlausibilityError, match="mirrored"):
+        _checks.check_landmarks(src, mirrored, um_per_px=upp)
+    res = _checks.check_landmarks(src, mirrored, um_per_px=upp, flip=True)
+    assert res.reflection and not res.outliers
+    # the right landmarks pass, and their held-out residuals are small
+    ok = _checks.check_landmarks(src, dst, um_per_px=upp)
+    assert not ok.reflection and not ok.outliers and np.nanmedian(ok.loo_um) < 30
+
+
+def test_collinear_landmarks_suggest_what_the_cli_offers(case, capsys):
+    lm = pd.read_csv(case.landmarks).iloc[:4].copy()
+    t = np.linspace(0, 1, 4)
+    lm["source_x"], lm["source_y"] = 500 + 1000 * t, 800 + 400 * t
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", "line", "--auto-init")
+    assert "kind='similarity'" not in err.split("Python:")[0]  # the CLI hint comes first
+    case.assert_untouched()
+
+
+def test_landmarks_in_hires_pixels_get_the_units_hint(case, capsys, twin):
+    lm = pd.read_csv(case.landmarks)
+    lm[["target_x", "target_y"]] *= twin.scalefactors["tissue_hires_scalef"]
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", "--landmark-units hires")
+    case.assert_untouched()
+
+
+def test_force_accepts_a_named_outlier_and_marks_the_run_unreliable(case, capsys):
+    lm = pd.read_csv(case.landmarks)
+    lm.loc[3, "target_x"] += 1e6
+    lm.to_csv(case.landmarks, index=False)
+    case.freeze()
+    with pytest.warns(_checks.PlausibilityWarning, match="typo"):
+        rc = main(
+            [
+                "run",
+                *("--xenium", str(case.xenium), "--visium", str(case.visium), "--landmarks", str(case.landmarks)),
+                *("--out", str(case.out), "--report", str(case.report), "--quiet", "--force", "--loo", "affine"),
+                *("--dx", "40"),
+            ]
+        )
+    out = capsys.readouterr()
+    assert rc == 0
+    summary = json.loads((case.report / "summary.json").read_text())
+    assert summary["verdict"]["level"] == "unreliable"
+    assert any("typo" in r for r in summary["verdict"]["reasons"])
+    assert out.err.strip().splitlines()[-1].startswith("verdict: unreliable")
+    # the outlier stayed out of the fit: the other landmarks are matched to a few µm
+    loo = pd.read_csv(case.report / "landmarks_loo.csv")
+    assert loo.loc[~loo["inlier"], "name"].tolist() == [lm.loc[3, "name"]]
+    assert loo.loc[loo["inlier"], "fit_residual_um"].max() < 40
+    assert case.snapshot() == case._before
+
+
+# ---------------------------------------------------------------------------------------------- Visium folder
+def test_swapped_pixel_columns(case, capsys):
+    pos = _positions(case)
+    pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    pos.to_csv(case.spatial / "tissue_positions.csv", index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_positions.csv", "pxl_row_in_fullres", "swapped")
+    case.assert_untouched()
+
+
+def test_swapped_pixel_columns_in_an_old_headerless_file(case, capsys):
+    """Space Ranger 1 layout (no header), columns swapped."""
+    pos = _positions(case)
+    pos = pos[["barcode", "in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"]]
+    (case.spatial / "tissue_positions.csv").unlink()
+    pos.to_csv(case.spatial / "tissue_positions_list.csv", index=False, header=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_positions_list.csv", "swapped")
+    case.assert_untouched()
+
+
+def test_swapped_array_columns(case, capsys):
+    pos = _positions(case)
+    pos[["array_row", "array_col"]] = pos[["array_col", "array_row"]].to_numpy()
+    pos.to_csv(case.spatial / "tissue_positions.csv", index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_positions.csv", "array_row", "swapped")
+    case.assert_untouched()
+
+
+def _resize(path: Path, factor: float) -> None:
+    with Image.open(path) as im:
+        im.resize((max(1, round(im.width * factor)), max(1, round(im.height * factor)))).save(path)
+
+
+def test_hires_image_at_half_size(case, capsys):
+    _resize(case.spatial / "tissue_hires_image.png", 0.5)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_hires_image.png", "tissue_hires_scalef", "2x smaller")
+    case.assert_untouched()
+
+
+def test_lowres_image_enlarged(case, capsys):
+    """The other image and the other direction: lowres resized up by 1.6."""
+    _resize(case.spatial / "tissue_lowres_image.png", 1.6)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_lowres_image.png", "tissue_lowres_scalef")
+    case.assert_untouched()
+
+
+def test_hires_and_lowres_scalefactors_swapped(case, capsys):
+    f = case.spatial / "scalefactors_json.json"
+    sf = json.loads(f.read_text())
+    sf["tissue_hires_scalef"], sf["tissue_lowres_scalef"] = sf["tissue_lowres_scalef"], sf["tissue_hires_scalef"]
+    f.write_text(json.dumps(sf))
+    rc, err = case.run(capsys)
+    _refused(rc, err, "scalefactors_json.json", "swapped", "tissue_hires_scalef")
+    case.assert_untouched()
+
+
+def test_one_pixel_hires_image(case, capsys):
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(case.spatial / "tissue_hires_image.png")
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_hires_image.png", "1 x 1 px")
+    case.assert_untouched()
+
+
+def test_spot_diameter_inconsistent_with_the_grid(case, capsys):
+    f = case.spatial / "scalefactors_json.json"
+    sf = json.loads(f.read_text())
+    sf["spot_diameter_fullres"] *= 3
+    f.write_text(json.dumps(sf))
+    rc, err = case.run(capsys)
+    _refused(rc, err, "scalefactors_json.json", "spot_diameter_fullres")
+    case.assert_untouched()
+
+
+# ---------------------------------------------------------------------------------------------- coordinates
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+def test_infinite_centroids_are_named(case, capsys, value):
+    f = case.xenium / "cells.csv.gz"
+    cells = pd.read_csv(f)
+    cells.loc[7, "x_centroid"] = float(value)
+    cells.to_csv(f, index=False, compression="gzip")
+    rc, err = case.run(capsys)
+    _refused(rc, err, "cells.csv.gz", "non-finite", str(cells.loc[7, "cell_id"]))
+    case.assert_untouched()
+
+
+def test_infinite_pixel_positions_are_named(case, capsys):
+    pos = _positions(case)
+    pos.loc[2, "pxl_row_in_fullres"] = np.inf
+    pos.to_csv(case.spatial / "tissue_positions.csv", index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_positions.csv", "non-finite", str(pos.loc[2, "barcode"]))
+    case.assert_untouched()
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def test_swapped_modalities_detected_at_read_time(case, capsys, monkeypatch):
+    import spatialdata_align.io._xenium as xen
+
+    def never(*a, **k):  # reading must not even start
+        raise AssertionError("the reader ran")
+
+    monkeypatch.setattr(xen, "_read_minimal", never)
+    rc, err = case.run(capsys, xenium=case.visium, visium=case.xenium)
+    _refused(rc, err, "swapped", f"--xenium {case.xenium}")
+    case.assert_untouched()
+
+
+def test_one_folder_of_the_wrong_kind(case, capsys):
+    rc, err = case.run(capsys, xenium=case.xenium, visium=case.xenium)
+    _refused(rc, err, str(case.xenium), "Xenium output folder")
+    with pytest.raises(ValueError, match="--visium"):
+        sda.io.read_xenium(case.visium)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only, also for root (chattr +i); skip where that is impossible."""
+    made = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o555)
+        made.append(folder)
+        if _checks._writable(folder) and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", str(folder)], check=False, capture_output=True)
+        if _checks._writable(folder):
+            pytest.skip("cannot make a read-only folder here (root without chattr)")
+        return folder
+
+    yield make
+    for folder in made:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(folder)], check=False, capture_output=True)
+        os.chmod(folder, 0o755)
+
+
+def test_out_in_a_read_only_folder(case, capsys, read_only):
+    ro = read_only(case.tmp / "locked")
+    rc, err = case.run(capsys, out=ro / "aligned.zarr")
+    _refused(rc, err, "--out", "cannot be written")
+    case.assert_untouched()
+    assert list(ro.iterdir()) == []
+
+
+def test_report_in_a_read_only_folder(case, capsys, read_only):
+    ro = read_only(case.tmp / "locked")
+    rc, err = case.run(capsys, report=ro / "report")
+    _refused(rc, err, "--report", "cannot be written")
+    case.assert_untouched()
+
+
+def test_report_that_is_an_existing_file(case, capsys):
+    f = case.tmp / "report.html"
+    f.write_text("keep me")
+    rc, err = case.run(capsys, report=f)
+    _refused(rc, err, "--report", "existing file")
+    assert f.read_text() == "keep me"
+    case.assert_untouched()
+
+
+@pytest.mark.parametrize("where", ["xenium", "visium", "parent"])
+def test_outputs_inside_or_around_the_inputs(case, capsys, where):
+    target = {"xenium": case.xenium / "report", "visium": case.visium / "spatial" / "r", "parent": case.root}[where]
+    rc, err = case.run(capsys, report=target)
+    _refused(rc, err, "--report", "input")
+    case.assert_untouched()
+    rc, err = case.run(capsys, out=case.xenium / "aligned.zarr")
+    _refused(rc, err, "--out", "inside the input")
+    case.assert_untouched()
+
+
+def test_a_failure_after_the_work_started_leaves_no_partial_output(case, capsys, monkeypatch):
+    """The report stage fails: the zarr store, already written to its temporary path, is not left behind."""
+    import spatialdata_align._report as report
+
+    def boom(*a, **k):
+        raise ValueError("simulated failure in the report")
+
+    monkeypatch.setattr(report, "write_report", boom)
+    rc, err = case.run(capsys, "--loo", "none", "--dx", "40")
+    _refused(rc, err, "simulated failure")
+    case.assert_untouched()
+
+
+def test_staged_outputs_replace_an_earlier_output_only_on_commit(tmp_path):
+    final = tmp_path / "r"
+    final.mkdir()
+    (final / "summary.json").write_text("old")
+    with _checks.StagedOutputs({"report": final}) as st:
+        st.path("report").mkdir()
+        (st.path("report") / "summary.json").write_text("new")
+        assert (final / "summary.json").read_text() == "old"
+    assert (final / "summary.json").read_text() == "old"  # not committed: discarded
+    with _checks.StagedOutputs({"report": final}) as st:
+        st.path("report").mkdir()
+        (st.path("report") / "summary.json").write_text("new")
+        st.commit()
+    assert (final / "summary.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_non_finite_check_names_rows():
+    df = pd.DataFrame({"x": [1.0, np.nan, 3.0], "y": [0.0, 1.0, -np.inf]})
+    with pytest.raises(_checks.PlausibilityError, match=r"2 of 3 rows.*'x': 1, 'y': 1.*c1, c2") as e:
+        _checks.check_finite(df, "f.csv", ("x", "y"), ids=["c0", "c1", "c2"])
+    assert str(e.value).startswith("f.csv:")
+
+
+def test_relaxed_turns_suspects_into_recorded_warnings():
+    with warnings.catch_warnings(record=True) as w, _checks.relaxed() as found:
+        warnings.simplefilter("always")
+        _checks.suspect("x", "looks wrong.", file="a.csv", fix="fix it.")
+    assert [f.code for f in found] == ["x"] and "a.csv: looks wrong. Fix: fix it." in str(w[0].message)
+    with pytest.raises(_checks.PlausibilityError, match=r"a\.csv: looks wrong"):
+        _checks.suspect("x", "looks wrong.", file="a.csv", fix="fix it.")
+
+
+def test_unreliable_verdict_exits_3_unless_forced(monkeypatch, capsys, tmp_path):
+    import spatialdata_align._pipeline as pipeline
+
+    verdict = {"level": "unreliable", "reasons": ["held-out landmark error 80.0 µm (median) exceeds a spot diameter"]}
+    summary = {"n_cells": 1, "n_spots": 1, "n_shared_genes": 1, "verdict": verdict, "accuracy": {}}
+    fake = pipeline.PipelineResult(sdata=None, shared=None, comparison=None, summary=summary)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: fake)
+    args = ["run", "--xenium", "x", "--visium", "v", "--auto-init", "--out", str(tmp_path / "o.zarr"), "--quiet"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "verdict: unreliable" in err and "exceeds a spot diameter" in err and "--force" in err
+    assert main([*args, "--force"]) == 0
+    summary["verdict"] = {"level": "check", "reasons": ["only 3 landmarks"]}
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "verdict: check"

@@ -1,0 +1,197 @@
+"""Engine-level accuracy estimates without ground truth (``registration._quality``), on arrays with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from spatialdata_align.registration import Registration
+from spatialdata_align.registration import _quality as q
+from spatialdata_align.registration._utils import apply_affine
+
+A = np.array([[1.8, -0.6, 300.0], [0.7, 1.9, -40.0], [0.0, 0.0, 1.0]])  # µm -> px, no reflection
+
+
+def _landmarks(n: int = 9, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(0, 3000, size=(n, 2))
+    return src, apply_affine(A, src)
+
+
+def test_robust_fit_ignores_a_gross_error():
+    src, dst = _landmarks(9)
+    dst_bad = dst.copy()
+    dst_bad[4, 0] += 1e6
+    fit = q.robust_landmark_fit(src, dst_bad, min_tol=10.0)
+    assert fit.inliers.tolist() == [i != 4 for i in range(9)]
+    np.testing.assert_allclose(fit.matrix, A, atol=1e-8)
+    assert fit.residuals[4] == pytest.approx(1e6, rel=1e-6)
+    # plain least squares is dragged by it
+    ls = q.fit_matrix(src, dst_bad)
+    assert np.abs(apply_affine(ls, src) - dst).max() > 1e4
+
+
+def test_robust_fit_with_few_landmarks_uses_a_similarity():
+    src, _ = _landmarks(5, seed=1)
+    th = np.radians(30)
+    sim = np.array([[2 * np.cos(th), -2 * np.sin(th), 5], [2 * np.sin(th), 2 * np.cos(th), 7], [0, 0, 1]])
+    dst = apply_affine(sim, src)
+    dst[2] += [800.0, -300.0]
+    fit = q.robust_landmark_fit(src, dst, min_tol=20.0)
+    assert fit.kind == "similarity"
+    assert fit.inliers.tolist() == [True, True, False, True, True]
+
+
+def test_leave_one_out_is_exact_for_an_exact_affine_and_honest_with_noise():
+    src, dst = _landmarks(8)
+    np.testing.assert_allclose(q.landmark_loo(src, dst), 0.0, atol=1e-7)
+    rng = np.random.default_rng(3)
+    noisy = dst + rng.normal(0, 5.0, dst.shape)
+    loo = q.landmark_loo(src, noisy)
+    fit_res = np.linalg.norm(apply_affine(q.fit_matrix(src, noisy), src) - noisy, axis=1)
+    # held out, every landmark is predicted worse than in-sample (the fit does not see it)
+    assert np.all(loo > fit_res)
+    # and by hand for landmark 0
+    m = q.fit_matrix(src[1:], noisy[1:])
+    assert loo[0] == pytest.approx(np.linalg.norm(apply_affine(m, src[:1]) - noisy[:1]))
+
+
+def test_leave_one_out_falls_back_to_a_similarity_with_three_landmarks():
+    src, dst = _landmarks(3)
+    loo = q.landmark_loo(src, dst)
+    assert np.all(np.isfinite(loo))  # two remaining pairs: a similarity refit
+    assert q.landmark_loo(src[:2], dst[:2]).tolist() == [pytest.approx(np.nan, nan_ok=True)] * 2
+
+
+def test_folds_are_singletons_up_to_the_cap_then_interleaved_groups():
+    src, _ = _landmarks(5)
+    assert [f.tolist() for f in q.landmark_folds(src, 6)] == [[0], [1], [2], [3], [4]]
+    src, _ = _landmarks(14)
+    folds = q.landmark_folds(src, 4)
+    assert len(folds) == 4
+    assert sorted(np.concatenate(folds).tolist()) == list(range(14))
+    assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 1
+
+
+def test_cross_validate_measures_each_held_out_landmark_once():
+    src, dst = _landmarks(7)
+    calls = []
+
+    def fit(train):
+        calls.append(train.copy())
+        shift = 0.0 if train.all() else 3.0  # a refit without landmarks is off by 3 px in x
+        return lambda p: apply_affine(A, p) + np.array([shift, 0.0])
+
+    err = q.cross_validate(fit, src, dst, q.landmark_folds(src, 3))
+    np.testing.assert_allclose(err, 3.0)
+    assert len(calls) == 3 and all((~c).sum() >= 2 for c in calls)
+
+
+class _Field:
+    """A stand-in registration with an analytic displacement u(x, y) = (a x + c y, b y)."""
+
+    def __init__(self, a, b, c=0.0):
+        self.a, self.b, self.c = a, b, c
+
+    def displacement(self, x, y, direction="forward"):
+        gx, gy = np.meshgrid(x, y)
+        d = np.stack([self.a * gx + self.c * gy, self.b * gy])
+        return xr.DataArray(d, dims=("c", "y", "x"), coords={"c": ["dx", "dy"], "y": y, "x": x})
+
+
+def test_jacobian_determinant_of_known_fields():
+    x, y = np.linspace(0, 100, 21), np.linspace(0, 50, 11)
+    det = q.jacobian_determinant(_Field(0.5, -0.2, 0.3), x, y)
+    np.testing.assert_allclose(det.values, 1.5 * 0.8, atol=1e-12)
+    assert det.dims == ("y", "x")
+    s = q.jacobian_summary(q.jacobian_determinant(_Field(-2.0, 0.0), x, y).values)
+    assert s["fold_fraction"] == 1.0 and s["min"] == pytest.approx(-1.0)
+    s = q.jacobian_summary(q.jacobian_determinant(_Field(-0.6, 0.0), x, y).values)
+    assert s["fold_fraction"] == 0.0 and s["compressed_fraction"] == 1.0
+
+
+def test_inverse_consistency_of_a_real_flow_and_of_a_broken_inverse():
+    rng = np.random.default_rng(0)
+    xv = yv = np.linspace(-50, 150, 21)
+    v = np.zeros((5, 2, 21, 21))
+    gx, gy = np.meshgrid(xv, yv)
+    v[:, 0] = 8 * np.exp(-((gx - 50) ** 2 + (gy - 50) ** 2) / 2000)
+    reg = Registration(affine=A, velocity_values=v, xv=xv, yv=yv)
+    pts = rng.uniform(0, 100, (200, 2))
+    ic = q.inverse_consistency(reg, pts)
+    assert ic.max() < 1e-6
+
+    class Broken:
+        def transform_points(self, p, direction="forward"):
+            return p + 2.0 if direction == "forward" else p - 1.0
+
+    np.testing.assert_allclose(q.inverse_consistency(Broken(), pts), np.sqrt(2.0))
+
+
+def test_region_confidence_per_tile():
+    xy = np.array([[1.0, 1.0]] * 30 + [[15.0, 1.0]] * 30 + [[25.0, 25.0]] * 5)
+    w = np.r_[np.full(30, 0.9), np.full(30, 0.1), np.full(5, 0.5)]
+    t = q.region_confidence(xy, w, tile=10.0, min_points=20)
+    assert len(t) == 2
+    assert t.sort_values("x0")["mean_weight"].tolist() == pytest.approx([0.9, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("metrics", "level", "needle"),
+    [
+        ({"loo_um": [5, 8, 6, 7], "match_median": 0.9}, "good", None),
+        ({"loo_um": [30, 40, 35, 33]}, "check", "half a spot"),
+        ({"loo_um": [80, 90, 70, 60]}, "unreliable", "spot diameter"),
+        ({"loo_um": [5, 8, 6, 300], "landmark_names": ["a", "b", "c", "d"]}, "check", "d (300 µm)"),
+        ({"loo_um": [40, 45, 50, 42], "loo_affine_um": [10, 12, 11, 9]}, "unreliable", "away from"),
+        ({"loo_um": [5, 6], "no_landmarks": False}, "check", "only 2 landmarks"),
+        ({"no_landmarks": True}, "check", "no independent"),
+        ({"loo_um": [5, 6, 7, 5], "ic_um": np.full(100, 30.0)}, "unreliable", "does not invert"),
+        (
+            {
+                "loo_um": [5, 6, 7, 5],
+                "jacobian": {"n": 100, "fold_fraction": 0.05, "compressed_fraction": 0, "expanded_fraction": 0},
+            },
+            "unreliable",
+            "folds",
+        ),
+        ({"loo_um": [5, 6, 7, 5], "match_median": 0.1}, "unreliable", "hardly match"),
+        ({"loo_um": [5, 6, 7, 5], "lddmm": {"moved": False}}, "unreliable", "without improving"),
+        ({"loo_um": [5, 6, 7, 5], "findings": ["x.csv: typo"]}, "unreliable", "x.csv: typo"),
+        (
+            {
+                "loo_um": [5, 6, 7, 5],
+                "regions": pd.DataFrame({"n": [50, 50], "mean_weight": [0.1, 0.9]}),
+            },
+            "check",
+            "low match confidence",
+        ),
+    ],
+)
+def test_verdict_rules(metrics, level, needle):
+    v = q.verdict(metrics)
+    assert v.level == level, v.reasons
+    if needle:
+        assert any(needle in r for r in v.reasons), v.reasons
+    else:
+        assert v.reasons == []
+
+
+def test_lddmm_leave_one_out_on_a_toy_pair():
+    """Refits run from the leave-one-out affine; a pure translation is recovered at the held-out points."""
+    n = 48
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    blob = lambda cx, cy: np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 18.0)
+    src_img = blob(18, 20) + 0.7 * blob(32, 30) + 0.5 * blob(14, 34)
+    tgt_img = blob(21, 22) + 0.7 * blob(35, 32) + 0.5 * blob(17, 36)  # source shifted by (3, 2)
+    src = np.array([[18, 20], [32, 30], [14, 34], [25, 12], [30, 40.0]])
+    noise = np.array([[1.5, 0], [0, -1.5], [-1, 1], [1, 1], [0, 1.5]])
+    dst_noisy = src + np.array([3.0, 2.0]) + noise
+    res = q.lddmm_loo(src_img, tgt_img, src, dst_noisy, max_refits=3, progress=False, scales=(2, 1), max_iter=(20, 10))
+    assert len(res.folds) == 3 and res.errors.shape == (5,) and np.all(np.isfinite(res.errors))
+    np.testing.assert_allclose(res.affine_errors, q.landmark_loo(src, dst_noisy))
+    # each refit (without the held-out landmarks) finds the shift from the images: the held-out error is the
+    # landmark's own placement noise, not the affine's extrapolation error
+    np.testing.assert_allclose(res.errors, np.linalg.norm(noise, axis=1), atol=0.6)

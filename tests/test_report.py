@@ -1,0 +1,191 @@
+"""The report a person opens, and the accuracy estimate it carries, on one generated twin with known truth.
+
+One ``spatialdata-align run`` (module fixture) writes the report; the tests check the held-out landmark error
+against the truth, the self-contained ``index.html`` (also rendered in headless Chromium), and the exports for R.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata
+
+import spatialdata_align as sda
+from spatialdata_align._constants import MATCH_WEIGHT_KEY, VISIUM_CS, XENIUM_CELLS, XENIUM_CS, XENIUM_TABLE
+from spatialdata_align._elements import element_xy
+from spatialdata_align.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    twin = sda.datasets.twin_sections(root / "data", n_cells=4000, n_spots=300, seed=0)
+    out, report = root / "aligned.zarr", root / "report"
+    args = ["run", "--xenium", str(twin.xenium_path), "--visium", str(twin.visium_path)]
+    args += ["--landmarks", str(twin.landmarks_path), "--out", str(out), "--report", str(report), "--quiet"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(args)
+    return {"twin": twin, "out": out, "report": report, "rc": rc, "stdout": buf.getvalue()}
+
+
+def test_verdict_in_the_summary_and_the_last_lines(run):
+    assert run["rc"] == 0
+    summary = json.loads((run["report"] / "summary.json").read_text())
+    assert summary["verdict"]["level"] == "good", summary["verdict"]
+    last = run["stdout"].strip().splitlines()[-1]
+    assert last.startswith("verdict: good; held-out landmark error median")
+    assert "Verdict: good" in (run["report"] / "summary.md").read_text()
+
+
+def test_held_out_landmark_error_is_within_2x_of_the_truth(run):
+    """Leave-one-out TRE of affine + LDDMM vs the true TRE of the final alignment at the same landmarks."""
+    twin = run["twin"]
+    loo = pd.read_csv(run["report"] / "landmarks_loo.csv")
+    back = spatialdata.read_zarr(run["out"])
+    final = back.align.get("xenium_to_visium_lddmm")
+    src = loo[["source_x_um", "source_y_um"]].to_numpy()
+    true = np.linalg.norm(final.transform_points(src) - twin.truth.forward(src), axis=1) * twin.truth.um_per_px
+    est = loo["loo_lddmm_um"].to_numpy()
+    assert np.all(np.isfinite(est)) and len(est) == len(twin.truth.landmark_names)
+    ratio = np.median(est) / np.median(true)
+    assert 0.5 <= ratio <= 2.0, (est, true)
+    assert np.all(est <= 2 * true + 5.0) and np.all(est >= true / 2 - 5.0), (est, true)
+    # the affine alone, held out, is worse than affine + LDDMM (as the truth says over every cell)
+    assert np.median(loo["loo_affine_um"]) > np.median(est)
+    summary = json.loads((run["report"] / "summary.json").read_text())
+    assert summary["accuracy"]["loo_lddmm_um"]["median"] == pytest.approx(np.median(est), rel=1e-3)
+    assert summary["accuracy"]["jacobian"]["fold_fraction"] == 0.0
+    assert summary["accuracy"]["inverse_consistency_um"]["max"] < 0.01
+
+
+def test_html_is_one_self_contained_file(run):
+    page = (run["report"] / "index.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page), "a resource is fetched from outside"
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    imgs = re.findall(r'<img class="panel" id="([\w-]+)"[^>]*src="data:image/png;base64,', page)
+    expected = {"panel-zoom", "panel-overlay", "panel-checkerboard", "panel-jacobian", "panel-confidence"}
+    assert expected | {"panel-energy", "panel-gene", "panel-compare"} <= set(imgs)
+    assert 'id="verdict"' in page and "Verdict: good" in page
+    # the two tables: leave-one-out (one row per landmark) and the sortable gene correlations
+    assert page.count("<tr", page.index('id="loo-table"'), page.index("</table>", page.index('id="loo-table"'))) == 11
+    corr = pd.read_csv(run["report"] / "gene_correlations.csv")
+    gene_table = page[page.index('id="gene-table"') :]
+    assert gene_table.count('onclick="sdaSort(this)"') == corr.shape[1]
+    assert gene_table[: gene_table.index("</table>")].count("<tr>") == len(corr) + 1
+    assert "function sdaSort" in page
+
+
+def test_exports_for_r(run):
+    twin = run["twin"]
+    cells = pd.read_csv(run["report"] / "aligned_cells.csv.gz")
+    assert list(cells.columns) == ["cell_id", "x_um", "y_um", "x_px", "y_px", "in_shared", "match_weight"]
+    back = spatialdata.read_zarr(run["out"])
+    assert len(cells) == twin.n_cells
+    aligned = element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
+    np.testing.assert_allclose(cells[["x_px", "y_px"]].to_numpy(), aligned, rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(cells[["x_um", "y_um"]].to_numpy(), element_xy(back, XENIUM_CELLS, XENIUM_CS), atol=1e-2)
+    weight = back.tables[XENIUM_TABLE].obs[MATCH_WEIGHT_KEY].to_numpy()
+    np.testing.assert_allclose(cells["match_weight"].to_numpy(), weight, rtol=1e-5, atol=1e-6)
+    summary = json.loads((run["report"] / "summary.json").read_text())
+    assert cells["in_shared"].sum() == summary["n_cells_shared"]
+    spots = pd.read_csv(run["report"] / "visium_spots.csv.gz")
+    assert len(spots) == summary["n_spots"] and spots["in_shared"].sum() == summary["n_spots_shared"]
+    assert {"barcode", "x_px", "y_px", "x_um", "y_um", "array_row", "array_col", "in_tissue", "n_cells"} <= set(spots)
+    # spots mapped back into Xenium µm agree with the truth to the alignment's accuracy
+    truth = twin.visium_spots_truth().set_index("barcode").loc[spots["barcode"]]
+    err = np.linalg.norm(spots[["x_um", "y_um"]].to_numpy() - truth[["x_um", "y_um"]].to_numpy(), axis=1)
+    assert np.median(err[spots["in_shared"].to_numpy()]) < 15.0
+
+
+def test_r_snippet_reads_the_exports(run, tmp_path):
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        pytest.skip("R is not installed")
+    readme = (sda_root() / "README.md").read_text()
+    block = readme[readme.index("<!-- r-exports -->") :]
+    code = block.split("```r", 1)[1].split("```", 1)[0]
+    res = subprocess.run(
+        [rscript, "-e", code + "\ncat(nrow(cells), ncol(cells), nrow(spots))"],
+        cwd=run["report"].parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-3:] == [str(run["twin"].n_cells), "7", str(run["twin"].n_spots)]
+
+
+def sda_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- browser
+_BROWSERS = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "chrome")
+
+
+def _browser() -> str | None:
+    for name in _BROWSERS:
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    return None
+
+
+def _chromium(exe: str, *args: str) -> subprocess.CompletedProcess:
+    base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"]
+    base += ["--disable-background-networking", "--virtual-time-budget=10000"]
+    return subprocess.run([*base, *args], capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_report_renders_in_a_headless_browser(run, tmp_path):
+    exe = _browser()
+    if exe is None:
+        if os.environ.get("SDA_REQUIRE_BROWSER") == "1":
+            pytest.fail("SDA_REQUIRE_BROWSER=1 but no Chromium binary was found (apt-get install chromium)")
+        pytest.skip("no Chromium binary (apt-get install chromium)")
+    from PIL import Image
+
+    url = (run["report"] / "index.html").resolve().as_uri()
+    width = 1300
+    dom = _chromium(exe, f"--window-size={width},2000", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', html)
+    assert loaded and loaded.group(1) == loaded.group(2) and int(loaded.group(2)) >= 8, "images did not load"
+    height = int(re.search(r'data-height="(\d+)"', html).group(1))
+    boxes = {
+        m.group(1): [int(v) for v in m.group(2).split(",")]
+        for m in re.finditer(r'<img[^>]*id="([\w-]+)"[^>]*data-box="([\d,-]+)"', html)
+    }
+    shot = tmp_path / "report.png"
+    res = _chromium(exe, f"--window-size={width},{height}", f"--screenshot={shot}", url)
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    page = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert page.shape[0] >= height - 5
+    blank = []
+    for panel, (x, y, w, h) in boxes.items():
+        crop = page[y + 2 : y + h - 2, x + 2 : x + w - 2]
+        assert crop.size, panel
+        # a drawn panel: not one flat colour, and more than a few colours
+        distinct = len(np.unique(crop.reshape(-1, 3)[::7].round(), axis=0))
+        if crop.std() < 10 or distinct < 50:
+            blank.append((panel, float(crop.std()), distinct))
+    assert not blank, f"blank panels: {blank}"
+    assert len(boxes) >= 8
+    # the verdict box is drawn in its colour (green for "good")
+    top = page[: min(600, height)]
+    green = (np.abs(top - np.array([0xE3, 0xF5, 0xE1])).sum(axis=2) < 6).mean()
+    assert green > 0.01
