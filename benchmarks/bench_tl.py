@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     )
     rows = []
 
-    t_region, region = best(lambda: sda.tl.shared_region(sdata), args.repeat)
+    t_region, region = best(lambda: sda.tl.shared_region(sdata, copy=True), args.repeat)
     rows.append(("shared_region", t_region, None, None))
     t_subset, shared = best(lambda: sda.tl.subset_shared(sdata), args.repeat)
     peer = None
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         same = len(q["xenium_cells_aligned"]) / len(shared["xenium_cells_aligned"])
         peer = ("spatialdata.polygon_query", t_peer, f"cells kept ratio {same:.4f} (circles touching vs centres in)")
     rows.append(("subset_shared", t_subset, *(peer[:2] if peer else (None, None))))
-    t_pseudo, ps = best(lambda: sda.tl.pseudo_spots(sdata), args.repeat)
+    t_pseudo, ps = best(lambda: sda.tl.pseudo_spots(sdata, copy=True), args.repeat)
     peer_ps = None
     if not args.no_peers:
         import spatialdata
@@ -118,9 +118,9 @@ def main(argv=None) -> int:
         agree = float(np.mean(np.all(np.isclose(Xa, Xm), axis=1)))
         peer_ps = ("spatialdata.aggregate", t_agg, f"spots with identical sums {agree:.3f}")
     rows.append(("pseudo_spots", t_pseudo, *(peer_ps[:2] if peer_ps else (None, None))))
-    t_cmp, df = best(lambda: sda.tl.compare_genes(sdata, pseudo=ps), args.repeat)
+    t_cmp, df = best(lambda: sda.tl.compare_genes(sdata, pseudo=ps, copy=True), args.repeat)
     rows.append(("compare_genes (given pseudo-spots)", t_cmp, None, None))
-    t_cmp2, df = best(lambda: sda.tl.compare_genes(sdata), args.repeat)
+    t_cmp2, df = best(lambda: sda.tl.compare_genes(sdata, copy=True), args.repeat)
     rows.append(("compare_genes (incl. pseudo-spots)", t_cmp2, None, None))
 
     print(f"\n{'step':<38}{'sda (s)':>10}{'peer (s)':>12}{'peer/sda':>10}")

@@ -149,7 +149,13 @@ def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twi
     src = rasterize(cells, dx=20.0)
     tgt = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
     direct = lddmm(src, tgt, affine=fit.matrix, **LDDMM_KW)
-    np.testing.assert_allclose(direct.transform_points(cells), reg.transform_points(cells), atol=1e-9)
+    # ... up to the sampling of the stored form (displacement fields, linear interpolation): << 1 µm
+    assert reg.is_sampled and not direct.is_sampled
+    upp = twin.truth.um_per_px
+    fwd_err = np.linalg.norm(direct.transform_points(cells) - reg.transform_points(cells), axis=1) * upp
+    spots = element_xy(sd, VISIUM_SPOTS, VISIUM_CS)
+    inv_err = np.linalg.norm(direct.transform_points(spots, "inverse") - reg.transform_points(spots, "inverse"), axis=1)
+    assert fwd_err.max() < 0.25 and inv_err.max() < 0.25, (fwd_err.max(), inv_err.max())
     # per-cell match confidence lands in the cell table
     mw = sd.tables[XENIUM_TABLE].obs[MATCH_WEIGHT_KEY].to_numpy()
     assert mw.shape == (len(cells),) and np.all((mw >= 0) & (mw <= 1))
@@ -200,7 +206,9 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     sname = sd.align.apply(VISIUM_SPOTS, inverse=True)
     spots_px = element_xy(sd, VISIUM_SPOTS, VISIUM_CS)
     back = element_xy(sd, sname, XENIUM_CS)
-    np.testing.assert_allclose(reg.transform_points(back), spots_px, atol=1e-6)
+    np.testing.assert_allclose(back, reg.transform_points(spots_px, "inverse"), atol=1e-9)
+    # the stored directions are sampled separately: they invert each other to a small fraction of a pixel
+    assert np.abs(reg.transform_points(back) - spots_px).max() < 0.2
 
 
 def test_apply_image_warps_onto_the_target_grid(fitted):
@@ -233,15 +241,19 @@ def test_apply_errors_and_no_mutation(sdata):
 
 
 def test_remove_drops_fields_and_native_affine(fitted):
-    sd = spatialdata.deepcopy(fitted[0])  # the fixture is shared: work on a copy
-    entry = sd.attrs["spatialdata_align"]["transforms"]["xenium_to_visium_lddmm"]
-    vel = entry["velocity_element"]
-    assert vel in sd
+    from spatialdata_align._store import TABLE, UNS_KEY
+
+    sd = fitted[0]  # copy-on-write: removing from a derived object leaves the shared fixture alone
+    sd = spatialdata.SpatialData.init_from_elements({n: e for _, n, e in sd.gen_elements()}, attrs=sd.attrs)
+    assert "xenium_to_visium_lddmm" in sd.tables[TABLE].uns[UNS_KEY]["records"]
     sd.align.remove("xenium_to_visium_lddmm")
-    assert vel not in sd
+    assert "xenium_to_visium_lddmm" not in sd.tables[TABLE].uns[UNS_KEY]["records"]
     assert "xenium_to_visium_lddmm" not in sd.align.transforms.index
+    assert "xenium_to_visium_lddmm" in fitted[0].align.transforms.index
     sd.align.remove("xenium_to_visium_affine")
     assert VISIUM_CS not in get_transformation(sd[XENIUM_CELLS], get_all=True)
+    assert TABLE not in sd.tables  # the last transform took its table with it
+    assert VISIUM_CS in get_transformation(fitted[0][XENIUM_CELLS], get_all=True)
     with pytest.raises(KeyError, match="no stored transform"):
         sd.align.remove("xenium_to_visium_affine")
 
@@ -250,7 +262,8 @@ def test_registration_from_store_is_the_fitted_one(fitted):
     sd, _, reg = fitted
     got = sd.align.get("xenium_to_visium_lddmm")
     assert isinstance(got, Registration)
-    np.testing.assert_array_equal(got.velocity_values, reg.velocity_values)
+    np.testing.assert_array_equal(got.forward_field.values, reg.forward_field.values)
+    np.testing.assert_array_equal(got.inverse_field.values, reg.inverse_field.values)
     np.testing.assert_array_equal(got.affine, reg.affine)
 
 

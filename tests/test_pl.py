@@ -101,7 +101,7 @@ def test_compare_scatter_matches_compare_genes(pair, tmp_path):
     pe = sda.tl.paired_expression(pair.sdata, ["EGFR"])
     (pts,) = _scatters(ax)
     np.testing.assert_allclose(pts.get_offsets(), np.column_stack([pe.xenium[:, 0], pe.visium[:, 0]]))
-    df = sda.tl.compare_genes(pair.sdata, key_added=None).set_index("gene")
+    df = sda.tl.compare_genes(pair.sdata, copy=True).set_index("gene")
     assert f"Pearson r = {df.loc['EGFR', 'pearson']:.2f}" in ax.get_title()
     assert f"n = {df.loc['EGFR', 'n_spots']} spots" in ax.get_title()
 

@@ -140,7 +140,7 @@ def test_twin_egfr_correlation_measures_alignment(twin):
     r = {}
     for shift in (0.0, 500.0):
         sd = _twin_aligned(twin, shift)
-        df = sda.tl.compare_genes(sd, key_added=None).set_index("gene")
+        df = sda.tl.compare_genes(sd, copy=True).set_index("gene")
         r[shift] = df.loc["EGFR", "pearson"]
         assert df.loc["EGFR", "n_spots"] > 100
     assert r[0.0] > 0.5, r
@@ -151,7 +151,8 @@ def test_twin_egfr_correlation_measures_alignment(twin):
 # --------------------------------------------------------------------------------------- shared region
 def test_shared_region_acceptance(pair):
     sd = pair.sdata
-    region = sda.tl.shared_region(sd, key_added="region_test")
+    sda.tl.shared_region(sd, key_added="region_test")
+    region = sd.shapes["region_test"].geometry.iloc[0]
     truth = truly_under_in_tissue(pair)
     shared = sda.tl.subset_shared(sd, "region_test")
     kept = np.isin(np.arange(len(truth)), kept_cells(shared))
@@ -185,8 +186,8 @@ def test_shared_region_fails_acceptance_when_misaligned():
 
 def test_shared_region_native_affine_fallback_matches_aligned(pair):
     p = fresh(aligned=False)
-    r_native = sda.tl.shared_region(p.sdata, key_added=None)
-    r_aligned = sda.tl.shared_region(pair.sdata, key_added=None)
+    r_native = sda.tl.shared_region(p.sdata, copy=True)
+    r_aligned = sda.tl.shared_region(pair.sdata, copy=True)
     assert r_native.symmetric_difference(r_aligned).area < 1e-6 * r_aligned.area
     assert "shared_region" not in p.sdata.shapes  # key_added=None writes nothing
 
@@ -199,8 +200,8 @@ def test_shared_region_match_weight():
     xy = p.cells_px
     right = xy[:, 0] > np.median(xy[:, 0])
     t.obs[MATCH_WEIGHT_KEY] = np.where(right, 0.0, 1.0)
-    full = sda.tl.shared_region(p.sdata, key_added=None)
-    weighted = sda.tl.shared_region(p.sdata, use_match_weight=True, key_added=None)
+    full = sda.tl.shared_region(p.sdata, copy=True)
+    weighted = sda.tl.shared_region(p.sdata, use_match_weight=True, copy=True)
     assert weighted.area < 0.7 * full.area
     # the unmatched half is gone: no weighted-region spot lies right of the split (+ one pitch)
     cx = shapely.get_coordinates(weighted)[:, 0]
@@ -291,18 +292,31 @@ def test_subset_shared_bbox_polygon_and_points():
 
 
 def test_subset_shared_computes_region_when_absent_and_carries_alignment_elements():
+    from spatialdata_align import _store
+    from spatialdata_align.registration import DisplacementField, Registration
+
     p = fresh()
     sd = p.sdata
-    # a stand-in velocity field in the source system and a stored-transform entry naming it
-    sd.images["k_velocity"] = Image2DModel.parse(
-        np.zeros((2, 4, 4)), dims=("c", "y", "x"), transformations={XENIUM_CS: Identity()}
+    # a stored non-linear transform: its field arrays live in a table annotating nothing
+    f = DisplacementField(np.ones((2, 4, 4)), 0.0, 0.0, 500.0, 500.0)
+    reg = Registration(affine=np.eye(3), forward_field=f, inverse_field=f)
+    _store.store_registration(
+        sd,
+        reg,
+        key="k",
+        kind="lddmm",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=None,
+        target_element=None,
+        native=False,
     )
-    sd.attrs[ATTRS_KEY] = {"transforms": {"k": {"velocity_element": "k_velocity"}}, "landmarks": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # carried alignment elements raise no 'unfiltered' warning
         out = sda.tl.subset_shared(sd)
     assert "shared_region" in out.shapes and "shared_region" not in sd.shapes
-    assert "k_velocity" in out.images and out.images["k_velocity"].shape == (2, 4, 4)
+    assert _store.TABLE in out.tables and list(out.align.transforms.index) == ["k"]
+    np.testing.assert_array_equal(out.align.get("k").forward_field.values, f.values)
     assert out.attrs[ATTRS_KEY] == sd.attrs[ATTRS_KEY] and out.attrs is not sd.attrs
     # an unrelated element outside the target system is kept, with a warning
     sd.images["other"] = Image2DModel.parse(np.zeros((1, 4, 4)), dims=("c", "y", "x"))
@@ -314,7 +328,7 @@ def test_subset_shared_computes_region_when_absent_and_carries_alignment_element
 # ---------------------------------------------------------------------------------------- pseudo-spots
 def test_pseudo_spots_brute_force(pair):
     sd = pair.sdata
-    ps = sda.tl.pseudo_spots(sd)
+    ps = sda.tl.pseudo_spots(sd, copy=True)
     vt = sd.tables[VISIUM_TABLE]
     assert ps.obs_names.equals(vt.obs_names)
     assert ps.shape == (vt.n_obs, 10)
@@ -337,15 +351,15 @@ def test_pseudo_spots_brute_force(pair):
 
 def test_pseudo_spots_radius_units_and_storage(pair):
     sd = pair.sdata
-    a = sda.tl.pseudo_spots(sd, radius=50.0, units="um", genes=["egfr"])
-    b = sda.tl.pseudo_spots(sd, radius=50.0 / UM_PER_PX, units="px", genes=["EGFR"])
+    a = sda.tl.pseudo_spots(sd, radius=50.0, units="um", genes=["egfr"], copy=True)
+    b = sda.tl.pseudo_spots(sd, radius=50.0 / UM_PER_PX, units="px", genes=["EGFR"], copy=True)
     assert a.var_names.tolist() == ["EGFR"]
     assert np.array_equal(a.obs["n_cells"], b.obs["n_cells"])
-    assert a.obs["n_cells"].sum() > sda.tl.pseudo_spots(sd).obs["n_cells"].sum()
+    assert a.obs["n_cells"].sum() > sda.tl.pseudo_spots(sd, copy=True).obs["n_cells"].sum()
     with pytest.raises(ValueError, match="units"):
-        sda.tl.pseudo_spots(sd, radius=5, units="mm")
+        sda.tl.pseudo_spots(sd, radius=5, units="mm", copy=True)
     with pytest.raises(ValueError, match="positive"):
-        sda.tl.pseudo_spots(sd, radius=-1)
+        sda.tl.pseudo_spots(sd, radius=-1, copy=True)
     p = fresh()
     sda.tl.pseudo_spots(p.sdata, key_added="xenium_pseudo_spots")
     assert p.sdata.tables["xenium_pseudo_spots"].n_obs == p.sdata.tables[VISIUM_TABLE].n_obs
@@ -355,7 +369,9 @@ def test_pseudo_spots_radius_units_and_storage(pair):
 # ------------------------------------------------------------------------------------------ comparison
 def test_compare_genes_values_against_scanpy(pair):
     sd = pair.sdata
-    df = sda.tl.compare_genes(sd)
+    assert sda.tl.compare_genes(sd) is None  # scanpy convention: written, not returned
+    df = sd.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
+    pd.testing.assert_frame_equal(df, sda.tl.compare_genes(sd, copy=True))
     assert list(df.columns) == [
         "gene",
         "n_spots",
@@ -367,9 +383,8 @@ def test_compare_genes_values_against_scanpy(pair):
         "visium_mean",
     ]
     assert df["pearson"].is_monotonic_decreasing
-    assert sd.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY].equals(df)
     # independent recomputation with scanpy on the spots compared
-    ps = sda.tl.pseudo_spots(sd)
+    ps = sda.tl.pseudo_spots(sd, copy=True)
     vt = sd.tables[VISIUM_TABLE]
     used = (ps.obs["n_cells"].to_numpy() >= 1) & vt.obs["in_tissue"].astype(bool).to_numpy()
     assert (df["n_spots"] == used.sum()).all()
@@ -394,20 +409,21 @@ def test_compare_genes_values_against_scanpy(pair):
 
 def test_compare_genes_measures_alignment_quality(pair):
     """EGFR agrees with the true alignment and collapses with a 500 µm error."""
-    good = sda.tl.compare_genes(pair.sdata, ["EGFR"], key_added=None).set_index("gene")
+    good = sda.tl.compare_genes(pair.sdata, ["EGFR"], copy=True).set_index("gene")
     bad_pair = fresh(shift_um=500.0)
-    bad = sda.tl.compare_genes(bad_pair.sdata, ["EGFR"], key_added=None).set_index("gene")
+    bad = sda.tl.compare_genes(bad_pair.sdata, ["EGFR"], copy=True).set_index("gene")
     assert good.loc["EGFR", "pearson"] > 0.7
     assert bad.loc["EGFR", "pearson"] < 0.35
     assert good.loc["EGFR", "pearson"] - bad.loc["EGFR", "pearson"] > 0.4
-    assert UNS_COMPARE_KEY not in bad_pair.sdata.tables[VISIUM_TABLE].uns  # key_added=None
+    assert UNS_COMPARE_KEY not in bad_pair.sdata.tables[VISIUM_TABLE].uns  # copy=True writes nothing
 
 
 def test_compare_genes_on_subset_equals_full(pair):
     sda.tl.shared_region(pair.sdata)
     shared = sda.tl.subset_shared(pair.sdata)
-    full = sda.tl.compare_genes(pair.sdata, key_added=None)
-    sub = sda.tl.compare_genes(shared)
+    full = sda.tl.compare_genes(pair.sdata, copy=True)
+    sda.tl.compare_genes(shared)
+    sub = shared.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
     assert sub["n_spots"].iloc[0] <= full["n_spots"].iloc[0]
     assert sub["n_spots"].iloc[0] >= 0.95 * full["n_spots"].iloc[0]
     assert UNS_COMPARE_KEY in shared.tables[VISIUM_TABLE].uns
@@ -415,19 +431,19 @@ def test_compare_genes_on_subset_equals_full(pair):
 
 def test_compare_genes_options(pair):
     sd = pair.sdata
-    ps = sda.tl.pseudo_spots(sd)
-    a = sda.tl.compare_genes(sd, pseudo=ps, key_added=None)
-    b = sda.tl.compare_genes(sd, key_added=None)
+    ps = sda.tl.pseudo_spots(sd, copy=True)
+    a = sda.tl.compare_genes(sd, pseudo=ps, copy=True)
+    b = sda.tl.compare_genes(sd, copy=True)
     pd.testing.assert_frame_equal(a, b)
-    c = sda.tl.compare_genes(sd, library="shared", min_cells=3, in_tissue_only=False, key_added=None)
+    c = sda.tl.compare_genes(sd, library="shared", min_cells=3, in_tissue_only=False, copy=True)
     vt = sd.tables[VISIUM_TABLE]
     v_shared = np.asarray(vt[:, [v for v in vt.var_names if v not in ("GAPDH", "MALAT1", "XIST", "ACTB")]].X.sum(1))
     expect = (ps.obs["n_cells"].to_numpy() >= 3) & (np.asarray(ps.X.sum(1)).ravel() > 0) & (v_shared.ravel() > 0)
     assert c["n_spots"].iloc[0] == expect.sum()
     with pytest.raises(ValueError, match="library"):
-        sda.tl.compare_genes(sd, library="none")
+        sda.tl.compare_genes(sd, library="none", copy=True)
     with pytest.raises(ValueError, match="lacks"):
-        sda.tl.compare_genes(sd, pseudo=ps[:10])
+        sda.tl.compare_genes(sd, pseudo=ps[:10], copy=True)
 
 
 # ------------------------------------------------------------------ through the sdata.align accessor
@@ -450,7 +466,7 @@ def test_twin_affine_route_via_accessor(twin):
     kept = np.isin(sd[XENIUM_CELLS].index, shared[XENIUM_CELLS].index)
     assert kept[under].mean() >= 0.95 and kept[~under].mean() <= 0.1
     assert "landmarks_xenium" in shared.points and "landmarks_visium" in shared.points  # carried over
-    df = sda.tl.compare_genes(shared).set_index("gene")
+    df = sda.tl.compare_genes(shared, copy=True).set_index("gene")
     assert df.loc["EGFR", "pearson"] > 0.5
 
 
@@ -473,7 +489,7 @@ def test_twin_lddmm_pipeline_end_to_end(twin, tmp_path):
     assert kept[under].mean() >= 0.95 and kept[~under].mean() <= 0.05
     reg = shared.align.get()  # the velocity field travelled with the subset
     np.testing.assert_allclose(reg.affine, sd.align.get().affine)
-    df = sda.tl.compare_genes(shared).set_index("gene")
+    df = sda.tl.compare_genes(shared, copy=True).set_index("gene")
     assert df.loc["EGFR", "pearson"] > 0.5
     for name, fn in (
         ("overlay", lambda p: sda.pl.overlay(sd, save=p)),
@@ -486,3 +502,28 @@ def test_twin_lddmm_pipeline_end_to_end(twin, tmp_path):
         path = tmp_path / f"{name}.png"
         fn(path)
         assert path.stat().st_size > 5000, name
+
+
+def test_tools_follow_scanpy_conventions_and_write_copy_on_write():
+    """copy=False writes under key_added and returns None; copy=True returns and writes nothing; a derived
+    object's writes never reach the object it came from (they share tables and elements)."""
+    p = fresh()
+    sd = p.sdata
+    o = SpatialData.init_from_elements({n: e for _, n, e in sd.gen_elements()}, attrs=sd.attrs)
+    assert o.tables[VISIUM_TABLE] is sd.tables[VISIUM_TABLE]  # shared, as after spatialdata operations
+    names = sorted(n for _, n, _ in sd.gen_elements())
+    assert sda.tl.shared_region(o) is None and "shared_region" in o.shapes
+    assert sda.tl.pseudo_spots(o) is None and "xenium_pseudo_spots" in o.tables
+    assert sda.tl.compare_genes(o, pseudo="xenium_pseudo_spots", key_added="cmp") is None
+    pd.testing.assert_frame_equal(o.tables[VISIUM_TABLE].uns["cmp"], sda.tl.compare_genes(o, copy=True))
+    # the original is untouched: no new element, no new uns key in the shared visium table
+    assert sorted(n for _, n, _ in sd.gen_elements()) == names
+    assert "cmp" not in sd.tables[VISIUM_TABLE].uns and UNS_COMPARE_KEY not in sd.tables[VISIUM_TABLE].uns
+    # copy=True writes nothing
+    before = sorted(n for _, n, _ in o.gen_elements())
+    assert sda.tl.shared_region(o, copy=True).area > 0
+    assert sda.tl.pseudo_spots(o, copy=True).n_obs == o.tables[VISIUM_TABLE].n_obs
+    assert sorted(n for _, n, _ in o.gen_elements()) == before
+    for f in (sda.tl.shared_region, sda.tl.pseudo_spots, sda.tl.compare_genes):
+        with pytest.raises(ValueError, match="key_added"):
+            f(o, key_added=None)

@@ -7,6 +7,7 @@ Subpackages
 -----------
 ``sda.io``            read Xenium and Visium output folders into SpatialData
 ``sda.registration``  the registration engine (numpy/torch, no SpatialData)
+``sda.ngff``          transforms as OME-NGFF 0.6 coordinate transformations (standalone files)
 ``sda.tl``            shared region, subsetting, pseudo-spots, gene comparison
 ``sda.pl``            plots (matplotlib; return axes)
 ``sda.datasets``      synthetic twin sections with ground truth
@@ -21,9 +22,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from . import datasets, io, pl, registration, tl
+from . import datasets, io, ngff, pl, registration, tl
 from ._accessor import AlignAccessor, register
 
 register("align")
 
-__all__ = ["AlignAccessor", "__version__", "datasets", "io", "pl", "registration", "tl"]
+__all__ = ["AlignAccessor", "__version__", "datasets", "io", "ngff", "pl", "registration", "tl"]

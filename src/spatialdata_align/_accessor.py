@@ -19,7 +19,15 @@ from spatialdata.transformations import Identity
 
 from . import _apply, _store
 from ._constants import MATCH_WEIGHT_KEY, VISIUM_CS, XENIUM_CS
-from ._elements import annotating_tables, check_cs, element_cs, element_kind, element_xy, image_in_cs
+from ._elements import (
+    annotating_tables,
+    check_cs,
+    element_cs,
+    element_kind,
+    element_xy,
+    image_in_cs,
+    with_obs_column,
+)
 from .io import registration_target
 from .registration import (
     AffineFit,
@@ -83,18 +91,103 @@ class AlignAccessor:
         return _store.load_registration(self._sdata, self._key(key))
 
     def remove(self, key: str) -> None:
-        """Remove a stored transform, its field elements and the native affines it registered.
+        """Remove a stored transform, its field arrays and the native affines it registered.
 
-        Elements it materialised with :meth:`apply` are kept.
+        Elements it materialised with :meth:`apply` are kept. Copy-on-write: objects this one was derived
+        from (or that were derived from it) are not changed.
         """
         _store.remove_registration(self._sdata, key)
+
+    def ngff(self, key: str | None = None) -> dict:
+        """The stored transform as an OME-NGFF 0.6 coordinate transformation (JSON-ready dict).
+
+        An ``affine``, or for a non-linear transform a ``bijection`` whose ``forward`` is
+        ``sequence[displacements, affine]`` and ``inverse`` ``sequence[affine, displacements]``; the
+        ``displacements`` ``path`` names the field arrays inside this object's zarr store (see
+        :mod:`spatialdata_align.ngff`).
+        """
+        return _store.get_entry(self._sdata, self._key(key))["ngff"]
+
+    def export_ngff(self, path, key: str | None = None, *, overwrite: bool = False):
+        """Write a stored transform as a standalone OME-Zarr 0.6 container.
+
+        See :func:`~spatialdata_align.ngff.write_transform` for the layout. Other tools, and other
+        SpatialData objects of the same sections (:meth:`import_ngff`), can then use it. Returns the
+        container path.
+        """
+        from . import ngff
+
+        key = self._key(key)
+        entry = _store.get_entry(self._sdata, key)
+        provenance = {
+            k: entry.get(k) for k in ("kind", "source_element", "target_element", "params", "package_version")
+        }
+        return ngff.write_transform(
+            self.get(key),
+            path,
+            source_cs=entry["source_cs"],
+            target_cs=entry["target_cs"],
+            name=key,
+            overwrite=overwrite,
+            attributes={"provenance": provenance},
+        )
+
+    def import_ngff(
+        self,
+        path,
+        *,
+        name: str | None = None,
+        key: str | None = None,
+        source_cs: str | None = None,
+        target_cs: str | None = None,
+        native: bool = True,
+    ) -> Registration:
+        """Store a transform read from a standalone OME-Zarr 0.6 container (:meth:`export_ngff`).
+
+        Parameters
+        ----------
+        path
+            The container.
+        name
+            Which transformation of the container (default: its only one).
+        key
+            Storage key (default: the transformation's name).
+        source_cs, target_cs
+            Coordinate systems of this object it maps between (default: the container's names).
+        native
+            Register the affine part natively on the elements of ``source_cs`` (as :meth:`affine` does)
+            when the transform is an affine.
+
+        Returns
+        -------
+        The stored :class:`~spatialdata_align.registration.Registration`.
+        """
+        from . import ngff
+
+        reg, info = ngff.read_transform(path, name)
+        scs = check_cs(self._sdata, source_cs or info["source_cs"])
+        tcs = check_cs(self._sdata, target_cs or info["target_cs"])
+        prov = (info.get("attributes") or {}).get("provenance") or {}
+        kind = prov.get("kind") or ("affine" if reg.is_affine else "lddmm")
+        _, stored = _store.store_registration(
+            self._sdata,
+            reg,
+            key=key or info["name"] or f"{scs}_to_{tcs}_{kind}",
+            kind=kind,
+            source_cs=scs,
+            target_cs=tcs,
+            source_element=None,
+            target_element=None,
+            extra={"method": f"imported:{path}"},
+            native=native and reg.is_affine,
+        )
+        return stored
 
     def _key(self, key: str | None) -> str:
         if key is not None:
             _store.get_entry(self._sdata, key)
             return key
-        node = _store.root(self._sdata)
-        default = node.get("default")
+        default = _store.default_key(self._sdata)
         if not default:
             raise ValueError(
                 "no transform is stored yet: fit one with sdata.align.affine(...) or sdata.align.lddmm(...)."
@@ -154,13 +247,11 @@ class AlignAccessor:
             if not isinstance(given, str):
                 df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "landmark": [str(n) for n in names]})
                 sd.points[el] = PointsModel.parse(df, transformations={cs: Identity()})
-        node = _store.root(sd, create=True)
-        node["landmarks"][key] = {
-            "source_element": src_el,
-            "target_element": dst_el,
-            "source_cs": source_cs,
-            "target_cs": target_cs,
-        }
+        _store.set_landmark_set(
+            sd,
+            key,
+            {"source_element": src_el, "target_element": dst_el, "source_cs": source_cs, "target_cs": target_cs},
+        )
         return src, dst
 
     def _landmark_side(self, value, cs: str, default_name: str, side: str) -> tuple[np.ndarray, str]:
@@ -323,7 +414,11 @@ class AlignAccessor:
 
         Returns
         -------
-        The fitted :class:`~spatialdata_align.registration.Registration` (also stored).
+        The stored :class:`~spatialdata_align.registration.Registration`: the fitted map in its stored,
+        sampled form (affine + displacement fields on grids covering both sections, see
+        :meth:`~spatialdata_align.registration.Registration.to_displacement`), which is what
+        :meth:`get`, :meth:`apply` and :meth:`transform_points` use and what any OME-NGFF reader of the
+        written store computes. It differs from the fitted flow by a small fraction of a µm.
         """
         sd = self._sdata
         target = target or registration_target(sd)
@@ -352,11 +447,11 @@ class AlignAccessor:
         if landmarks:
             src_lm, dst_lm = self.landmarks("landmarks" if landmarks is True else str(landmarks))
             kw.update(source_landmarks=src_lm, target_landmarks=dst_lm)
-        reg = lddmm(src_img, tgt_img, affine=A0, **kw)
+        fitted = lddmm(src_img, tgt_img, affine=A0, **kw)
         key = key or f"{scs}_to_{tcs}_lddmm"
-        _store.store_registration(
+        _, reg = _store.store_registration(
             sd,
-            reg,
+            fitted,
             key=key,
             kind="lddmm",
             source_cs=scs,
@@ -372,7 +467,7 @@ class AlignAccessor:
             for tname in annotating_tables(sd, source):
                 table = sd.tables[tname]
                 if table.n_obs == len(weights):
-                    table.obs[match_weight_key] = weights
+                    sd.tables[tname] = with_obs_column(table, match_weight_key, weights)
                 else:  # pragma: no cover - tables annotating several regions
                     warnings.warn(f"table {tname!r} does not match {source!r} row for row; no match weight.")
         return reg

@@ -14,7 +14,7 @@ import numpy as np
 import shapely
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel, get_table_keys
-from spatialdata.transformations import Identity
+from spatialdata.transformations import Identity, get_transformation
 
 from . import _store
 from ._constants import ALIGNED_SUFFIX, SPATIAL_KEY
@@ -140,11 +140,37 @@ def _image(sdata, element, reg, entry, direction, in_cs, out_cs, grid, pixel_siz
     )
 
 
-def _table_copy(sdata, tname, f_xy, region_name: str | None) -> ad.AnnData:
+def spatial_uns_of(sdata, cs: str, skip: set[str] = frozenset()) -> dict | None:
+    """``uns['spatial']`` (scanpy layout) of a table whose element lives in ``cs`` natively (e.g. the Visium spots).
+
+    Its images and scale factors describe that coordinate system (full-resolution pixels for ``visium``), so
+    positions mapped into ``cs`` are drawn on them by :func:`scanpy.pl.spatial` and
+    ``squidpy.pl.spatial_scatter``.
+    """
+    for tname, table in sdata.tables.items():
+        if tname in skip or not isinstance(table.uns.get(SPATIAL_KEY), dict) or not table.uns[SPATIAL_KEY]:
+            continue
+        regions = table.uns.get(TableModel.ATTRS_KEY, {}).get(TableModel.REGION_KEY)
+        regions = [regions] if isinstance(regions, str) else list(regions or [])
+        for r in regions:
+            if r in sdata and cs in get_transformation(sdata[r], get_all=True):
+                m = to_cs_matrix(sdata[r], cs, r)
+                if np.allclose(m, np.eye(3)):  # the element's own frame is cs: its images are cs images
+                    return table.uns[SPATIAL_KEY]
+    return None
+
+
+def _table_copy(sdata, tname, f_xy, region_name: str | None, out_cs: str | None = None) -> ad.AnnData:
     table = sdata.tables[tname]
     new = table.copy()
     if SPATIAL_KEY in new.obsm:
         new.obsm[SPATIAL_KEY] = f_xy(np.asarray(new.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2])
+    if out_cs is not None:
+        # the original's scanpy images/scale factors describe its own frame: take those of the output frame
+        new.uns.pop(SPATIAL_KEY, None)
+        spatial = spatial_uns_of(sdata, out_cs, skip={tname})
+        if spatial is not None:
+            new.uns[SPATIAL_KEY] = {lib: dict(v) for lib, v in spatial.items()}
     if region_name is not None:
         _, region_key, instance_key = get_table_keys(table)
         new.obs[region_key] = region_name
@@ -171,9 +197,13 @@ def apply(
         m_pre = to_cs_matrix(sdata[region], in_cs, region)
         aligned_region = f"{region}{ALIGNED_SUFFIX}"
         sdata.tables[name] = _table_copy(
-            sdata, element, _mapper(reg, m_pre, direction), aligned_region if aligned_region in sdata else None
+            sdata,
+            element,
+            _mapper(reg, m_pre, direction),
+            aligned_region if aligned_region in sdata else None,
+            out_cs,
         )
-        entry["applied"][element] = name
+        _store.record_applied(sdata, key, {element: name})
         return name
     el = sdata[element]
     m_pre = to_cs_matrix(el, in_cs, element)
@@ -185,11 +215,12 @@ def apply(
         sdata.images[name] = _image(sdata, element, reg, entry, direction, in_cs, out_cs, grid, pixel_size)
     else:
         raise TypeError(f"element {element!r} is {kind}; apply supports points, shapes, images and tables.")
-    entry["applied"][element] = name
+    applied = {element: name}
     if tables and kind in ("shapes", "points"):
         for tname in annotating_tables(sdata, element):
             tnew = f"{tname}{ALIGNED_SUFFIX}" if name == f"{element}{ALIGNED_SUFFIX}" else f"{tname}_{name}"
-            sdata.tables[tnew] = _table_copy(sdata, tname, _mapper(reg, m_pre, direction), name)
-            entry["applied"][tname] = tnew
+            sdata.tables[tnew] = _table_copy(sdata, tname, _mapper(reg, m_pre, direction), name, out_cs)
+            applied[tname] = tnew
+    _store.record_applied(sdata, key, applied)
     logger.info("aligned %s -> %s (%s, transform %r)", element, name, direction, key)
     return name

@@ -59,6 +59,7 @@ UNS_COMPARE_KEY = "sda_compare_genes"  #: visium_table.uns key of the gene compa
 MATCH_WEIGHT_KEY = "align_match_weight"  #: obs column: per-cell posterior of being matched tissue
 ALIGNED_SUFFIX = "_aligned"  #: suffix of elements materialised by ``sdata.align.apply``
 SHARED_REGION_KEY = "shared_region"  #: Shapes element written by ``sda.tl.shared_region``
+PSEUDO_SPOTS_KEY = "xenium_pseudo_spots"  #: table written by ``sda.tl.pseudo_spots`` (annotates the spots)
 
 # --- feature filtering ---------------------------------------------------------------------------
 #: Xenium feature types / name prefixes that are not genes and are kept out of ``X``.

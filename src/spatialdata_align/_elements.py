@@ -7,8 +7,11 @@ element. Everything returns plain numpy/xarray so the engine never sees SpatialD
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import dask.dataframe as dd
+import geopandas as gpd
 import numpy as np
 import xarray as xr
 from spatialdata import SpatialData
@@ -20,7 +23,7 @@ from spatialdata.models import (
     TableModel,
     get_model,
 )
-from spatialdata.transformations import get_transformation
+from spatialdata.transformations import get_transformation, set_transformation
 
 from ._constants import REGION_KEY  # noqa: F401  (re-exported for callers)
 
@@ -36,6 +39,70 @@ def parse_lazy_points(ddf, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
         return PointsModel.parse(ddf, **kwargs)
+
+
+def with_transformations(element, transformations: dict):
+    """A shallow copy of ``element`` (data shared, never copied) mapped by exactly ``transformations``.
+
+    The original keeps its own transformations: spatialdata keeps them in ``attrs`` dicts that plain
+    shallow copies share (dask frames, DataArrays, every scale of a DataTree), so the copy gets its own.
+    """
+    if isinstance(element, gpd.GeoDataFrame):
+        new = element.copy(deep=False)
+    elif isinstance(element, dd.DataFrame):
+        new = element.copy()
+    elif isinstance(element, xr.DataArray):
+        new = element.copy(deep=False)
+    else:  # DataTree (multiscale image or labels)
+        new = element.copy(deep=False)
+        for node in new.subtree:
+            for var in node.data_vars:
+                node[var].attrs["transform"] = copy.deepcopy(dict(node[var].attrs.get("transform", {})))
+    if not isinstance(element, xr.DataTree):
+        new.attrs["transform"] = copy.deepcopy(dict(element.attrs.get("transform", {})))
+    set_transformation(new, copy.deepcopy(dict(transformations)), set_all=True)
+    return new
+
+
+def _copy_dicts(d):
+    """Copy nested dicts (the containers), sharing their leaves (arrays, frames)."""
+    return {k: _copy_dicts(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def shallow_table(table, obs=None, uns=None):
+    """A new AnnData sharing ``table``'s matrices (never copied) with its own ``obs`` and ``uns`` containers.
+
+    Used for copy-on-write edits: changing the new table's ``obs`` columns or ``uns`` keys leaves
+    ``table`` (and every object sharing it) unchanged.
+    """
+    import anndata as ad
+
+    return ad.AnnData(
+        X=table.X,
+        obs=table.obs.copy() if obs is None else obs,
+        var=table.var.copy(),
+        uns=_copy_dicts(dict(table.uns)) if uns is None else uns,
+        obsm=dict(table.obsm),
+        varm=dict(table.varm),
+        layers=dict(table.layers),
+        obsp=dict(table.obsp),
+        varp=dict(table.varp),
+        raw=table.raw,
+    )
+
+
+def with_obs_column(table, column: str, values):
+    """:func:`shallow_table` with ``obs[column] = values``."""
+    obs = table.obs.copy()
+    obs[column] = values
+    return shallow_table(table, obs=obs)
+
+
+def with_uns(table, key: str, value):
+    """:func:`shallow_table` with ``uns[key] = value``."""
+    uns = _copy_dicts(dict(table.uns))
+    uns[key] = value
+    return shallow_table(table, uns=uns)
 
 
 def element_kind(sdata: SpatialData, name: str) -> str:

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from ._constants import VISIUM_TABLE, XENIUM_CELLS, XENIUM_TABLE, XENIUM_TRANSCRIPTS
+from ._constants import (
+    PSEUDO_SPOTS_KEY,
+    SHARED_REGION_KEY,
+    UNS_COMPARE_KEY,
+    VISIUM_TABLE,
+    XENIUM_CELLS,
+    XENIUM_TABLE,
+    XENIUM_TRANSCRIPTS,
+)
 from .registration._quality import DEFAULT_MAX_REFITS
 
 #: the error for landmarks and automatic initialisation together (the CLI's --help says so too)
@@ -202,14 +210,17 @@ def run_pipeline(
             sdata.align.apply(XENIUM_CELLS)
             if XENIUM_TRANSCRIPTS in sdata:
                 sdata.align.apply(XENIUM_TRANSCRIPTS)
+        # every result is written into sdata (scanpy convention), so the written store holds them all
         with stages("shared region"):
-            shared_poly = sda.tl.shared_region(sdata)
+            sda.tl.shared_region(sdata)
+            shared_poly = sdata.shapes[SHARED_REGION_KEY].geometry.iloc[0]
+        with stages("pseudo-spots"):
+            sda.tl.pseudo_spots(sdata, key_added=PSEUDO_SPOTS_KEY)
+        with stages("compare genes"):
+            sda.tl.compare_genes(sdata, pseudo=PSEUDO_SPOTS_KEY, key_added=UNS_COMPARE_KEY)
+            comparison = sdata.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
         with stages("subset to shared region"):
             shared = sda.tl.subset_shared(sdata)
-        with stages("pseudo-spots"):
-            pseudo = sda.tl.pseudo_spots(shared, key_added="xenium_pseudo_spots")
-        with stages("compare genes"):
-            comparison = sda.tl.compare_genes(shared, pseudo=pseudo)
         with stages("accuracy estimate"):
             assessment = assess_alignment(
                 sdata,

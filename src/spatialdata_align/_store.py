@@ -1,41 +1,73 @@
-"""How a :class:`~spatialdata_align.registration.Registration` lives inside a SpatialData object.
+"""How a registration lives inside a SpatialData object.
 
 Layout (everything round-trips through ``sdata.write`` / ``spatialdata.read_zarr``):
 
-* ``sdata.attrs["spatialdata_align"]["transforms"][key]``: JSON metadata — kind (``"affine"`` or
-  ``"lddmm"``), source/target coordinate systems and elements, the ``(3, 3)`` affine, velocity grid
-  node coordinates, parameters, energy trace, contrast model, package version, creation time.
-* ``<key>_velocity``: the velocity field as an image element with channels
-  ``v{t}x, v{t}y`` (``t = 0..nt-1``) on its grid, mapped to the *source* coordinate system (units:
-  source units per unit time). It is exact: the transform is rebuilt from it bit for bit.
-* ``<key>_match_weight``: the per-pixel posterior of the matched class on the target grid, mapped to
-  the *target* coordinate system.
-* ``sdata.attrs["spatialdata_align"]["landmarks"][key]``: which Points elements hold matched
-  landmark pairs.
+* ``sdata.attrs["spatialdata_align"]`` (JSON): per key in ``"transforms"`` the metadata (kind, source and
+  target coordinate systems and elements, the ``(3, 3)`` affine, fit parameters, energy trace, contrast,
+  provenance) and ``"ngff"``, the transformation as an OME-NGFF 0.6 object (:mod:`spatialdata_align.ngff`):
+  an ``affine``, or for a non-linear map a ``bijection`` of two sequences (displacements + affine).
+  Also ``"landmarks"`` (which Points elements hold which landmark set) and ``"default"`` (latest key).
+* the table ``spatialdata_align_transforms`` (:data:`TABLE`): an AnnData with no rows that annotates no
+  element; its ``uns["spatialdata_align"][key]`` holds the two displacement field arrays (``forward``,
+  ``inverse``: ``(2, ny, nx)`` float64, vector axis ``(dy, dx)``, exactly what the ``displacements`` of
+  ``"ngff"`` point at), the match-weight image of an LDDMM fit, a random ``id`` and a JSON copy of the key's
+  metadata.
+
+Why this layout: spatialdata operations treat ``attrs`` and tables very differently from elements.
+Queries and filters pass ``attrs`` on and crop or drop elements by coordinate system; a field stored as
+an element of a queried coordinate system gets cropped, one stored in no queried system gets dropped
+while ``attrs`` still lists it. A table annotating nothing is never cropped: an operation keeps it whole
+(``write``/``read``, ``concatenate`` (renamed like the elements), ``deepcopy``, ``sda.tl.subset_shared``,
+``subset``/``filter_by_coordinate_system`` with ``filter_tables=False``) or drops it whole. The metadata
+names the table and the ``id`` of the arrays it expects, so:
+
+* a transform whose arrays are gone (or replaced) is no longer listed, with a warning saying why
+  (:func:`resolve`);
+* a table whose metadata is gone (``spatialdata.concatenate`` drops ``attrs``) brings its transforms back
+  from its JSON copy, renamed the way ``concatenate`` renamed the elements (``key-<suffix>``, coordinate
+  systems and elements with the same suffix when they were renamed).
+
+Nothing here modifies an object in place: every write builds a new ``attrs`` dict, a new table and new
+(shallow) copies of the elements whose transformations change (copy-on-write), so a derived object never
+changes the object it came from.
 
 The affine part is also registered natively on every element of the source coordinate system
 (``Sequence([<element -> source cs>, Affine])`` into the target coordinate system), so spatialdata
-queries, ``spatialdata.transform`` and spatialdata-plot see the affine-aligned data with no code of
-ours.
+queries, ``spatialdata.transform`` and spatialdata-plot see the affine-aligned data with no code of ours.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import json
+import uuid
+import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
-from spatialdata import SpatialData
-from spatialdata.models import Image2DModel
-from spatialdata.transformations import Affine, Scale, Sequence, Translation, get_transformation, set_transformation
+from spatialdata import SpatialData, get_extent
+from spatialdata.models import TableModel
+from spatialdata.transformations import Affine, Scale, Sequence, Translation, get_transformation
 
+from . import ngff
 from ._constants import ATTRS_KEY
-from .registration import Registration
+from ._elements import element_kind, with_transformations
+from .registration import DisplacementField, Registration
 
-VELOCITY_SUFFIX = "_velocity"
-MATCH_WEIGHT_SUFFIX = "_match_weight"
+#: the table carrying the field arrays of every stored transform
+TABLE = "spatialdata_align_transforms"
+#: uns key of the carrier table (and of the records in it)
+UNS_KEY = ATTRS_KEY
+_MARK = "spatialdata_align.transforms/1"
+
+
+class TransformDroppedWarning(UserWarning):
+    """A stored transform is no longer usable (an operation dropped or replaced its field arrays)."""
 
 
 def package_version() -> str:
@@ -45,17 +77,24 @@ def package_version() -> str:
         return "unknown"
 
 
-def root(sdata: SpatialData, create: bool = False) -> dict[str, Any]:
-    """The package's metadata dict in ``sdata.attrs`` (created on demand)."""
-    attrs = sdata.attrs
-    if ATTRS_KEY not in attrs:
-        if not create:
-            return {"transforms": {}, "landmarks": {}}
-        attrs[ATTRS_KEY] = {}
-    node = attrs[ATTRS_KEY]
+# ------------------------------------------------------------------------------------------ attrs (COW)
+def root(sdata: SpatialData) -> dict[str, Any]:
+    """A *copy* of the package's metadata in ``sdata.attrs`` (never the shared dict itself)."""
+    node = copy.deepcopy(sdata.attrs.get(ATTRS_KEY) or {})
     node.setdefault("transforms", {})
     node.setdefault("landmarks", {})
     return node
+
+
+def write_root(sdata: SpatialData, node: dict[str, Any]) -> None:
+    """Replace the package's metadata: a new ``attrs`` dict, so objects sharing the old one are untouched."""
+    sdata.attrs = {**sdata.attrs, ATTRS_KEY: copy.deepcopy(node)}
+
+
+def set_landmark_set(sdata: SpatialData, key: str, info: dict[str, Any]) -> None:
+    node = root(sdata)
+    node["landmarks"][key] = dict(info)
+    write_root(sdata, node)
 
 
 def grid_transformation(x: np.ndarray, y: np.ndarray) -> Sequence:
@@ -74,46 +113,254 @@ def _floats(a) -> list:
     return np.asarray(a, dtype=np.float64).tolist()
 
 
-def stored_keys(sdata: SpatialData) -> list[str]:
-    return list(root(sdata)["transforms"].keys())
+# ---------------------------------------------------------------------------------------- the carrier
+def _records(table: ad.AnnData) -> dict[str, Any] | None:
+    node = table.uns.get(UNS_KEY)
+    if not isinstance(node, dict) or node.get("format") != _MARK:
+        return None
+    recs = node.get("records")
+    return recs if isinstance(recs, dict) else {}
 
 
-def get_entry(sdata: SpatialData, key: str) -> dict[str, Any]:
-    transforms = root(sdata)["transforms"]
-    if key not in transforms:
-        known = sorted(transforms) or "none"
-        raise KeyError(
-            f"no stored transform {key!r}; stored transforms: {known}. Fit one with "
-            "sdata.align.affine(...) or sdata.align.lddmm(...)."
-        )
-    return transforms[key]
+def _carrier(records: dict[str, Any]) -> ad.AnnData:
+    """A new carrier table (no rows, annotates nothing) holding ``records``."""
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([], categories=[]), "instance_id": np.zeros(0, dtype=np.int64)},
+        index=pd.Index([], dtype=str),
+    )
+    table = ad.AnnData(obs=obs, uns={UNS_KEY: {"format": _MARK, "records": dict(records)}})
+    return TableModel.parse(table, region=[], region_key="region", instance_key="instance_id")
 
 
-def _own_elements(sdata: SpatialData) -> set[str]:
-    out = set()
-    for entry in root(sdata)["transforms"].values():
-        for k in ("velocity_element", "match_weight_element"):
-            if entry.get(k):
-                out.add(entry[k])
+def _field_path(table: str, key: str, direction: str) -> str:
+    return f"tables/{table}/uns/{UNS_KEY}/records/{key}/{direction}"
+
+
+def _element_path(sdata: SpatialData, name: str | None) -> str | None:
+    if not name or name not in sdata:
+        return None
+    folder = {"image": "images", "labels": "labels", "points": "points", "shapes": "shapes", "table": "tables"}
+    return f"{folder[element_kind(sdata, name)]}/{name}"
+
+
+def ngff_of(sdata: SpatialData, entry: dict[str, Any], key: str, table: str | None) -> dict[str, Any]:
+    """The OME-NGFF transformation object of ``entry`` with the field paths of this store."""
+    fields = entry.get("fields")
+    return ngff.transformation(
+        entry["affine"],
+        source_cs=entry["source_cs"],
+        target_cs=entry["target_cs"],
+        forward_path=_field_path(table, key, "forward") if fields else None,
+        inverse_path=_field_path(table, key, "inverse") if fields else None,
+        name=key,
+        source_path=_element_path(sdata, entry.get("source_element")),
+        target_path=_element_path(sdata, entry.get("target_element")),
+    )
+
+
+@dataclass
+class Resolved:
+    """A usable stored transform: its metadata and, for non-linear ones, its carrier record."""
+
+    key: str
+    entry: dict[str, Any]
+    table: str | None
+    record: dict[str, Any] | None
+    recovered: bool = False
+
+
+def _check_record(entry: dict[str, Any], rec: Any) -> str | None:
+    """Why ``rec`` does not hold ``entry``'s fields (``None`` when it does)."""
+    fields = entry["fields"]
+    if not isinstance(rec, dict):
+        return "its field arrays are missing"
+    if str(rec.get("id")) != fields["id"]:
+        return "its field arrays were replaced by others"
+    for d in ("forward", "inverse"):
+        arr = rec.get(d)
+        if arr is None or tuple(np.shape(arr)) != tuple(fields[d]["shape"]):
+            return f"its {d} field array is missing or has the wrong shape"
+    return None
+
+
+def _hidden_message(key: str, table: str, why: str) -> str:
+    return (
+        f"stored transform {key!r} is not available in this SpatialData: {why} (table {table!r}). An operation "
+        "dropped them: subset/filter_by_coordinate_system/bounding_box_query/polygon_query drop tables that "
+        "annotate no element unless called with filter_tables=False / filter_table=False (or, for subset, with "
+        f"{table!r} among the names). The transform is left out of sdata.align; use the object it came from, "
+        "or sdata.align.import_ngff(...) of an exported copy."
+    )
+
+
+def _rename(name: str | None, suffix: str, present) -> str | None:
+    if name is None or not suffix:
+        return name
+    return f"{name}{suffix}" if f"{name}{suffix}" in present else name
+
+
+def resolve(sdata: SpatialData, *, warn: bool = True) -> dict[str, Resolved]:
+    """Every usable stored transform, by key (see the module docstring for the rules)."""
+    node = sdata.attrs.get(ATTRS_KEY) or {}
+    out: dict[str, Resolved] = {}
+    used: set[str] = set()
+    for key, entry in (node.get("transforms") or {}).items():
+        fields = entry.get("fields")
+        if not fields:
+            out[key] = Resolved(key, copy.deepcopy(entry), entry.get("table"), None)
+            used.add(str(entry.get("id")))
+            continue
+        tname = fields["table"]
+        table = sdata.tables.get(tname) if tname in sdata.tables else None
+        recs = _records(table) if table is not None else None
+        why = "its field arrays were dropped" if recs is None else _check_record(entry, recs.get(key))
+        if why is not None:
+            if warn:
+                warnings.warn(_hidden_message(key, tname, why), TransformDroppedWarning, stacklevel=3)
+            continue
+        out[key] = Resolved(key, copy.deepcopy(entry), tname, recs[key])
+        used.add(fields["id"])
+    # tables whose metadata is gone (spatialdata.concatenate drops attrs): recover their transforms
+    present = {name for _, name, _ in sdata.gen_elements()}
+    systems = set(sdata.coordinate_systems)
+    for tname, table in sdata.tables.items():
+        if not tname.startswith(TABLE):
+            continue
+        recs = _records(table)
+        if not recs:
+            continue
+        suffix = tname[len(TABLE) :]
+        for key, rec in recs.items():
+            if str(rec.get("id")) in used:
+                continue
+            entry = json.loads(rec["entry"])
+            fields = entry.get("fields")
+            if fields and _check_record(entry, rec) is not None:
+                continue
+            new_key = f"{key}{suffix}"
+            if new_key in out:
+                if warn:
+                    warnings.warn(
+                        f"table {tname!r} holds transform {key!r}, but {new_key!r} is already stored; it is left out.",
+                        TransformDroppedWarning,
+                        stacklevel=3,
+                    )
+                continue
+            for k in ("source_cs", "target_cs"):
+                entry[k] = _rename(entry[k], suffix, systems)
+            for k in ("source_element", "target_element"):
+                entry[k] = _rename(entry.get(k), suffix, present)
+            entry["native_elements"] = [_rename(n, suffix, present) for n in entry.get("native_elements", [])]
+            entry["applied"] = {
+                _rename(a, suffix, present): _rename(b, suffix, present) for a, b in entry.get("applied", {}).items()
+            }
+            if fields:
+                fields["table"] = tname
+            entry["ngff"] = ngff_of(sdata, entry, key, tname if fields else None)
+            entry["table"] = tname
+            out[new_key] = Resolved(key, entry, tname, rec if fields else None, recovered=True)
     return out
 
 
-def register_native_affine(
-    sdata: SpatialData, matrix: np.ndarray, source_cs: str, target_cs: str, key: str
-) -> list[str]:
-    """Map every element of ``source_cs`` into ``target_cs`` through a native ``Affine``.
+def stored_keys(sdata: SpatialData) -> list[str]:
+    return list(resolve(sdata))
 
-    Elements that already belong to ``target_cs`` natively (not through an earlier call of ours)
-    are left alone. Returns the names of the elements updated.
+
+def default_key(sdata: SpatialData) -> str | None:
+    """The most recently stored usable key (``None`` when none is)."""
+    usable = resolve(sdata, warn=False)
+    default = (sdata.attrs.get(ATTRS_KEY) or {}).get("default")
+    if default in usable:
+        return default
+    return next(reversed(usable), None) if usable else None
+
+
+def _get(sdata: SpatialData, key: str) -> Resolved:
+    usable = resolve(sdata)
+    if key not in usable:
+        raise KeyError(
+            f"no stored transform {key!r}; stored transforms: {sorted(usable) or 'none'}. Fit one with "
+            "sdata.align.affine(...) or sdata.align.lddmm(...)."
+        )
+    return usable[key]
+
+
+def get_entry(sdata: SpatialData, key: str) -> dict[str, Any]:
+    """The metadata of stored transform ``key`` (a copy)."""
+    return _get(sdata, key).entry
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _section_extent(sdata: SpatialData, cs: str, skip: set[str]) -> tuple[float, float, float, float] | None:
+    """Bounding box ``(xmin, xmax, ymin, ymax)`` of the images, labels and shapes of ``cs``.
+
+    Points are left out (reading every transcript only to bound them would cost a pass over the data; they
+    lie among the cells, and a field keeps its edge values beyond its grid).
     """
-    own = _own_elements(sdata)
-    previously = set()
-    for entry in root(sdata)["transforms"].values():
-        if entry.get("target_cs") == target_cs:
-            previously.update(entry.get("native_elements", []))
+    boxes = []
+    for kind, name, el in sdata.gen_spatial_elements():
+        if name in skip or kind == "points" or cs not in get_transformation(el, get_all=True):
+            continue
+        if kind == "shapes" and len(el) == 0:
+            continue
+        e = get_extent(el, coordinate_system=cs)
+        boxes.append((e["x"][0], e["x"][1], e["y"][0], e["y"][1]))
+    if not boxes:
+        return None
+    b = np.asarray(boxes, dtype=np.float64)
+    return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
+
+
+def _union(*extents):
+    ext = [e for e in extents if e is not None]
+    if not ext:
+        return None
+    a = np.asarray(ext, dtype=np.float64)
+    return float(a[:, 0].min()), float(a[:, 1].max()), float(a[:, 2].min()), float(a[:, 3].max())
+
+
+def own_elements(sdata: SpatialData) -> set[str]:
+    """Elements this package keeps for itself (landmark Points) and its carrier tables."""
+    node = sdata.attrs.get(ATTRS_KEY) or {}
+    out = {t for t in sdata.tables if t.startswith(TABLE) and _records(sdata.tables[t]) is not None}
+    for e in (node.get("landmarks") or {}).values():
+        for k in ("source_element", "target_element"):
+            if e.get(k):
+                out.add(e[k])
+    return out
+
+
+def sampled(
+    sdata: SpatialData, reg: Registration, source_cs: str, target_cs: str, spacing: float | None = None
+) -> Registration:
+    """``reg`` in its stored form: displacement fields on grids covering both sections of ``sdata``."""
+    if reg.is_affine or reg.is_sampled:  # the stored form is canonical: never resampled
+        return reg
+    skip = own_elements(sdata)
+    src = _union(reg.source_extent, _section_extent(sdata, source_cs, skip))
+    tgt = _union(reg.target_extent, _section_extent(sdata, target_cs, skip))
+    return reg.to_displacement(spacing=spacing, source_extent=src, target_extent=tgt)
+
+
+def _replace(sdata: SpatialData, name: str, element) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*already exists.*")
+        sdata[name] = element
+
+
+def register_native_affine(
+    sdata: SpatialData, matrix: np.ndarray, source_cs: str, target_cs: str, previously: set[str]
+) -> list[str]:
+    """Map every element of ``source_cs`` into ``target_cs`` through a native ``Affine`` (copy-on-write).
+
+    Elements that already belong to ``target_cs`` natively (not through an earlier call of ours, listed in
+    ``previously``) are left alone. Each updated element is replaced by a shallow copy carrying the new
+    transformation. Returns the names of the elements updated.
+    """
+    own = own_elements(sdata)
     aff = Affine(np.asarray(matrix, dtype=np.float64), input_axes=("x", "y"), output_axes=("x", "y"))
     updated = []
-    for _, name, el in sdata.gen_spatial_elements():
+    for _, name, el in list(sdata.gen_spatial_elements()):
         if name in own:
             continue
         transforms = get_transformation(el, get_all=True)
@@ -121,7 +368,9 @@ def register_native_affine(
             continue
         if target_cs in transforms and name not in previously:
             continue
-        set_transformation(el, Sequence([transforms[source_cs], aff]), to_coordinate_system=target_cs)
+        new = dict(transforms)
+        new[target_cs] = Sequence([transforms[source_cs], aff])
+        _replace(sdata, name, with_transformations(el, new))
         updated.append(name)
     return updated
 
@@ -138,11 +387,24 @@ def store_registration(
     target_element: str | None,
     extra: dict[str, Any] | None = None,
     native: bool = True,
-) -> dict[str, Any]:
-    """Write ``reg`` into ``sdata`` under ``key`` (overwriting an earlier entry of that key)."""
-    if key in root(sdata)["transforms"]:
-        remove_registration(sdata, key)
-    d = reg.to_dict()
+    spacing: float | None = None,
+) -> tuple[dict[str, Any], Registration]:
+    """Write ``reg`` into ``sdata`` under ``key`` (replacing an earlier entry of that key).
+
+    A velocity-based registration is stored in sampled form (:func:`sampled`). Returns the entry and the
+    registration as stored (what :func:`load_registration` rebuilds).
+    """
+    if not key or "/" in key:
+        raise ValueError(f"a transform key is a non-empty string without '/', got {key!r}.")
+    previously: set[str] = set()
+    node = root(sdata)
+    for e in node["transforms"].values():
+        if e.get("target_cs") == target_cs:
+            previously.update(e.get("native_elements", []))
+    if key in resolve(sdata, warn=False) or key in node["transforms"]:
+        remove_registration(sdata, key, missing_ok=True)
+    stored = sampled(sdata, reg, source_cs, target_cs, spacing)
+    d = stored.to_dict()
     entry: dict[str, Any] = {
         "kind": kind,
         "source_cs": source_cs,
@@ -159,65 +421,76 @@ def store_registration(
         "contrast": {k: _floats(v) for k, v in d["contrast"].items()},
         "package_version": package_version(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "velocity_element": None,
-        "match_weight_element": None,
         "applied": {},
+        "native_elements": [],
+        "fields": None,
     }
-    if reg.velocity_values is not None and reg.has_velocity:
-        v = reg.velocity_values
-        nt = v.shape[0]
-        name = f"{key}{VELOCITY_SUFFIX}"
-        channels = [f"v{t}{ax}" for t in range(nt) for ax in "xy"]
-        sdata.images[name] = Image2DModel.parse(
-            v.reshape(nt * 2, *v.shape[2:]),
-            dims=("c", "y", "x"),
-            c_coords=channels,
-            transformations={source_cs: grid_transformation(reg.xv, reg.yv)},
-        )
-        entry.update(velocity_element=name, nt=int(nt), xv=_floats(reg.xv), yv=_floats(reg.yv))
-    if reg.match_weight is not None:
-        name = f"{key}{MATCH_WEIGHT_SUFFIX}"
-        mw = reg.match_weight
-        x, y = mw.coords["x"].values, mw.coords["y"].values
-        sdata.images[name] = Image2DModel.parse(
-            mw.values[None],
-            dims=("c", "y", "x"),
-            c_coords=["match_weight"],
-            transformations={target_cs: grid_transformation(x, y)},
-        )
-        entry.update(match_weight_element=name, mw_x=_floats(x), mw_y=_floats(y))
     if extra:
         entry.update(extra)
-    node = root(sdata, create=True)
-    node["transforms"][key] = entry
+    record: dict[str, Any] = {"id": uuid.uuid4().hex}
+    entry["id"] = record["id"]
+    entry["table"] = TABLE
+    if stored.is_sampled:
+        fields: dict[str, Any] = {"table": TABLE, "id": record["id"], "spacing": float(stored.forward_field.dx)}
+        for direction, f in (("forward", stored.forward_field), ("inverse", stored.inverse_field)):
+            arr = ngff.field_array(f)
+            record[direction] = arr
+            fields[direction] = {
+                "shape": list(arr.shape),
+                "axes": ["c", "y", "x"],
+                "scale": [1.0, f.dy, f.dx],
+                "translation": [0.0, f.y0, f.x0],
+                "input_cs": source_cs if direction == "forward" else ngff.deformed_cs(source_cs),
+            }
+        entry["fields"] = fields
+    if stored.match_weight is not None:
+        mw = stored.match_weight
+        record["match_weight"] = np.asarray(mw.values, dtype=np.float64)
+        record["match_weight_x"] = np.asarray(mw.coords["x"].values, dtype=np.float64)
+        record["match_weight_y"] = np.asarray(mw.coords["y"].values, dtype=np.float64)
     if native:
-        entry["native_elements"] = register_native_affine(sdata, reg.affine, source_cs, target_cs, key)
+        entry["native_elements"] = register_native_affine(sdata, stored.affine, source_cs, target_cs, previously)
+    entry["ngff"] = ngff_of(sdata, entry, key, TABLE)
+    record["entry"] = json.dumps(entry)
+    # copy-on-write: a new carrier table and a new attrs dict
+    old = sdata.tables.get(TABLE) if TABLE in sdata.tables else None
+    records = dict(_records(old) or {}) if old is not None else {}
+    records[key] = record
+    sdata.tables[TABLE] = _carrier(records)
+    node = root(sdata)
+    node["transforms"][key] = entry
     node["default"] = key
-    return entry
+    write_root(sdata, node)
+    return copy.deepcopy(entry), load_registration(sdata, key)
+
+
+def record_applied(sdata: SpatialData, key: str, pairs: dict[str, str]) -> None:
+    """Note in ``key``'s metadata which aligned copies were made from it (copy-on-write)."""
+    node = root(sdata)
+    if key in node["transforms"]:
+        node["transforms"][key].setdefault("applied", {}).update(pairs)
+        write_root(sdata, node)
 
 
 def load_registration(sdata: SpatialData, key: str) -> Registration:
-    """Rebuild the :class:`Registration` stored under ``key`` (bit-identical to the one stored)."""
-    entry = get_entry(sdata, key)
-    vel = None
-    if entry.get("velocity_element"):
-        name = entry["velocity_element"]
-        if name not in sdata:
-            raise KeyError(f"transform {key!r} needs its velocity element {name!r}, which is missing.")
-        arr = np.asarray(sdata[name].values, dtype=np.float64)
-        nt = int(entry["nt"])
-        vel = arr.reshape(nt, 2, *arr.shape[1:])
+    """Rebuild the registration stored under ``key`` (its sampled form: what every reader computes)."""
+    r = _get(sdata, key)
+    entry, rec = r.entry, r.record
+    fwd = inv = None
+    if entry.get("fields"):
+        f = entry["fields"]
+        fwd = ngff.field_from_array(rec["forward"], f["forward"]["scale"], f["forward"]["translation"])
+        inv = ngff.field_from_array(rec["inverse"], f["inverse"]["scale"], f["inverse"]["translation"])
     match_weight = None
-    if entry.get("match_weight_element") and entry["match_weight_element"] in sdata:
-        arr = np.asarray(sdata[entry["match_weight_element"]].values, dtype=np.float64)[0]
-        match_weight = {"values": arr, "x": np.asarray(entry["mw_x"]), "y": np.asarray(entry["mw_y"])}
-    energy = {k: np.asarray(v) for k, v in entry.get("energy", {}).items()}
+    if rec is not None and rec.get("match_weight") is not None:
+        match_weight = {
+            "values": np.asarray(rec["match_weight"], dtype=np.float64),
+            "x": np.asarray(rec["match_weight_x"], dtype=np.float64),
+            "y": np.asarray(rec["match_weight_y"], dtype=np.float64),
+        }
     d = {
         "affine": np.asarray(entry["affine"]),
-        "velocity": vel,
-        "xv": None if vel is None else np.asarray(entry["xv"]),
-        "yv": None if vel is None else np.asarray(entry["yv"]),
-        "energy": energy,
+        "energy": {k: np.asarray(v) for k, v in entry.get("energy", {}).items()},
         "params": entry.get("params", {}),
         "source_units": entry.get("source_units", "um"),
         "target_units": entry.get("target_units", "px"),
@@ -225,34 +498,52 @@ def load_registration(sdata: SpatialData, key: str) -> Registration:
         "target_extent": entry.get("target_extent"),
         "contrast": {k: np.asarray(v) for k, v in entry.get("contrast", {}).items()},
         "match_weight": match_weight,
+        "forward_field": None if fwd is None else fwd.to_dict(),
+        "inverse_field": None if inv is None else inv.to_dict(),
     }
     return Registration.from_dict(d)
 
 
-def remove_registration(sdata: SpatialData, key: str) -> None:
-    """Delete a stored transform, its field elements and the native affines it registered."""
-    entry = get_entry(sdata, key)
-    for k in ("velocity_element", "match_weight_element"):
-        name = entry.get(k)
-        if name and name in sdata:
-            del sdata[name]
+def remove_registration(sdata: SpatialData, key: str, *, missing_ok: bool = False) -> None:
+    """Delete a stored transform: its metadata, its field arrays and the native affines it registered.
+
+    Copy-on-write: elements losing their native affine are replaced by shallow copies.
+    """
+    usable = resolve(sdata, warn=False)
+    node = root(sdata)
+    if key not in usable and key not in node["transforms"]:
+        if missing_ok:
+            return
+        raise KeyError(f"no stored transform {key!r}; stored transforms: {sorted(usable) or 'none'}.")
+    entry = usable[key].entry if key in usable else node["transforms"][key]
     for name in entry.get("native_elements", []):
         if name in sdata:
-            el = sdata[name]
-            transforms = get_transformation(el, get_all=True)
+            transforms = get_transformation(sdata[name], get_all=True)
             if entry["target_cs"] in transforms and len(transforms) > 1:
-                from spatialdata.transformations import remove_transformation
-
-                remove_transformation(el, entry["target_cs"])
-    node = root(sdata, create=True)
-    del node["transforms"][key]
+                new = {cs: t for cs, t in transforms.items() if cs != entry["target_cs"]}
+                _replace(sdata, name, with_transformations(sdata[name], new))
+    r = usable.get(key)
+    tname = r.table if r is not None else entry.get("table", TABLE)
+    orig_key = r.key if r is not None else key
+    if tname and tname in sdata.tables:
+        records = dict(_records(sdata.tables[tname]) or {})
+        if orig_key in records:
+            del records[orig_key]
+            if records:
+                sdata.tables[tname] = _carrier(records)
+            else:
+                del sdata.tables[tname]
+    node["transforms"].pop(key, None)
     if node.get("default") == key:
         node["default"] = next(reversed(node["transforms"]), None) if node["transforms"] else None
+    write_root(sdata, node)
 
 
 def transforms_table(sdata: SpatialData) -> pd.DataFrame:
     rows = []
-    for key, e in root(sdata)["transforms"].items():
+    for key, r in resolve(sdata).items():
+        e = r.entry
+        fields = e.get("fields") or {}
         rows.append(
             {
                 "key": key,
@@ -262,7 +553,7 @@ def transforms_table(sdata: SpatialData) -> pd.DataFrame:
                 "source_element": e.get("source_element"),
                 "target_element": e.get("target_element"),
                 "iterations": len(next(iter(e.get("energy", {}).values()), [])),
-                "velocity_element": e.get("velocity_element"),
+                "field_spacing": fields.get("spacing"),
                 "applied": ", ".join(e.get("applied", {}).values()),
                 "created": e.get("created"),
             }
@@ -275,8 +566,16 @@ def transforms_table(sdata: SpatialData) -> pd.DataFrame:
         "source_element",
         "target_element",
         "iterations",
-        "velocity_element",
+        "field_spacing",
         "applied",
         "created",
     ]
     return pd.DataFrame(rows, columns=cols).set_index("key")
+
+
+def fields_of(sdata: SpatialData, key: str) -> dict[str, DisplacementField]:
+    """The two displacement fields of a non-linear stored transform."""
+    reg = load_registration(sdata, key)
+    if not reg.is_sampled:
+        raise ValueError(f"transform {key!r} is an affine; it has no displacement fields.")
+    return {"forward": reg.forward_field, "inverse": reg.inverse_field}

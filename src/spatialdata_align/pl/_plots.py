@@ -253,7 +253,7 @@ def landmarks(
         frame1.append(np.array([[left, top], [right, bottom]]))
     tkey = None
     if transform is not False:
-        tkey = transform if transform is not None else _store.root(sdata).get("default")
+        tkey = transform if transform is not None else _store.default_key(sdata)
     if tkey is not None:
         mapped = sdata.align.transform_points(src, key=tkey)
         a1.scatter(mapped[:, 0], mapped[:, 1], s=50, c="tab:cyan", marker="x", zorder=4, label=f"source via {tkey}")
@@ -289,7 +289,7 @@ def energy(sdata_or_reg, key: str | None = None, *, log: bool = True, ax: Axes |
     """
     if isinstance(sdata_or_reg, SpatialData):
         reg = sdata_or_reg.align.get(key)
-        name = key or _store.root(sdata_or_reg).get("default")
+        name = key or _store.default_key(sdata_or_reg)
     else:
         reg, name = sdata_or_reg, key or "registration"
     e = reg.energy

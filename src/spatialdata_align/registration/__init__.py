@@ -8,8 +8,10 @@ Points are ``(N, 2)`` arrays of ``(x, y)`` in physical units; images are ``(c, y
 * :func:`auto_init` – affine initialisation without landmarks (rotation/reflection/scale search).
 * :func:`lddmm` – affine + diffeomorphic registration with mixture matching.
 * :class:`Registration` – the result: applies the transform to points and images, both ways.
+* :class:`DisplacementField` – a displacement field on a regular grid (the stored, OME-NGFF form of a map).
 """
 
+from ._displacement import DisplacementField
 from ._init import InitResult, auto_init
 from ._landmarks import AffineFit, decompose_affine, fit_affine
 from ._lddmm import RegistrationDivergedWarning, lddmm
@@ -19,6 +21,7 @@ from ._utils import Image
 
 __all__ = [
     "AffineFit",
+    "DisplacementField",
     "Image",
     "InitResult",
     "Registration",

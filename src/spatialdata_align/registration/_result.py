@@ -11,10 +11,15 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from ._displacement import DisplacementField, affine_extent, pad_extent
 from ._flow import affine_torch, flow_forward, flow_inverse
 from ._utils import apply_affine, as_image, check_points, homogeneous, interp
 
 _DIRECTIONS = ("forward", "inverse")
+
+#: default displacement-field node spacing, as a fraction of the velocity grid spacing (see
+#: :meth:`Registration.to_displacement`; measured in ``tests/test_displacement.py``)
+DEFAULT_SPACING_FRACTION = 0.5
 
 
 def _check_direction(direction: str) -> str:
@@ -65,9 +70,17 @@ class Registration:
     source_extent: tuple[float, float, float, float] | None = None
     target_extent: tuple[float, float, float, float] | None = None
     contrast: dict[str, Any] = field(default_factory=dict)
+    forward_field: DisplacementField | None = None
+    inverse_field: DisplacementField | None = None
 
     def __post_init__(self):
         self.affine = homogeneous(self.affine)
+        for name in ("forward_field", "inverse_field"):
+            f = getattr(self, name)
+            if isinstance(f, dict):
+                setattr(self, name, DisplacementField.from_dict(f))
+        if (self.forward_field is None) != (self.inverse_field is None):
+            raise ValueError("a sampled registration needs both forward_field and inverse_field (or neither).")
         if self.velocity_values is not None:
             self.velocity_values = np.asarray(self.velocity_values, dtype=np.float64)
             if self.velocity_values.ndim != 4 or self.velocity_values.shape[1] != 2:
@@ -87,6 +100,73 @@ class Registration:
     def has_velocity(self) -> bool:
         """Whether a non-linear (diffeomorphic) part is present."""
         return self.velocity_values is not None and bool(np.any(self.velocity_values))
+
+    @property
+    def is_sampled(self) -> bool:
+        """Whether the map is held as displacement fields (the stored, OME-NGFF form)."""
+        return self.forward_field is not None
+
+    @property
+    def is_affine(self) -> bool:
+        """Whether the map is the affine alone (no velocity, no displacement fields)."""
+        return not self.is_sampled and not self.has_velocity
+
+    def to_displacement(
+        self,
+        *,
+        spacing: float | None = None,
+        source_extent=None,
+        target_extent=None,
+        margin: float | None = None,
+    ) -> Registration:
+        """The same map in sampled form: displacement fields on grids covering both sections.
+
+        Parameters
+        ----------
+        spacing
+            Grid node spacing (source units). Default: ``DEFAULT_SPACING_FRACTION`` of the velocity grid
+            spacing (fine enough that the sampled map differs from the flow by far less than a cell).
+        source_extent
+            ``(xmin, xmax, ymin, ymax)`` (source units) the forward field must cover; default
+            :attr:`source_extent`.
+        target_extent
+            ``(xmin, xmax, ymin, ymax)`` (target units) the inverse field must cover (it is pulled back
+            by the affine); default :attr:`target_extent`.
+        margin
+            Extra coverage on every side (source units); default two nodes.
+
+        Returns
+        -------
+        A new :class:`Registration` with ``forward_field``/``inverse_field`` set and no velocity
+        (affine, energy, parameters, match weight and extents are kept). An affine-only registration is
+        returned unchanged (a copy).
+        """
+        if self.is_affine:
+            return Registration.from_dict(self.to_dict())
+        if spacing is None:
+            if self.is_sampled:
+                spacing = min(self.forward_field.dx, self.forward_field.dy)
+            else:
+                spacing = DEFAULT_SPACING_FRACTION * float(np.min(np.diff(self.xv)))
+        spacing = float(spacing)
+        margin = 2.0 * spacing if margin is None else float(margin)
+        src = self.source_extent if source_extent is None else source_extent
+        tgt = self.target_extent if target_extent is None else target_extent
+        if src is None or tgt is None:
+            raise ValueError("pass source_extent and target_extent: the registration does not know its sections.")
+        a_inv = np.linalg.inv(self.affine)
+        fwd = DisplacementField.sample(
+            lambda p: apply_affine(a_inv, self.transform_points(p, "forward")), pad_extent(src, margin), spacing
+        )
+        inv = DisplacementField.sample(
+            lambda p: self.transform_points(apply_affine(self.affine, p), "inverse"),
+            pad_extent(affine_extent(a_inv, tgt), margin),
+            spacing,
+        )
+        d = self.to_dict()
+        d.update(velocity=None, xv=None, yv=None, forward_field=fwd.to_dict(), inverse_field=inv.to_dict())
+        d["params"] = dict(d["params"], field_spacing=spacing)
+        return Registration.from_dict(d)
 
     @property
     def velocity(self) -> xr.DataArray | None:
@@ -131,6 +211,10 @@ class Registration:
         pts = check_points(xy, "xy")
         if pts.shape[0] == 0:
             return pts.copy()
+        if self.is_sampled:
+            if direction == "forward":
+                return apply_affine(self.affine, self.forward_field.apply(pts))
+            return self.inverse_field.apply(apply_affine(np.linalg.inv(self.affine), pts))
         if not self.has_velocity:
             m = self.affine if direction == "forward" else np.linalg.inv(self.affine)
             return apply_affine(m, pts)
@@ -152,13 +236,19 @@ class Registration:
         ``(c, y, x)`` DataArray with channels ``dx``, ``dy``.
         """
         _check_direction(direction)
+        if self.is_sampled:
+            grid = self.forward_field if direction == "forward" else self.inverse_field
+            x = grid.x if x is None else x
+            y = grid.y if y is None else y
         x = self.xv if x is None else np.asarray(x, dtype=float)
         y = self.yv if y is None else np.asarray(y, dtype=float)
         if x is None or y is None:
             raise ValueError("this registration has no velocity grid; pass x and y explicitly.")
         gx, gy = np.meshgrid(x, y)
         pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
-        if self.has_velocity:
+        if self.is_sampled:
+            out = (self.forward_field if direction == "forward" else self.inverse_field).apply(pts)
+        elif self.has_velocity:
             with torch.no_grad():
                 t = torch.as_tensor(pts, dtype=torch.float64)
                 if direction == "forward":
@@ -268,6 +358,8 @@ class Registration:
             "source_extent": None if self.source_extent is None else list(map(float, self.source_extent)),
             "target_extent": None if self.target_extent is None else list(map(float, self.target_extent)),
             "contrast": {k: np.asarray(v).copy() for k, v in self.contrast.items()},
+            "forward_field": None if self.forward_field is None else self.forward_field.to_dict(),
+            "inverse_field": None if self.inverse_field is None else self.inverse_field.to_dict(),
         }
         if self.match_weight is not None:
             d["match_weight"] = {
@@ -305,6 +397,8 @@ class Registration:
             source_extent=None if d.get("source_extent") is None else tuple(d["source_extent"]),
             target_extent=None if d.get("target_extent") is None else tuple(d["target_extent"]),
             contrast={k: np.asarray(v) for k, v in (d.get("contrast") or {}).items()},
+            forward_field=d.get("forward_field"),
+            inverse_field=d.get("inverse_field"),
         )
 
     def match_weight_at(self, xy, direction: str = "forward") -> np.ndarray:
@@ -326,8 +420,14 @@ class Registration:
         return val
 
     def __repr__(self) -> str:
-        kind = "affine + LDDMM" if self.has_velocity else "affine"
         n_it = len(self.energy)
+        if self.is_sampled:
+            shapes = (self.forward_field.shape, self.inverse_field.shape)
+            return (
+                f"Registration(affine + displacement fields, {self.source_units} -> {self.target_units}, "
+                f"iterations={n_it}, fields={shapes}, spacing={self.forward_field.dx:g})"
+            )
+        kind = "affine + LDDMM" if self.has_velocity else "affine"
         shape = None if self.velocity_values is None else tuple(self.velocity_values.shape)
         return f"Registration({kind}, {self.source_units} -> {self.target_units}, iterations={n_it}, velocity={shape})"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import anndata as ad
@@ -10,19 +11,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
-from scipy.stats import rankdata
+from scipy.stats import ConstantInputWarning, pearsonr, rankdata
 from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
 from .._constants import (
     INSTANCE_KEY,
+    PSEUDO_SPOTS_KEY,
     REGION_KEY,
     SPATIAL_KEY,
     UNS_COMPARE_KEY,
     VISIUM_CS,
     VISIUM_SPOT_DIAMETER_UM,
-    VISIUM_SPOTS,
 )
+from .._elements import with_uns
 from . import _data
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,9 @@ def pseudo_spots(
     units: str = "um",
     genes=None,
     layer: str | None = None,
-    key_added: str | None = None,
-) -> ad.AnnData:
+    key_added: str = PSEUDO_SPOTS_KEY,
+    copy: bool = False,
+) -> ad.AnnData | None:
     """Aggregate the aligned Xenium cells into the Visium spot footprints.
 
     A cell joins a spot when its centre, in the ``visium`` frame, lies within ``radius`` of the
@@ -80,12 +83,14 @@ def pseudo_spots(
     layer
         Xenium table layer holding counts (default ``X``).
     key_added
-        If given, also store the result as a table of that name annotating ``visium_spots`` (the
-        only change made to ``sdata``).
+        Name of the table written to ``sdata`` (annotating ``visium_spots``).
+    copy
+        Return the AnnData instead of writing it (scanpy's convention).
 
     Returns
     -------
-    AnnData with one row per Visium spot, in the order of ``visium_table`` (``obs_names`` = its
+    ``None``, having written table ``key_added`` (the only change made to ``sdata``), or with ``copy=True``
+    the AnnData: one row per Visium spot, in the order of ``visium_table`` (``obs_names`` = its
     barcodes), one variable per shared gene (``var["xenium_var"]``, ``var["visium_var"]``: the
     variables summed). ``X``: summed Xenium counts (sparse, float32). ``obs``: ``n_cells``,
     ``total_counts`` (all non-control Xenium genes of those cells: the pseudo-spot library size),
@@ -93,6 +98,8 @@ def pseudo_spots(
     spot centres (full-resolution pixels). ``uns["sda_pseudo_spots"]``: radius (px and µm) and the
     elements used.
     """
+    if not copy:
+        _key(key_added)
     vis = _data.visium(sdata, VISIUM_CS)
     xen = _data.xenium(sdata, VISIUM_CS)
     r = _radius_px(sdata, vis, radius, units)
@@ -139,11 +146,18 @@ def pseudo_spots(
     }
     out = ad.AnnData(X=P.astype(np.float32), obs=obs, var=var, obsm={SPATIAL_KEY: vis.xy.copy()}, uns=uns)
     logger.info("pseudo-spots: %d cells into %d spots (%d genes)", int(lens.sum()), n_spots, out.n_vars)
-    if key_added is not None:
-        sdata.tables[key_added] = TableModel.parse(
-            out.copy(), region=VISIUM_SPOTS, region_key=REGION_KEY, instance_key=INSTANCE_KEY
-        )
-    return out
+    if copy:
+        return out
+    sdata.tables[_key(key_added)] = TableModel.parse(
+        out, region=vis.element, region_key=REGION_KEY, instance_key=INSTANCE_KEY
+    )
+    return None
+
+
+def _key(key_added) -> str:
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must name where the result goes (or pass copy=True), got {key_added!r}.")
+    return key_added
 
 
 # ---------------------------------------------------------------------------------------- comparison
@@ -181,8 +195,12 @@ def paired_expression(
     if library not in ("all", "shared"):
         raise ValueError(f"library must be 'all' (every gene of each modality) or 'shared', got {library!r}.")
     vis = _data.visium(sdata, VISIUM_CS)
+    if isinstance(pseudo, str):
+        if pseudo not in sdata.tables:
+            raise KeyError(f"no table {pseudo!r} of pseudo-spots; tables present: {sorted(sdata.tables)}.")
+        pseudo = sdata.tables[pseudo]
     if pseudo is None:
-        pseudo = pseudo_spots(sdata, radius=radius, units=units, layer=layer)
+        pseudo = pseudo_spots(sdata, radius=radius, units=units, layer=layer, copy=True)
     else:
         missing = vis.table.obs_names.difference(pseudo.obs_names)
         if len(missing):
@@ -230,14 +248,10 @@ def paired_expression(
 
 
 def _column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    num = (a * b).sum(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    out = np.full(a.shape[1], np.nan)
-    ok = den > 1e-12 * np.maximum(1.0, np.abs(num))
-    out[ok] = num[ok] / den[ok]
-    return np.clip(out, -1.0, 1.0)
+    """Pearson correlation of each column of ``a`` with the same column of ``b`` (NaN for constant columns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return np.asarray(pearsonr(a, b, axis=0).statistic, dtype=np.float64)
 
 
 def compare_genes(
@@ -251,9 +265,10 @@ def compare_genes(
     library: str = "all",
     layer: str | None = None,
     visium_layer: str | None = None,
-    pseudo: ad.AnnData | None = None,
-    key_added: str | None = UNS_COMPARE_KEY,
-) -> pd.DataFrame:
+    pseudo: ad.AnnData | str | None = None,
+    key_added: str = UNS_COMPARE_KEY,
+    copy: bool = False,
+) -> pd.DataFrame | None:
     """Per-gene agreement between Xenium pseudo-spots and Visium spots.
 
     For every gene measured by both modalities (:func:`shared_genes`: case-insensitive symbols,
@@ -265,8 +280,9 @@ def compare_genes(
     Spots compared: in tissue (``in_tissue_only``), holding at least ``min_cells`` aligned cells and
     a non-zero library in both modalities.
 
-    Side effect: the table is stored in ``visium_table.uns["sda_compare_genes"]`` (``key_added``;
-    ``None`` stores nothing). Nothing else in ``sdata`` changes.
+    The table is written to ``visium_table.uns["sda_compare_genes"]`` (``key_added``), the only change made
+    to ``sdata`` (copy-on-write: a new ``visium_table`` object sharing the matrices, so objects derived from
+    the same data are untouched); ``copy=True`` returns it instead.
 
     Parameters
     ----------
@@ -286,17 +302,23 @@ def compare_genes(
     layer, visium_layer
         Layers holding counts in the Xenium / Visium tables (default ``X``).
     pseudo
-        Pseudo-spots already built with :func:`pseudo_spots` (default: built here).
+        Pseudo-spots already built with :func:`pseudo_spots`: the AnnData or the name of its table
+        (default: built here).
     key_added
         ``visium_table.uns`` key for the result.
+    copy
+        Return the table instead of writing it (scanpy's convention).
 
     Returns
     -------
-    DataFrame, one row per gene, sorted by decreasing Pearson correlation (undefined last), with
+    ``None`` (written to ``visium_table.uns[key_added]``) or, with ``copy=True``, a DataFrame, one row per
+    gene, sorted by decreasing Pearson correlation (undefined last), with
     columns ``gene``, ``n_spots`` (spots compared), ``pearson``, ``spearman`` (of the log-normalised
     values across spots), ``xenium_detection`` / ``visium_detection`` (fraction of those spots with
     a count > 0) and ``xenium_mean`` / ``visium_mean`` (mean log-normalised expression).
     """
+    if not copy:
+        _key(key_added)
     pe = paired_expression(
         sdata,
         genes,
@@ -312,7 +334,8 @@ def compare_genes(
     n = len(pe.barcodes)
     if n >= 3:
         pearson = _column_pearson(pe.xenium, pe.visium)
-        # round so values equal up to floating-point noise (c1/L1 == c2/L2) tie
+        # Spearman = Pearson of the ranks; rounded first so values equal up to floating-point noise
+        # (c1/L1 == c2/L2) tie (scipy.stats.spearmanr would correlate every gene with every other)
         spearman = _column_pearson(rankdata(np.round(pe.xenium, 10), axis=0), rankdata(np.round(pe.visium, 10), axis=0))
     else:
         pearson = spearman = np.full(len(pe.genes), np.nan)
@@ -332,6 +355,8 @@ def compare_genes(
     df = df.reset_index(drop=True)
     if n < 3:
         logger.warning("compare_genes: only %d spots hold aligned cells; correlations are undefined.", n)
-    if key_added is not None:
-        _data.visium(sdata).table.uns[key_added] = df.copy()
-    return df
+    if copy:
+        return df
+    vis = _data.visium(sdata)
+    sdata.tables[vis.table_name] = with_uns(vis.table, _key(key_added), df)
+    return None

@@ -332,11 +332,25 @@ def gene_totals(table: ad.AnnData, layer: str | None = None, rows=None) -> np.nd
 
 
 def lognorm(X, library: np.ndarray, target_sum: float | None = None) -> np.ndarray:
-    """``log1p(X / library * target_sum)`` as a dense float64 array (``target_sum``: median library)."""
+    """``log1p(X / library * target_sum)`` as a dense float64 array, through :func:`scanpy.pp.normalize_total`.
+
+    ``library`` is each row's library size, which may count genes that are not columns of ``X`` (the
+    pseudo-spots hold only the shared genes, their library is every gene of their cells): that remainder joins
+    as one extra column while :func:`scanpy.pp.normalize_total` scales the rows and
+    :func:`scanpy.pp.log1p` logs them. ``target_sum`` defaults to the median of the positive libraries
+    (scanpy's default); rows with an empty library stay 0.
+    """
+    import scanpy as sc
+
     library = np.asarray(library, dtype=np.float64)
+    dense = (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float64)
+    rest = library - dense.sum(1)
+    if np.any(rest < -1e-6 * np.maximum(library, 1.0)):
+        raise ValueError("a row's library is smaller than the sum of its counts.")
     if target_sum is None:
         pos = library[library > 0]
         target_sum = float(np.median(pos)) if len(pos) else 1.0
-    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    dense = X.toarray() if sp.issparse(X) else np.asarray(X)
-    return np.log1p(dense.astype(np.float64) * scale[:, None])
+    a = ad.AnnData(np.column_stack([dense, np.clip(rest, 0.0, None)]))
+    sc.pp.normalize_total(a, target_sum=target_sum)
+    sc.pp.log1p(a)
+    return np.asarray(a.X[:, :-1], dtype=np.float64)

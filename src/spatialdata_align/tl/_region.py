@@ -15,7 +15,8 @@ from spatialdata import SpatialData, bounding_box_query
 from spatialdata.models import ShapesModel, get_table_keys
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 
-from .._constants import ALIGNED_SUFFIX, ATTRS_KEY, MATCH_WEIGHT_KEY, SHARED_REGION_KEY, VISIUM_CS
+from .. import _store
+from .._constants import ALIGNED_SUFFIX, MATCH_WEIGHT_KEY, SHARED_REGION_KEY, VISIUM_CS
 from .._elements import apply_matrix, shapes_xy, to_cs_matrix
 from . import _data
 
@@ -132,8 +133,9 @@ def shared_region(
     min_cells: float | None = None,
     use_match_weight: bool = False,
     in_tissue_only: bool = True,
-    key_added: str | None = SHARED_REGION_KEY,
-) -> shapely.Polygon | shapely.MultiPolygon:
+    key_added: str = SHARED_REGION_KEY,
+    copy: bool = False,
+) -> shapely.Polygon | shapely.MultiPolygon | None:
     """The tissue covered by both modalities, in the ``visium`` coordinate system (full-res pixels).
 
     The region is the union of the lattice cells (the hexagonal Voronoi cells, pitch 100 µm) of the
@@ -155,13 +157,17 @@ def shared_region(
         Use only spots with ``obs["in_tissue"] == 1`` (the column is optional).
     key_added
         Name of the Shapes element written to ``sdata`` (one (multi)polygon in ``visium``, with
-        columns ``n_spots``, ``n_cells`` and ``area_um2``); ``None`` writes nothing. This is the
-        only change made to ``sdata``.
+        columns ``n_spots``, ``n_cells`` and ``area_um2``). This is the only change made to ``sdata``.
+    copy
+        Return the region instead of writing it (scanpy's convention).
 
     Returns
     -------
-    The shared region as a shapely ``Polygon`` / ``MultiPolygon`` in full-resolution pixels.
+    ``None`` (written to ``sdata[key_added]``) or, with ``copy=True``, the shared region as a shapely
+    ``Polygon`` / ``MultiPolygon`` in full-resolution pixels.
     """
+    if not copy and (not isinstance(key_added, str) or not key_added):
+        raise ValueError(f"key_added must name the Shapes element to write (or pass copy=True), got {key_added!r}.")
     vis, _, counts, assignment, _ = spot_cell_counts(sdata, use_match_weight=use_match_weight)
     tissue = _data.in_tissue(vis) if in_tissue_only else np.ones(vis.table.n_obs, dtype=bool)
     if min_cells is None:
@@ -182,14 +188,15 @@ def shared_region(
         region = shapely.union_all([g for g in shapely.get_parts(region) if g.geom_type in ("Polygon", "MultiPolygon")])
     n_cells = float(counts[selected].sum())
     logger.info("shared region: %d spots, %.0f cells", int(selected.sum()), n_cells)
-    if key_added is not None:
-        upp = _data.um_per_px(sdata, vis)
-        gdf = gpd.GeoDataFrame(
-            {"n_spots": [int(selected.sum())], "n_cells": [n_cells], "area_um2": [float(region.area) * upp**2]},
-            geometry=[region],
-        )
-        sdata.shapes[key_added] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Identity()})
-    return region
+    if copy:
+        return region
+    upp = _data.um_per_px(sdata, vis)
+    gdf = gpd.GeoDataFrame(
+        {"n_spots": [int(selected.sum())], "n_cells": [n_cells], "area_um2": [float(region.area) * upp**2]},
+        geometry=[region],
+    )
+    sdata.shapes[key_added] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Identity()})
+    return None
 
 
 # ---------------------------------------------------------------------------------------- subsetting
@@ -199,7 +206,7 @@ def _as_region(sdata: SpatialData, region, cs: str, key: str):
         if key in sdata.shapes:
             region = key
         else:
-            geom = shared_region(sdata, key_added=None)
+            geom = shared_region(sdata, copy=True)
             return geom, None
     if isinstance(region, str):
         if region not in sdata.shapes:
@@ -228,20 +235,6 @@ def _as_region(sdata: SpatialData, region, cs: str, key: str):
         "region must be None (the stored shared region), the name of a Shapes element, a shapely "
         f"Polygon/MultiPolygon or a bounding box (xmin, ymin, xmax, ymax); got {type(region).__name__}."
     )
-
-
-def _alignment_elements(sdata: SpatialData) -> set[str]:
-    node = sdata.attrs.get(ATTRS_KEY, {}) if isinstance(sdata.attrs, dict) else {}
-    out = set()
-    for entry in (node.get("transforms") or {}).values():
-        for k in ("velocity_element", "match_weight_element"):
-            if entry.get(k):
-                out.add(entry[k])
-    for entry in (node.get("landmarks") or {}).values():
-        for k in ("source_element", "target_element"):
-            if entry.get(k):
-                out.add(entry[k])
-    return out
 
 
 def _points_partition(df, m, prepared):
@@ -339,7 +332,7 @@ def subset_shared(
         raise ValueError("the region is empty.")
     prepared = shapely.from_wkb(shapely.to_wkb(geom))  # a prepared copy; the caller's geometry is untouched
     shapely.prepare(prepared)
-    own = _alignment_elements(sdata)
+    own = _store.own_elements(sdata)
     carried = own | ({carry_name} if carry_name else set())
     minx, miny, maxx, maxy = geom.bounds
     out: dict[str, dict] = {"images": {}, "labels": {}, "points": {}, "shapes": {}}

@@ -1,0 +1,343 @@
+"""Stored transforms as OME-NGFF 0.6 coordinate transformations, through every spatialdata operation.
+
+The object under test holds an affine (landmarks) and a non-linear transform in the stored form (affine +
+displacement fields). The non-linear part is a known smooth flow rather than a fit, so the file stays fast; the
+fitted LDDMM goes through the same storage in ``test_accessor.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import referencing
+import shapely
+import spatialdata as sd
+import zarr
+from scipy.ndimage import map_coordinates
+from spatialdata.transformations import get_transformation
+
+import spatialdata_align as sda
+from spatialdata_align import _store
+from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, VISIUM_SPOTS, XENIUM_CELLS, XENIUM_CS
+from spatialdata_align._elements import element_xy
+from spatialdata_align.registration import Registration
+
+SCHEMAS = Path(__file__).parent / "data" / "ngff"
+AFFINE, LDDMM = "xenium_to_visium_affine", "xenium_to_visium_lddmm"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _schema_registry() -> referencing.Registry:
+    resources = []
+    for f in SCHEMAS.glob("*.schema"):
+        doc = json.loads(f.read_text())
+        resources.append((doc["$id"], referencing.Resource.from_contents(doc)))
+    return referencing.Registry().with_resources(resources)
+
+
+def _validate(instance, schema_file: str) -> None:
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    jsonschema.Draft202012Validator(schema, registry=_schema_registry()).validate(instance)
+
+
+def _flow(sdata) -> Registration:
+    """Landmark affine composed with a smooth flow of up to ~30 µm over the cells."""
+    cells = element_xy(sdata, XENIUM_CELLS, XENIUM_CS)
+    lo, hi = cells.min(0) - 300, cells.max(0) + 300
+    xv, yv = np.linspace(lo[0], hi[0], 32), np.linspace(lo[1], hi[1], 26)
+    gx, gy = np.meshgrid(xv, yv)
+    v = np.zeros((3, 2, yv.size, xv.size))
+    v[:, 0] = 30.0 * np.sin(gy / 400.0)
+    v[:, 1] = 20.0 * np.cos(gx / 500.0)
+    affine = sdata.align.get(AFFINE).affine
+    return Registration(
+        affine=affine, velocity_values=v, xv=xv, yv=yv, source_extent=(lo[0], hi[0], lo[1], hi[1]), target_extent=None
+    )
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A read pair with an affine and a stored non-linear transform (never modified by the tests)."""
+    tw = sda.datasets.twin_sections(tmp_path_factory.mktemp("ngff"), n_cells=3000, n_spots=200, seed=1)
+    s = sda.io.read_pair(tw.xenium_path, tw.visium_path)
+    s.align.set_landmarks(source=tw.truth.landmarks_source[:4], target=tw.truth.landmarks_target[:4])
+    s.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    flow = _flow(s)
+    _store.store_registration(
+        s,
+        flow,
+        key=LDDMM,
+        kind="lddmm",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_CELLS,
+        target_element=VISIUM_HIRES,
+        native=False,
+    )
+    cells = element_xy(s, XENIUM_CELLS, XENIUM_CS)
+    spots = element_xy(s, VISIUM_SPOTS, VISIUM_CS)
+    ref = {
+        k: (s.align.transform_points(cells, key=k), s.align.transform_points(spots, key=k, inverse=True))
+        for k in (AFFINE, LDDMM)
+    }
+    return s, flow, cells, spots, ref
+
+
+def _copy(s):
+    """An independent copy (sd.concatenate renames the coordinate systems of its inputs' elements in place)."""
+    return sd.deepcopy(s)
+
+
+# ------------------------------------------------------------------------------------------ NGFF form
+def test_stored_metadata_validates_against_the_ngff_schema(base):
+    s = base[0]
+    for key in (AFFINE, LDDMM):
+        t = s.align.ngff(key)
+        _validate([t], "coordinate_transformations.schema")
+    t = s.align.ngff(LDDMM)
+    assert t["type"] == "bijection" and t["input"]["name"] == XENIUM_CS and t["output"]["name"] == VISIUM_CS
+    assert [x["type"] for x in t["forward"]["transformations"]] == ["displacements", "affine"]
+    assert [x["type"] for x in t["inverse"]["transformations"]] == ["affine", "displacements"]
+    assert s.align.ngff(AFFINE)["type"] == "affine"
+    # the schema is strict enough to catch a broken transformation
+    bad = json.loads(json.dumps(t))
+    del bad["inverse"]
+    with pytest.raises(jsonschema.ValidationError):
+        _validate([bad], "coordinate_transformations.schema")
+
+
+def test_stored_form_is_close_to_the_flow(base):
+    s, flow, cells, spots, _ = base
+    reg = s.align.get(LDDMM)
+    a_inv = np.linalg.inv(reg.affine)[:2, :2]
+    fwd = np.linalg.norm((reg.transform_points(cells) - flow.transform_points(cells)) @ a_inv.T, axis=1)
+    inv = np.linalg.norm(reg.transform_points(spots, "inverse") - flow.transform_points(spots, "inverse"), axis=1)
+    assert fwd.max() < 0.5 and inv.max() < 0.5, (fwd.max(), inv.max())  # µm, against flows of ~30 µm
+    aff = s.align.get(AFFINE)
+    assert np.linalg.norm((reg.transform_points(cells) - aff.transform_points(cells)) @ a_inv.T, axis=1).max() > 10
+
+
+def _ngff_apply(root: zarr.Group, t: dict, pts_xy: np.ndarray, direction: str, grids: dict | None = None):
+    """An independent OME-NGFF evaluation of ``t`` (affine / bijection of sequences) on ``(N, 2)`` points.
+
+    Fields are read through their path; their grid from the field group's multiscale metadata, or from
+    ``grids[path]`` (scale, translation) for arrays without one. Linear interpolation: scipy order-1 spline.
+    """
+    p = pts_xy[:, ::-1].copy()  # OME-NGFF axis order (y, x)
+    steps = [t] if t["type"] == "affine" else t[direction]["transformations"]
+    if t["type"] == "affine" and direction == "inverse":
+        m = np.vstack([np.asarray(t["affine"]), [0, 0, 1]])
+        steps = [{"type": "affine", "affine": np.linalg.inv(m)[:2].tolist()}]
+    for s in steps:
+        if s["type"] == "affine":
+            m = np.asarray(s["affine"])
+            p = p @ m[:, :2].T + m[:, 2]
+        else:
+            node = root[s["path"]]
+            if isinstance(node, zarr.Group):
+                ds = node.attrs["ome"]["multiscales"][0]["datasets"][0]
+                seq = ds["coordinateTransformations"][0]["transformations"]
+                scale, trans = seq[0]["scale"], seq[1]["translation"]
+                arr = node[ds["path"]][...]
+            else:
+                scale, trans = grids[s["path"]]
+                arr = node[...]
+            a = [(p[:, i] - trans[i + 1]) / scale[i + 1] for i in range(2)]
+            d = np.column_stack([map_coordinates(arr[c], a, order=1, mode="nearest") for c in range(2)])
+            p = p + d
+    return p[:, ::-1]
+
+
+def test_rebuild_from_the_written_store_reproduces_transform_points(base, tmp_path):
+    s, _, cells, spots, ref = base
+    path = tmp_path / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.write(path)
+    root = zarr.open_group(path, mode="r")
+    meta = root.attrs[sda._constants.ATTRS_KEY]["transforms"]
+    for key in (AFFINE, LDDMM):
+        t = meta[key]["ngff"]
+        grids = {}
+        if meta[key]["fields"]:
+            f = meta[key]["fields"]
+            grids = {
+                t["forward"]["transformations"][0]["path"]: (f["forward"]["scale"], f["forward"]["translation"]),
+                t["inverse"]["transformations"][1]["path"]: (f["inverse"]["scale"], f["inverse"]["translation"]),
+            }
+        np.testing.assert_allclose(_ngff_apply(root, t, cells, "forward", grids), ref[key][0], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(_ngff_apply(root, t, spots, "inverse", grids), ref[key][1], atol=1e-6, rtol=0)
+
+
+def test_export_is_a_valid_ngff_container_and_imports_exactly(base, tmp_path):
+    s, _, cells, spots, ref = base
+    path = s.align.export_ngff(tmp_path / "t.zarr", LDDMM)
+    root = zarr.open_group(path, mode="r")
+    _validate(dict(root.attrs), "scene.schema")
+    t = root.attrs["ome"]["scene"]["coordinateTransformations"][0]
+    for direction, i in (("forward", 0), ("inverse", 1)):
+        group = root[t[direction]["transformations"][i]["path"]]
+        _validate({"ome": dict(group.attrs)["ome"]}, "image.schema")
+    # an independent reader of the container computes what sdata.align computes
+    np.testing.assert_allclose(_ngff_apply(root, t, cells, "forward"), ref[LDDMM][0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(_ngff_apply(root, t, spots, "inverse"), ref[LDDMM][1], atol=1e-6, rtol=0)
+    # into another object of the same sections, under another key
+    other = sd.SpatialData.init_from_elements({XENIUM_CELLS: s[XENIUM_CELLS], VISIUM_SPOTS: s[VISIUM_SPOTS]})
+    other.align.import_ngff(path, key="imported")
+    np.testing.assert_array_equal(other.align.transform_points(cells, key="imported"), ref[LDDMM][0])
+    np.testing.assert_array_equal(other.align.transform_points(spots, key="imported", inverse=True), ref[LDDMM][1])
+    # an affine exports as a plain affine
+    p2 = s.align.export_ngff(tmp_path / "a.zarr", AFFINE)
+    assert zarr.open_group(p2, mode="r").attrs["ome"]["scene"]["coordinateTransformations"][0]["type"] == "affine"
+    with pytest.raises(FileExistsError):
+        s.align.export_ngff(p2, AFFINE)
+
+
+# ------------------------------------------------------------------------------------------ operations
+def _bbox(cs, center, half=300.0, **kw):
+    return lambda s: sd.bounding_box_query(
+        s,
+        axes=("x", "y"),
+        min_coordinate=center - half,
+        max_coordinate=center + half,
+        target_coordinate_system=cs,
+        **kw,
+    )
+
+
+def _poly(cs, center, half=300.0):
+    return lambda s: sd.polygon_query(s, shapely.box(*(center - half), *(center + half)), target_coordinate_system=cs)
+
+
+def _ops(cells, spots):
+    xc, vc = cells.mean(0), spots.mean(0)
+    return {
+        "filter_visium": (lambda s: s.filter_by_coordinate_system(VISIUM_CS), {AFFINE}),
+        "filter_xenium": (lambda s: s.filter_by_coordinate_system(XENIUM_CS), {AFFINE}),
+        "filter_keep_tables": (
+            lambda s: s.filter_by_coordinate_system(VISIUM_CS, filter_tables=False),
+            {AFFINE, LDDMM},
+        ),
+        "subset": (lambda s: s.subset([XENIUM_CELLS, VISIUM_SPOTS]), {AFFINE}),
+        "subset_with_table": (lambda s: s.subset([XENIUM_CELLS, _store.TABLE]), {AFFINE, LDDMM}),
+        "bbox_visium": (_bbox(VISIUM_CS, vc), {AFFINE}),
+        "bbox_xenium": (_bbox(XENIUM_CS, xc), {AFFINE}),
+        "bbox_xenium_keep_tables": (_bbox(XENIUM_CS, xc, filter_table=False), {AFFINE, LDDMM}),
+        "polygon_visium": (_poly(VISIUM_CS, vc), {AFFINE}),
+        "polygon_xenium": (_poly(XENIUM_CS, xc), {AFFINE}),
+        "subset_shared": (lambda s: sda.tl.subset_shared(s, (*(vc - 300), *(vc + 300))), {AFFINE, LDDMM}),
+        "deepcopy": (sd.deepcopy, {AFFINE, LDDMM}),
+    }
+
+
+OPS = [
+    "filter_visium",
+    "filter_xenium",
+    "filter_keep_tables",
+    "subset",
+    "subset_with_table",
+    "bbox_visium",
+    "bbox_xenium",
+    "bbox_xenium_keep_tables",
+    "polygon_visium",
+    "polygon_xenium",
+    "subset_shared",
+    "deepcopy",
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_operation_keeps_whole_transforms_or_unlists_them(base, op):
+    s, _, cells, spots, ref = base
+    fn, expected = _ops(cells, spots)[op]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(s)
+        listed = set(out.align.transforms.index)
+    dropped = [w for w in caught if issubclass(w.category, _store.TransformDroppedWarning)]
+    assert listed == expected
+    # a transform no longer listed says why, once per look
+    assert bool(dropped) == (LDDMM not in listed)
+    if dropped:
+        assert "filter_table" in str(dropped[0].message)
+        with pytest.raises(KeyError, match="no stored transform"):
+            out.align.get(LDDMM)
+    for key in listed:  # listed transforms rebuild the very same numbers
+        np.testing.assert_array_equal(out.align.transform_points(cells, key=key), ref[key][0])
+        np.testing.assert_array_equal(out.align.transform_points(spots, key=key, inverse=True), ref[key][1])
+
+
+def test_write_read_rebuilds_identical_numbers(base, tmp_path):
+    s, _, cells, spots, ref = base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.write(tmp_path / "s.zarr")
+        back = sd.read_zarr(tmp_path / "s.zarr")
+    assert set(back.align.transforms.index) == {AFFINE, LDDMM}
+    for key in (AFFINE, LDDMM):
+        np.testing.assert_array_equal(back.align.transform_points(cells, key=key), ref[key][0])
+        np.testing.assert_array_equal(back.align.transform_points(spots, key=key, inverse=True), ref[key][1])
+
+
+def test_concatenate_keeps_the_alignments_renamed_like_the_elements(base):
+    s, _, cells, spots, ref = base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = sd.concatenate({"a": _copy(s), "b": _copy(s)})
+        listed = set(c.align.transforms.index)
+    assert listed == {f"{k}-{x}" for k in (AFFINE, LDDMM) for x in "ab"}
+    for key in (AFFINE, LDDMM):
+        for x in "ab":
+            e = c.align.transforms.loc[f"{key}-{x}"]
+            assert (e["source_cs"], e["target_cs"], e["source_element"]) == (
+                f"xenium-{x}",
+                f"visium-{x}",
+                f"xenium_cells-{x}",
+            )
+            np.testing.assert_array_equal(c.align.transform_points(cells, key=f"{key}-{x}"), ref[key][0])
+            np.testing.assert_array_equal(c.align.transform_points(spots, key=f"{key}-{x}", inverse=True), ref[key][1])
+    # the renamed transform applies to the renamed elements, in the renamed coordinate systems
+    name = c.align.apply("xenium_cells-a", key=f"{LDDMM}-a")
+    assert list(get_transformation(c[name], get_all=True)) == ["visium-a"]
+    np.testing.assert_allclose(element_xy(c, name, "visium-a"), ref[LDDMM][0], atol=1e-9)
+    # concatenating tables into one drops the field arrays (anndata merges no uns): unlisted, not broken
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = sd.concatenate({"a": _copy(s), "b": _copy(s)}, concatenate_tables=True)
+        assert not any(k.startswith(LDDMM) for k in merged.align.transforms.index)
+
+
+# ------------------------------------------------------------------------------------------ copy-on-write
+def _snapshot(s):
+    return (
+        json.dumps(s.attrs, sort_keys=True, default=str),
+        {n: sorted(get_transformation(el, get_all=True)) for _, n, el in s.gen_spatial_elements()},
+        sorted(n for _, n, _ in s.gen_elements()),
+        {t: (list(s.tables[t].obs.columns), sorted(s.tables[t].uns)) for t in s.tables},
+    )
+
+
+def test_writes_on_a_derived_object_leave_the_original_unchanged(base):
+    s, _, cells, _, ref = base
+    before = _snapshot(s)
+    o = s.subset([XENIUM_CELLS, VISIUM_SPOTS, _store.TABLE, VISIUM_HIRES, "landmarks_xenium", "landmarks_visium"])
+    o.align.remove(AFFINE)
+    assert VISIUM_CS not in get_transformation(o[XENIUM_CELLS], get_all=True)
+    o.align.remove(LDDMM)
+    o.align.set_landmarks(source=np.zeros((3, 2)), target=np.ones((3, 2)), key="other")
+    o.align.affine(XENIUM_CELLS, VISIUM_HIRES, key="again")
+    o.align.apply(XENIUM_CELLS, key="again")
+    assert set(o.align.transforms.index) == {"again"}
+    # filters and queries share attrs and elements with their input: writes on them must not leak either
+    q = s.filter_by_coordinate_system([XENIUM_CS, VISIUM_CS], filter_tables=False)
+    q.align.remove(LDDMM)
+    q.align.apply(XENIUM_CELLS, key=AFFINE)
+    assert _snapshot(s) == before
+    assert set(s.align.transforms.index) == {AFFINE, LDDMM}
+    assert VISIUM_CS in get_transformation(s[XENIUM_CELLS], get_all=True)
+    np.testing.assert_array_equal(s.align.transform_points(cells, key=LDDMM), ref[LDDMM][0])

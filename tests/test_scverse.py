@@ -1,0 +1,136 @@
+"""Other scverse tools on the aligned data: scanpy, squidpy, spatialdata-io's legacy AnnData, transcripts."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import spatialdata as sd
+from matplotlib.colors import ListedColormap
+
+import spatialdata_align as sda
+from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, VISIUM_TABLE, XENIUM_CELLS, XENIUM_TRANSCRIPTS
+from spatialdata_align._elements import element_xy
+
+ALIGNED_TABLE = "xenium_table_aligned"
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    tw = sda.datasets.twin_sections(tmp_path_factory.mktemp("scverse"), n_cells=3000, n_spots=200, seed=1)
+    s = sda.io.read_pair(tw.xenium_path, tw.visium_path)
+    if "spatial" not in s.tables[VISIUM_TABLE].uns:  # stand-in until the reader writes it (scanpy layout)
+        imgs = {k: np.asarray(s[f"visium_{k}_image"].values).transpose(1, 2, 0) for k in ("hires", "lowres")}
+        vt = s.tables[VISIUM_TABLE].copy()
+        vt.uns["spatial"] = {"twin": {"images": imgs, "scalefactors": dict(sda.io.visium_scalefactors(s))}}
+        s.tables[VISIUM_TABLE] = vt
+    s.align.set_landmarks(source=tw.truth.landmarks_source[:4], target=tw.truth.landmarks_target[:4])
+    s.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    s.align.apply(XENIUM_CELLS)
+    return s, tw
+
+
+def _png(draw) -> np.ndarray:
+    fig = plt.figure(figsize=(4, 4), dpi=80)
+    ax = fig.add_subplot()
+    draw(ax)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return plt.imread(buf)[..., :3]
+
+
+def _cells_on_tissue(draw) -> tuple[int, float, float]:
+    """Pixels the cells paint (drawn opaque vs transparent), and the fraction of them over H&E tissue."""
+    with_cells, without = _png(lambda ax: draw(ax, 1.0)), _png(lambda ax: draw(ax, 0.0))
+    cells = np.abs(with_cells - without).sum(-1) > 0.3
+    tissue = without.mean(-1) < 0.85  # stained tissue; glass and the empty canvas are near white
+    return int(cells.sum()), float(tissue[cells].mean()), float(tissue.mean())
+
+
+def test_aligned_table_carries_the_target_frames_scanpy_metadata(aligned):
+    s, _ = aligned
+    t = s.tables[ALIGNED_TABLE]
+    assert t.uns["spatial"].keys() == s.tables[VISIUM_TABLE].uns["spatial"].keys()
+    lib = next(iter(t.uns["spatial"]))
+    assert t.uns["spatial"][lib]["scalefactors"] == s.tables[VISIUM_TABLE].uns["spatial"][lib]["scalefactors"]
+    np.testing.assert_allclose(t.obsm["spatial"], element_xy(s, f"{XENIUM_CELLS}_aligned", VISIUM_CS))
+    # the original table keeps its own (µm) frame's metadata, untouched
+    assert s.tables["xenium_table"].uns.get("spatial") is not t.uns["spatial"]
+
+
+@pytest.mark.parametrize("tool", ["scanpy", "squidpy"])
+def test_scanpy_and_squidpy_draw_the_aligned_cells_on_the_he(aligned, tool):
+    import scanpy as sc
+    import squidpy as sq
+
+    s, _ = aligned
+    t = s.tables[ALIGNED_TABLE].copy()
+    t.obs["marker"] = pd.Categorical(["cell"] * t.n_obs)
+    blue = ListedColormap(["#0000ff"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tool == "scanpy":
+            n, on, overall = _cells_on_tissue(
+                lambda ax, a: sc.pl.spatial(
+                    t, color="marker", palette=["#0000ff"], alpha=a, size=0.5, ax=ax, show=False, legend_loc=None
+                )
+            )
+        else:
+            n, on, overall = _cells_on_tissue(
+                lambda ax, a: sq.pl.spatial_scatter(
+                    t, color="marker", palette=blue, alpha=a, size=0.3, ax=ax, legend_loc=None
+                )
+            )
+    assert n > 2000  # the cells are drawn ...
+    assert on > 0.9 > overall + 0.3, (on, overall)  # ... on the stained tissue, not beside the H&E
+
+
+def test_legacy_anndata_sees_no_alignment_internals(aligned):
+    from spatialdata_io.experimental import to_legacy_anndata
+
+    s, _ = aligned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = to_legacy_anndata(s, coordinate_system=VISIUM_CS, table_name=VISIUM_TABLE, include_images=True)
+    # libraries: the reader's (uns['spatial']) and one per image spatialdata-io finds in "visium", nothing of ours
+    images = {n for n in s.images if VISIUM_CS in sd.transformations.get_transformation(s[n], get_all=True)}
+    assert set(a.uns["spatial"]) <= images | set(s.tables[VISIUM_TABLE].uns["spatial"])
+    assert not any("align" in lib or "match" in lib for lib in a.uns["spatial"])
+    assert a.n_obs == s.tables[VISIUM_TABLE].n_obs
+
+
+def test_transcripts_transform_and_render_lazily_after_a_round_trip(aligned, tmp_path):
+    import spatialdata_plot  # noqa: F401
+
+    s, _ = aligned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.write(tmp_path / "s.zarr")
+        back = sd.read_zarr(tmp_path / "s.zarr")
+    tr = back[XENIUM_TRANSCRIPTS]
+    moved = sd.transform(tr, to_coordinate_system=VISIUM_CS)
+    assert hasattr(moved, "dask")  # still lazy
+    raw = tr[["x", "y"]].compute().to_numpy()
+    m = back.align.get("xenium_to_visium_affine").affine
+    np.testing.assert_allclose(moved[["x", "y"]].compute().to_numpy(), raw @ m[:2, :2].T + m[:2, 2], rtol=0, atol=1e-6)
+    ax = plt.figure(figsize=(4, 4)).add_subplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back.pl.render_points(XENIUM_TRANSCRIPTS, color="#ff0000", size=1).pl.show(coordinate_systems=VISIUM_CS, ax=ax)
+    buf = io.BytesIO()
+    ax.figure.savefig(buf, format="png")
+    plt.close("all")
+    buf.seek(0)
+    img = plt.imread(buf)[..., :3]
+    red = (img[..., 0] > 0.8) & (img[..., 1] < 0.3) & (img[..., 2] < 0.3)
+    assert red.sum() > 500
