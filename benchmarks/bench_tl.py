@@ -8,6 +8,8 @@ Measured (best of ``--repeat`` runs, wall-clock seconds):
   summed into the spot circles, all shared genes; cell radius set to 1e-3 px so both count a cell
   when its centre lies in the spot); both results are compared spot by spot
 * ``sda.tl.compare_genes``
+* ``element_xy`` (cell centres in a coordinate system) vs ``spatialdata.get_centroids`` (identical positions;
+  measured 0.19 s vs 3.0 s on 100k circles, 16x, which is why the package keeps its own)
 
 The Xenium cells are placed at their true positions (``twin.truth.forward``), as
 ``xenium_cells_aligned``, so no registration runs here.
@@ -75,8 +77,19 @@ def main(argv=None) -> int:
     )
     rows = []
 
-    t_region, region = best(lambda: sda.tl.shared_region(sdata, copy=True), args.repeat)
+    t_region, _ = best(lambda: sda.tl.shared_region(sdata), args.repeat)
+    region = sdata.shapes["shared_region"].geometry.iloc[0]
     rows.append(("shared_region", t_region, None, None))
+    # element positions in a coordinate system: ours (vectorised geometry access) vs spatialdata.get_centroids
+    t_xy, xy = best(lambda: element_xy(sdata, XENIUM_CELLS, VISIUM_CS), args.repeat)
+    peer_xy = None
+    if not args.no_peers:
+        import spatialdata
+
+        t_c, c = best(lambda: spatialdata.get_centroids(sdata[XENIUM_CELLS], coordinate_system=VISIUM_CS).compute(), 1)
+        assert np.allclose(c[["x", "y"]].to_numpy(), xy)
+        peer_xy = t_c
+    rows.append(("element_xy (cells in visium)", t_xy, None, peer_xy))
     t_subset, shared = best(lambda: sda.tl.subset_shared(sdata), args.repeat)
     peer = None
     if not args.no_peers:

@@ -134,3 +134,52 @@ def test_transcripts_transform_and_render_lazily_after_a_round_trip(aligned, tmp
     img = plt.imread(buf)[..., :3]
     red = (img[..., 0] > 0.8) & (img[..., 1] < 0.3) & (img[..., 2] < 0.3)
     assert red.sum() > 500
+
+
+def _many_cells(n: int = 12_000):
+    """A SpatialData with more shapes than spatialdata-plot 0.4.0 draws without datashader, in "visium"."""
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    rng = np.random.default_rng(0)
+    g = gpd.GeoDataFrame({"radius": np.ones(n)}, geometry=gpd.points_from_xy(*rng.uniform(0, 1000, (2, n))))
+    return sd.SpatialData(
+        shapes={"cells": ShapesModel.parse(g, transformations={VISIUM_CS: Scale([2.0, 2.0], ("x", "y"))})}
+    )
+
+
+def test_spatialdata_plot_works_by_default_with_global_and_sda_pl_picks_the_method(tmp_path):
+    import spatialdata_plot  # noqa: F401
+
+    s = _many_cells()
+    # spatialdata-plot 0.4.0 fails on its default (datashader) route outside "global" ...
+    with pytest.raises(ValueError, match="global"):
+        s.pl.render_shapes("cells").pl.show(coordinate_systems=VISIUM_CS, ax=plt.figure().add_subplot())
+    plt.close("all")
+    # ... sda.pl picks the method that works
+    assert sda.pl.render_method(s, "cells", VISIUM_CS) == "matplotlib"
+    ax = sda.pl.render(s, "cells", image=None, cs=VISIUM_CS, color="#0000ff", save=tmp_path / "r.png")
+    assert len(ax.collections) + len(ax.images) > 0 and (tmp_path / "r.png").stat().st_size > 3000
+    plt.close("all")
+    # exposing the frame as "global" makes the default route work (copy-on-write: the original is unchanged)
+    o = sd.SpatialData.init_from_elements({"cells": s["cells"]})
+    assert o.align.set_global(VISIUM_CS) == ["cells"]
+    assert "global" not in sd.transformations.get_transformation(s["cells"], get_all=True)
+    assert sda.pl.render_method(o, "cells", VISIUM_CS) is None
+    o.pl.render_shapes("cells").pl.show(coordinate_systems="global", ax=plt.figure().add_subplot())  # default method
+    plt.close("all")
+    o.align.set_global(None)
+    assert "global" not in sd.transformations.get_transformation(o["cells"], get_all=True)
+
+
+def test_global_follows_later_alignment_writes(aligned):
+    s, _ = aligned
+    o = sd.SpatialData.init_from_elements({n: e for _, n, e in s.gen_elements()}, attrs=s.attrs)
+    o.align.set_global(VISIUM_CS)
+    o.align.apply(XENIUM_CELLS, name="again")  # a later aligned copy gets "global" as well
+    t = sd.transformations.get_transformation(o["again"], get_all=True)
+    assert set(t) == {VISIUM_CS, "global"}
+    t_cells = sd.transformations.get_transformation(o[XENIUM_CELLS], get_all=True)
+    assert "global" in t_cells  # the native affine into visium is mirrored
+    assert "global" not in sd.transformations.get_transformation(s[XENIUM_CELLS], get_all=True)

@@ -98,6 +98,23 @@ class AlignAccessor:
         """
         _store.remove_registration(self._sdata, key)
 
+    def set_global(self, cs: str | None = VISIUM_CS) -> list[str]:
+        """Expose a coordinate system (by default the aligned Visium frame) also as ``"global"``.
+
+        spatialdata's and spatialdata-plot's defaults use the coordinate system ``"global"``, which the 10x
+        readers do not create; spatialdata-plot 0.4.0 even needs it to draw more than 10,000 shapes. This gives
+        every element mapped to ``cs`` the same transformation into ``"global"`` (copy-on-write), and keeps it
+        so for elements that later writes of ``sdata.align`` map into ``cs`` (aligned copies, native affines).
+        ``cs=None`` withdraws it.
+
+        Returns
+        -------
+        The names of the elements whose transformations changed.
+        """
+        if cs is not None:
+            check_cs(self._sdata, cs)
+        return _store.set_global(self._sdata, cs)
+
     def ngff(self, key: str | None = None) -> dict:
         """The stored transform as an OME-NGFF 0.6 coordinate transformation (JSON-ready dict).
 

@@ -222,5 +222,6 @@ def apply(
             sdata.tables[tnew] = _table_copy(sdata, tname, _mapper(reg, m_pre, direction), name, out_cs)
             applied[tname] = tnew
     _store.record_applied(sdata, key, applied)
+    _store.sync_global(sdata)
     logger.info("aligned %s -> %s (%s, transform %r)", element, name, direction, key)
     return name

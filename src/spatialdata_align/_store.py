@@ -452,6 +452,7 @@ def store_registration(
         entry["native_elements"] = register_native_affine(sdata, stored.affine, source_cs, target_cs, previously)
     entry["ngff"] = ngff_of(sdata, entry, key, TABLE)
     record["entry"] = json.dumps(entry)
+    sync_global(sdata)
     # copy-on-write: a new carrier table and a new attrs dict
     old = sdata.tables.get(TABLE) if TABLE in sdata.tables else None
     records = dict(_records(old) or {}) if old is not None else {}
@@ -537,6 +538,55 @@ def remove_registration(sdata: SpatialData, key: str, *, missing_ok: bool = Fals
     if node.get("default") == key:
         node["default"] = next(reversed(node["transforms"]), None) if node["transforms"] else None
     write_root(sdata, node)
+    if entry.get("target_cs") == node.get("global"):  # the affine's "global" copies go with it
+        for name in entry.get("native_elements", []):
+            if name in sdata:
+                t = get_transformation(sdata[name], get_all=True)
+                if "global" in t and node["global"] not in t and len(t) > 1:
+                    _replace(
+                        sdata, name, with_transformations(sdata[name], {c: v for c, v in t.items() if c != "global"})
+                    )
+
+
+def _same(a, b) -> bool:
+    xy = ("x", "y")
+    return np.allclose(a.to_affine_matrix(xy, xy), b.to_affine_matrix(xy, xy), atol=0, rtol=0)
+
+
+def set_global(sdata: SpatialData, cs: str | None) -> list[str]:
+    """Expose coordinate system ``cs`` also as ``"global"`` on every element mapped to it (copy-on-write).
+
+    ``None`` withdraws it (the ``"global"`` transformations that mirror the exposed system are removed).
+    Returns the names of the elements changed. Kept in step by later writes of ``sdata.align``.
+    """
+    node = root(sdata)
+    old = node.get("global")
+    changed = []
+    for _, name, el in list(sdata.gen_spatial_elements()):
+        t = get_transformation(el, get_all=True)
+        new = dict(t)
+        if cs is not None and cs in t:
+            if "global" in t and _same(t["global"], t[cs]):
+                continue
+            new["global"] = t[cs]
+        elif cs is None and old is not None and "global" in t and old in t and _same(t["global"], t[old]):
+            if len(t) == 1:
+                continue
+            del new["global"]
+        else:
+            continue
+        _replace(sdata, name, with_transformations(el, new))
+        changed.append(name)
+    node["global"] = cs
+    write_root(sdata, node)
+    return changed
+
+
+def sync_global(sdata: SpatialData) -> None:
+    """Re-apply :func:`set_global` after a write (no-op when no system is exposed as ``"global"``)."""
+    cs = (sdata.attrs.get(ATTRS_KEY) or {}).get("global")
+    if cs is not None:
+        set_global(sdata, cs)
 
 
 def transforms_table(sdata: SpatialData) -> pd.DataFrame:

@@ -7,10 +7,13 @@
 ``compare``             pseudo-spot vs spot scatter of one gene
 ``total_counts``        total counts per cell / per spot
 ``annotate_landmarks``  click landmark pairs on an interactive figure (Jupyter: ``%matplotlib widget``)
+``render``              spatialdata-plot rendering of aligned shapes over an image, with the method that works
+``render_method``       which spatialdata-plot ``render_shapes`` method works for an element (0.4.0 datashader bug)
 """
 
 from ._annotate import LandmarkAnnotator, annotate_landmarks
 from ._plots import compare, energy, gene, landmarks, overlay, total_counts
+from ._sdplot import render, render_method
 
 __all__ = [
     "LandmarkAnnotator",
@@ -20,5 +23,7 @@ __all__ = [
     "gene",
     "landmarks",
     "overlay",
+    "render",
+    "render_method",
     "total_counts",
 ]

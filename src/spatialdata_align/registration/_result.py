@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ._displacement import DisplacementField, affine_extent, pad_extent
+from ._displacement import DisplacementField, affine_extent, pad_extent, union_extent
 from ._flow import affine_torch, flow_forward, flow_inverse
 from ._utils import apply_affine, as_image, check_points, homogeneous, interp
 
@@ -127,11 +127,11 @@ class Registration:
             Grid node spacing (source units). Default: ``DEFAULT_SPACING_FRACTION`` of the velocity grid
             spacing (fine enough that the sampled map differs from the flow by far less than a cell).
         source_extent
-            ``(xmin, xmax, ymin, ymax)`` (source units) the forward field must cover; default
-            :attr:`source_extent`.
+            ``(xmin, xmax, ymin, ymax)`` (source units) of the source section; default :attr:`source_extent`.
         target_extent
-            ``(xmin, xmax, ymin, ymax)`` (target units) the inverse field must cover (it is pulled back
-            by the affine); default :attr:`target_extent`.
+            ``(xmin, xmax, ymin, ymax)`` (target units) of the target section; default :attr:`target_extent`.
+            Both fields cover both sections (the target pulled back by the affine), grown by the largest
+            displacement, so composing the two directions never leaves a grid.
         margin
             Extra coverage on every side (source units); default two nodes.
 
@@ -155,13 +155,17 @@ class Registration:
         if src is None or tgt is None:
             raise ValueError("pass source_extent and target_extent: the registration does not know its sections.")
         a_inv = np.linalg.inv(self.affine)
+        # both fields cover both sections (the source, and the target pulled back by the affine), grown by the
+        # largest displacement, so forward(inverse(y)) and inverse(forward(x)) never leave a grid
+        reach = float(np.abs(self.velocity_values).max()) if self.has_velocity else 0.0
+        if self.is_sampled:
+            reach = float(max(np.abs(self.forward_field.values).max(), np.abs(self.inverse_field.values).max()))
+        cover = pad_extent(union_extent(src, affine_extent(a_inv, tgt)), margin + np.sqrt(2.0) * reach)
         fwd = DisplacementField.sample(
-            lambda p: apply_affine(a_inv, self.transform_points(p, "forward")), pad_extent(src, margin), spacing
+            lambda p: apply_affine(a_inv, self.transform_points(p, "forward")), cover, spacing
         )
         inv = DisplacementField.sample(
-            lambda p: self.transform_points(apply_affine(self.affine, p), "inverse"),
-            pad_extent(affine_extent(a_inv, tgt), margin),
-            spacing,
+            lambda p: self.transform_points(apply_affine(self.affine, p), "inverse"), cover, spacing
         )
         d = self.to_dict()
         d.update(velocity=None, xv=None, yv=None, forward_field=fwd.to_dict(), inverse_field=inv.to_dict())

@@ -9,13 +9,14 @@ library-size normalisation.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from spatialdata import SpatialData
+from spatialdata import SpatialData, match_element_to_table
 from spatialdata.models import TableModel, get_table_keys
 from spatialdata.transformations import get_transformation
 
@@ -94,18 +95,22 @@ def modality(sdata: SpatialData, element: str, table_name: str | None, cs: str) 
             f"table {table_name!r} annotates several elements; the tools need one table per element "
             f"(rows for {element!r}: {(obs[region_key].astype(str) == element).sum()} of {table.n_obs})."
         )
-    idx = pd.Index(gdf.index).get_indexer(obs[instance_key].to_numpy())
-    if (idx < 0).any():
-        missing = obs[instance_key].to_numpy()[idx < 0][:5].tolist()
+    # the geometries in the order of the table's rows (spatialdata's table <-> element join)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        matched, _ = match_element_to_table(sdata, element, table_name)
+    gdf = matched[element]
+    if len(gdf) != table.n_obs:
+        missing = np.setdiff1d(obs[instance_key].to_numpy(), sdata.shapes[element].index.to_numpy())[:5].tolist()
         raise ValueError(
-            f"{(idx < 0).sum()} rows of table {table_name!r} have no geometry in {element!r} "
+            f"{table.n_obs - len(gdf)} rows of table {table_name!r} have no geometry in {element!r} "
             f"(e.g. {instance_key} {missing})."
         )
-    xy = apply_matrix(m, shapes_xy(gdf))[idx]
+    xy = apply_matrix(m, shapes_xy(gdf))
     radius = None
     if "radius" in gdf.columns:
         scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
-        radius = gdf["radius"].to_numpy(dtype=np.float64)[idx] * scale
+        radius = gdf["radius"].to_numpy(dtype=np.float64) * scale
     return Modality(element=element, table_name=table_name, table=table, xy=xy, cs=cs, radius=radius)
 
 
