@@ -180,7 +180,7 @@ def assess_alignment(
         )
         table["loo_affine_um"] = _quality.landmark_loo(src, dst, use=use) * upp
         table["fit_residual_um"] = np.linalg.norm(reg.transform_points(src) - dst, axis=1) * upp
-        if loo == "lddmm" and reg.has_velocity and len(src) >= 3:
+        if loo == "lddmm" and not reg.is_affine and len(src) >= 3:
             t0 = time.perf_counter()
             source = rasterize(xy, dx=dx)
             image = image_in_cs(sdata, target or registration_target(sdata), VISIUM_CS, max_pixels=MAX_TARGET_PIXELS)
@@ -215,7 +215,7 @@ def assess_alignment(
     jac = tissue = None
     cell_weight = None
     regions = pd.DataFrame()
-    if reg.has_velocity:
+    if not reg.is_affine:  # a non-linear part (stored sampled form or fitted flow)
         ic = _quality.inverse_consistency(reg, xy)
         metrics["inverse_consistency_um"] = _stats(ic)
         vmetrics["ic_um"] = ic
