@@ -25,18 +25,16 @@ import argparse
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
+from _peers import run_stalign  # the STalign runner shared with accuracy.py
 
 from spatialdata_align.registration import fit_affine, lddmm, rasterize
-from spatialdata_align.registration._utils import as_image
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stalign_rasters"
-SWAP = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # (x, y) <-> (row, col)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -96,46 +94,6 @@ def run_ours(d):
     dt = time.perf_counter() - t
     err = np.linalg.norm(reg.transform_points(d["eval_src"]) - d["eval_dst"], axis=1) * d["um_per_target_unit"]
     return reg, dt, err
-
-
-def run_stalign(d, reg, niter: int, steps: dict | None = None):
-    """STalign on the grids this engine used: the source raster and the target at the finest working level.
-
-    STalign's fixed gradient steps assume both images in comparable physical units, so the target grid is
-    expressed in source units (µm) for it (full-resolution pixels x um_per_px) and the results mapped back.
-    """
-    from STalign import STalign
-
-    u = d["um_per_target_unit"]
-    I_img = as_image(d["source"])
-    J_img = as_image(d["target"])
-    base = max(1, round(reg.params["target_pixel"] / J_img.dx))
-    J_img = J_img.downsample(base)
-    I = I_img.data / reg.params["source_intensity_scale"]
-    J = J_img.data
-    to_um = np.diag([u, u, 1.0])
-    A = torch.as_tensor(SWAP @ to_um @ d["affine"] @ SWAP, dtype=torch.float64)
-    kw = {
-        "a": reg.params["a"],
-        "p": reg.params["p"],
-        "sigmaM": reg.params["sigma_m"],
-        "sigmaB": reg.params["sigma_b"],
-        "sigmaA": reg.params["sigma_a"],
-        "niter": niter,
-        "device": "cpu",
-        "dtype": torch.float64,
-        **(steps or {}),
-    }
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = STalign.LDDMM([I_img.y, I_img.x], I, [J_img.y * u, J_img.x * u], J, A=A, **kw)
-    dt = time.perf_counter() - t
-    pts_rc = d["eval_src"][:, ::-1].copy()
-    mapped = STalign.transform_points_source_to_target(out["xv"], out["v"], out["A"], pts_rc)
-    mapped = mapped.detach().cpu().numpy()[:, ::-1] / u
-    err = np.linalg.norm(mapped - d["eval_dst"], axis=1) * u
-    return dt, err, kw, (I.shape, J.shape)
 
 
 def fmt(err):

@@ -899,9 +899,10 @@ def write_visium(
         write_feature_matrix_mtx(out / "filtered_feature_bc_matrix", *mtx_args)
     write_positions(spatial / positions_file, positions)
     (spatial / "scalefactors_json.json").write_text(json.dumps({k: scalefactors[k] for k in scalefactors}))
+    # zlib level 1: ~5x faster than PIL's default level 6 on H&E-like images, files ~10 % larger
     for key, file in (("hires_image", "tissue_hires_image.png"), ("lowres_image", "tissue_lowres_image.png")):
         if key in images:
-            Image.fromarray(images[key]).save(spatial / file)
+            Image.fromarray(images[key]).save(spatial / file, compress_level=1)
     import tifffile
 
     if "fullres_image" in images:
