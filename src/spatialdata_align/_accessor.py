@@ -500,6 +500,10 @@ class AlignAccessor:
         tables: bool = True,
         grid: str | tuple | None = None,
         pixel_size: float | None = None,
+        max_pixels: int | None = None,
+        level: int | None = None,
+        chunk: int = 1024,
+        map_step: int | None = None,
     ) -> str:
         """Materialise an aligned copy of an element in the other coordinate system.
 
@@ -519,14 +523,29 @@ class AlignAccessor:
             aligned element, with ``obsm["spatial"]`` transformed.
         grid
             Images only: output grid, as the name of an image element of the output coordinate
-            system (default: the transform's target image for forward warps) or ``(x, y)``
-            pixel-centre arrays.
+            system (e.g. ``"visium_hires_image"``) or ``(x, y)`` pixel-centre arrays. Default: a grid
+            covering the mapped image at its native resolution.
         pixel_size
-            Images only: output pixel size when no grid is given.
+            Images only: output pixel size (output units) when no grid is given.
+        max_pixels
+            Images only: an explicit cap on the output's pixel count; a larger grid is coarsened
+            (same extent) with a logged warning. Default: no cap.
+        level
+            Images only: pyramid level of a multiscale image to read; default the coarsest whose
+            pixels are no larger than the output's (level 0 at native resolution).
+        chunk
+            Images only: output chunk size (pixels per side).
+        map_step
+            Images only: evaluate the transform exactly every ``map_step`` output pixels and
+            interpolate in between (default: chosen so the interpolation error stays below 0.01 input
+            pixels; ``1``: every pixel). See :meth:`~spatialdata_align.registration.Registration.warp_image`.
 
         Returns
         -------
-        The name of the new element. Points are transformed lazily (partition by partition).
+        The name of the new element. Points are transformed lazily (partition by partition); images
+        are warped lazily, block by block over the output chunks, each block reading only the input
+        window it needs, and come out as a dask-backed (multiscale when large) image with the input's
+        dtype, written chunk by chunk by ``sdata.write``.
         """
         key = self._key(key)
         return _apply.apply(
@@ -538,6 +557,10 @@ class AlignAccessor:
             tables=tables,
             grid=grid,
             pixel_size=pixel_size,
+            max_pixels=max_pixels,
+            level=level,
+            chunk=chunk,
+            map_step=map_step,
         )
 
     def transform_points(self, xy, *, key: str | None = None, inverse: bool = False) -> np.ndarray:

@@ -18,8 +18,17 @@ from spatialdata.transformations import Identity, get_transformation
 
 from . import _store
 from ._constants import ALIGNED_SUFFIX, SPATIAL_KEY
-from ._elements import annotating_tables, apply_matrix, element_kind, image_in_cs, parse_lazy_points, to_cs_matrix
+from ._elements import (
+    annotating_tables,
+    apply_matrix,
+    element_kind,
+    image_in_cs,
+    image_levels,
+    parse_lazy_points,
+    to_cs_matrix,
+)
 from .registration import Registration
+from .registration._warp import DEFAULT_CHUNK, Grid, Levels, TransformMap, warp_levels
 
 logger = logging.getLogger(__name__)
 
@@ -91,28 +100,35 @@ def _shapes(el, reg, m_pre, direction, out_cs):
     return ShapesModel.parse(gdf, transformations={out_cs: Identity()})
 
 
-def _grid_from(sdata, grid, out_cs: str, entry: dict, direction: str, reg, img_in, pixel_size):
+def pyramid_factors(shape, chunk: int = DEFAULT_CHUNK) -> list[int] | None:
+    """Scale factors (2 each) until the longer side fits one ``chunk``; ``None`` if it already does."""
+    side, factors = max(int(s) for s in shape), []
+    while side > chunk and len(factors) < 12:
+        factors.append(2)
+        side //= 2
+    return factors or None
+
+
+def _element_extent(el_shape: tuple[int, int], m_pre: np.ndarray) -> np.ndarray:
+    """Points along the pixel edges of an image (intrinsic ``[0, nx] x [0, ny]``), in its input cs."""
+    ny, nx = el_shape
+    corners = np.array([[0.0, 0.0], [nx, 0.0], [nx, ny], [0.0, ny]])
+    edges = np.concatenate([np.linspace(corners[i], corners[(i + 1) % 4], 50) for i in range(4)])
+    return apply_matrix(m_pre, edges)
+
+
+def _grid_from(sdata, grid, out_cs: str, direction: str, reg, edges_in, dx_in: float, pixel_size):
+    """Output pixel-centre coordinates: a given grid, an image element's grid, or the mapped input extent."""
     if isinstance(grid, tuple):
         return np.asarray(grid[0], float), np.asarray(grid[1], float)
-    if grid is None and direction == "forward" and entry.get("target_element"):
-        tgt = entry["target_element"]
-        if tgt in sdata and element_kind(sdata, tgt) == "image" and pixel_size is None:
-            grid = tgt
     if isinstance(grid, str):
-        da = image_in_cs(sdata, grid, out_cs)
+        da = image_in_cs(sdata, grid, out_cs, lazy=True)
         return da.coords["x"].values, da.coords["y"].values
-    # a grid covering the mapped input extent
-    xmin, xmax, ymin, ymax = (
-        float(img_in.x[0]),
-        float(img_in.x[-1]),
-        float(img_in.y[0]),
-        float(img_in.y[-1]),
-    )
-    corners = np.array([[xmin, ymin], [xmax, ymin], [xmin, ymax], [xmax, ymax]])
-    edges = np.concatenate([np.linspace(corners[i], corners[j], 50) for i, j in ((0, 1), (1, 3), (3, 2), (2, 0))])
-    mapped = reg.transform_points(edges, direction)
+    if grid is not None:
+        raise TypeError(f"grid must be an image element name or an (x, y) tuple of pixel centres, got {type(grid)}.")
+    # a grid covering the mapped input extent, at the input's resolution unless pixel_size is given
+    mapped = reg.transform_points(edges_in, direction)
     if pixel_size is None:
-        dx_in = float(img_in.x[1] - img_in.x[0])
         pixel_size = dx_in * _local_scale(reg, np.eye(3), direction)
     lo, hi = mapped.min(0), mapped.max(0)
     nx = max(int(np.ceil((hi[0] - lo[0]) / pixel_size)), 2)
@@ -120,22 +136,74 @@ def _grid_from(sdata, grid, out_cs: str, entry: dict, direction: str, reg, img_i
     return lo[0] + (np.arange(nx) + 0.5) * pixel_size, lo[1] + (np.arange(ny) + 0.5) * pixel_size
 
 
-def _image(sdata, element, reg, entry, direction, in_cs, out_cs, grid, pixel_size):
+def _cap(gx: np.ndarray, gy: np.ndarray, max_pixels: int | None, element: str) -> tuple[np.ndarray, np.ndarray]:
+    """Coarsen the output grid (same extent) to at most ``max_pixels`` pixels, saying so."""
+    n = gx.size * gy.size
+    if max_pixels is None or n <= max_pixels:
+        return gx, gy
+    f = (n / max_pixels) ** 0.5
+    dx, dy = (gx[1] - gx[0]) * f, (gy[1] - gy[0]) * f
+    x0, y0 = gx[0] - (gx[1] - gx[0]) / 2, gy[0] - (gy[1] - gy[0]) / 2
+    nx = max(int((gx.size * (gx[1] - gx[0])) // dx), 2)
+    ny = max(int((gy.size * (gy[1] - gy[0])) // dy), 2)
+    logger.warning(
+        "max_pixels=%d: the aligned %r is %d x %d pixels of %.4g x %.4g instead of %d x %d of %.4g x %.4g",
+        max_pixels,
+        element,
+        nx,
+        ny,
+        dx,
+        dy,
+        gx.size,
+        gy.size,
+        gx[1] - gx[0],
+        gy[1] - gy[0],
+    )
+    return x0 + (np.arange(nx) + 0.5) * dx, y0 + (np.arange(ny) + 0.5) * dy
+
+
+def _image(sdata, element, reg, direction, in_cs, out_cs, grid, pixel_size, *, max_pixels, level, chunk, map_step):
+    """The aligned image: lazy (dask), at native resolution unless told otherwise, a pyramid when large."""
+    import dask.array as da
+
     el = sdata[element]
-    # choose an input level no finer than needed: estimate from the output grid size
-    img_full = image_in_cs(sdata, element, in_cs, max_pixels=16_000_000)
-    gx, gy = _grid_from(sdata, grid, out_cs, entry, direction, reg, img_full, pixel_size)
-    dtype = img_full.dtype
-    warped = reg.warp_image(img_full.astype(np.float64), direction=direction, out_x=gx, out_y=gy, fill=0.0)
-    data = warped.values
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        data = np.clip(np.rint(data), info.min, info.max).astype(dtype)
-    del el
+    levels = [lv.transpose("c", "y", "x") for lv in image_levels(el)]
+    base = levels[0]
+    shape0 = (base.sizes["y"], base.sizes["x"])
+    m_pre = to_cs_matrix(el, in_cs, element)  # level-0 intrinsic -> input cs
+    dx_in = abs(np.linalg.det(m_pre[:2, :2])) ** 0.5
+    gx, gy = _grid_from(sdata, grid, out_cs, direction, reg, _element_extent(shape0, m_pre), dx_in, pixel_size)
+    gx, gy = _cap(gx, gy, max_pixels, element)
+    arrays = [
+        lv.data if isinstance(lv.data, da.Array) else da.from_array(lv.data, chunks=(lv.shape[0], chunk, chunk))
+        for lv in levels
+    ]
+    # output point (out cs) -> registration -> input cs -> level-0 intrinsic -> level-0 pixel indices
+    to_index = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]]) @ np.linalg.inv(m_pre)
+    inputs = Levels(
+        arrays,
+        np.arange(shape0[1]) + 0.5,
+        np.arange(shape0[0]) + 0.5,
+        list(base.coords["c"].values),
+        [(shape0[1] / a.shape[2], shape0[0] / a.shape[1]) for a in arrays],
+    )
+    back = "inverse" if direction == "forward" else "forward"
+    data = warp_levels(
+        inputs,
+        TransformMap(reg, back, to_index),
+        Grid.from_coords(gx, gy),
+        level=level,
+        fill=0,
+        dtype=base.dtype,
+        chunk=chunk,
+        map_step=map_step,
+    )
     return Image2DModel.parse(
         data,
         dims=("c", "y", "x"),
-        c_coords=list(img_full.coords["c"].values),
+        c_coords=inputs.channels,
+        scale_factors=pyramid_factors(data.shape[1:], chunk),
+        chunks=(data.shape[0], chunk, chunk),
         transformations={out_cs: _store.grid_transformation(gx, gy)},
     )
 
@@ -181,7 +249,19 @@ def _table_copy(sdata, tname, f_xy, region_name: str | None, out_cs: str | None 
 
 
 def apply(
-    sdata: SpatialData, element: str, *, key: str, inverse: bool, name: str | None, tables: bool, grid, pixel_size
+    sdata: SpatialData,
+    element: str,
+    *,
+    key: str,
+    inverse: bool,
+    name: str | None,
+    tables: bool,
+    grid,
+    pixel_size,
+    max_pixels: int | None = None,
+    level: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    map_step: int | None = None,
 ) -> str:
     entry = _store.get_entry(sdata, key)
     reg = _store.load_registration(sdata, key)
@@ -212,7 +292,20 @@ def apply(
     elif kind == "shapes":
         sdata.shapes[name] = _shapes(el, reg, m_pre, direction, out_cs)
     elif kind == "image":
-        sdata.images[name] = _image(sdata, element, reg, entry, direction, in_cs, out_cs, grid, pixel_size)
+        sdata.images[name] = _image(
+            sdata,
+            element,
+            reg,
+            direction,
+            in_cs,
+            out_cs,
+            grid,
+            pixel_size,
+            max_pixels=max_pixels,
+            level=level,
+            chunk=chunk,
+            map_step=map_step,
+        )
     else:
         raise TypeError(f"element {element!r} is {kind}; apply supports points, shapes, images and tables.")
     applied = {element: name}

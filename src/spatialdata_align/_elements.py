@@ -8,6 +8,7 @@ element. Everything returns plain numpy/xarray so the engine never sees SpatialD
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import dask.dataframe as dd
@@ -28,6 +29,8 @@ from spatialdata.transformations import get_transformation, set_transformation
 from ._constants import REGION_KEY  # noqa: F401  (re-exported for callers)
 
 _XY = ("x", "y")
+
+logger = logging.getLogger(__name__)
 
 
 def parse_lazy_points(ddf, **kwargs):
@@ -191,7 +194,7 @@ def element_xy(sdata: SpatialData, name: str, cs: str) -> np.ndarray:
     return apply_matrix(to_cs_matrix(el, cs, name), xy)
 
 
-def _levels(image) -> list:
+def image_levels(image) -> list:
     """The levels of a (possibly multiscale) image, finest first (:func:`spatialdata.get_pyramid_levels`)."""
     return [image] if isinstance(image, xr.DataArray) else list(get_pyramid_levels(image))
 
@@ -201,17 +204,21 @@ def pick_scale(image, max_pixels: int | None = None) -> xr.DataArray:
 
     Without ``max_pixels`` the finest level is returned; if no level is small enough, the coarsest.
     """
-    levels = _levels(image)
+    levels = image_levels(image)
     if max_pixels is None:
         return levels[0]
     return next((da for da in levels if da.sizes["y"] * da.sizes["x"] <= max_pixels), levels[-1])
 
 
-def image_in_cs(sdata: SpatialData, name: str, cs: str, *, max_pixels: int | None = None) -> xr.DataArray:
+def image_in_cs(
+    sdata: SpatialData, name: str, cs: str, *, max_pixels: int | None = None, lazy: bool = False
+) -> xr.DataArray:
     """An image element as a ``(c, y, x)`` DataArray with pixel-centre coordinates in ``cs``.
 
     Only axis-aligned transformations (scale + translation) are supported here; rotated images
-    must be resampled first (e.g. with :func:`spatialdata.transform`).
+    must be resampled first (e.g. with :func:`spatialdata.transform`). ``max_pixels`` reads the
+    finest pyramid level of at most that many pixels (logged when it is not the finest);
+    ``lazy=True`` keeps dask-backed data lazy instead of loading it.
     """
     kind = element_kind(sdata, name)
     if kind != "image":
@@ -220,6 +227,16 @@ def image_in_cs(sdata: SpatialData, name: str, cs: str, *, max_pixels: int | Non
     m = to_cs_matrix(el, cs, name)
     da = pick_scale(el, max_pixels)
     base = pick_scale(el, None)
+    if da.sizes["x"] != base.sizes["x"]:
+        logger.info(
+            "image %r read at %d x %d pixels (a pyramid level below its %d x %d), at most %d pixels asked",
+            name,
+            da.sizes["x"],
+            da.sizes["y"],
+            base.sizes["x"],
+            base.sizes["y"],
+            max_pixels,
+        )
     if abs(m[0, 1]) > 1e-12 or abs(m[1, 0]) > 1e-12 or m[0, 0] <= 0 or m[1, 1] <= 0:
         raise ValueError(
             f"image {name!r} is rotated, sheared or flipped in {cs!r}; resample it to an axis-aligned grid first."
@@ -230,7 +247,7 @@ def image_in_cs(sdata: SpatialData, name: str, cs: str, *, max_pixels: int | Non
     x = m[0, 0] * (np.arange(da.sizes["x"]) + 0.5) * fx + m[0, 2]
     y = m[1, 1] * (np.arange(da.sizes["y"]) + 0.5) * fy + m[1, 2]
     return xr.DataArray(
-        np.asarray(da.transpose("c", "y", "x").values),
+        da.transpose("c", "y", "x").data if lazy else np.asarray(da.transpose("c", "y", "x").values),
         dims=("c", "y", "x"),
         coords={"c": da.coords["c"].values, "y": y, "x": x},
         name=name,

@@ -13,7 +13,8 @@ import xarray as xr
 
 from ._displacement import DisplacementField, affine_extent, pad_extent, union_extent
 from ._flow import affine_torch, flow_forward, flow_inverse
-from ._utils import apply_affine, as_image, check_points, homogeneous, interp
+from ._utils import apply_affine, check_points, homogeneous, interp
+from ._warp import DEFAULT_CHUNK, DEFAULT_MAP_TOL, Grid, TransformMap, image_levels, warp_levels
 
 _DIRECTIONS = ("forward", "inverse")
 
@@ -280,69 +281,87 @@ class Registration:
         out_x=None,
         out_y=None,
         fill: float = 0.0,
-        chunk: int = 1_000_000,
+        dtype=None,
+        level: int | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        map_step: int | None = None,
+        map_tol: float = DEFAULT_MAP_TOL,
     ) -> xr.DataArray:
-        """Resample an image from one space onto a grid of the other.
+        """Resample an image from one space onto a grid of the other, lazily for dask-backed images.
 
         Parameters
         ----------
         image
-            ``(C, ny, nx)`` / ``(ny, nx)`` / ``(ny, nx, 3)`` array or ``(c, y, x)`` DataArray.
-            For ``"forward"`` it lives in source space, for ``"inverse"`` in target space.
+            ``(C, ny, nx)`` / ``(ny, nx)`` / ``(ny, nx, 3)`` numpy or dask array, ``(c, y, x)`` DataArray
+            (numpy- or dask-backed), or a multiscale image (``xarray.DataTree`` of ``scale0``,
+            ``scale1``, ... as spatialdata stores them). For ``"forward"`` it lives in source space,
+            for ``"inverse"`` in target space.
         x, y
-            Pixel-centre coordinates of ``image`` (default: its DataArray coordinates or pixel
-            units).
+            Pixel-centre coordinates of the (finest level of the) image, in the registration's units
+            (default: its DataArray coordinates, else pixel units ``j + 0.5``).
         direction
             ``"forward"``: source image → target grid; ``"inverse"``: target image → source grid.
         out_x, out_y
             Pixel-centre coordinates of the output grid (default: the target grid used for the fit
             for ``"forward"``, the source grid for ``"inverse"``).
         fill
-            Value outside the input image (``np.nan`` allowed).
+            Value outside the image (``np.nan`` allowed for float outputs).
+        dtype
+            Output dtype; default the image's (integer images are rounded back into their dtype,
+            never rescaled).
+        level
+            Pyramid level to read from a multiscale image; default the coarsest whose pixels are no
+            larger than the output's (level 0 at native resolution). Logged.
         chunk
-            Output pixels processed at a time (bounds memory).
+            Output block size (pixels per side): the dask chunk of a lazy result, and the unit of
+            work in memory.
+        map_step, map_tol
+            The coordinate map is evaluated exactly every ``map_step`` output pixels and interpolated
+            bilinearly in between; default: the coarsest lattice whose measured error is at most
+            ``map_tol`` input pixels (logged). ``map_step=1`` evaluates every pixel.
 
         Returns
         -------
-        ``(c, y, x)`` DataArray on the output grid (bilinear interpolation).
+        ``(c, y, x)`` DataArray on the output grid (bilinear interpolation). Dask-backed when the image
+        is: then nothing is computed yet, each output chunk reads only the input window it needs
+        (see :mod:`spatialdata_align.registration._warp`), and the result can be written chunk by
+        chunk (e.g. ``Image2DModel.parse(..., scale_factors=...)`` then ``sdata.write``).
         """
         _check_direction(direction)
-        img = as_image(image, x, y, name="image")
+        levels = image_levels(image, x, y, name="image")
         if out_x is None or out_y is None:
-            out_x, out_y = self._default_grid("target" if direction == "forward" else "source", img)
-        out_x = np.asarray(out_x, dtype=float)
-        out_y = np.asarray(out_y, dtype=float)
-        gx, gy = np.meshgrid(out_x, out_y)
-        pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
-        src_pts = np.empty_like(pts)
+            dx = float(levels.x[1] - levels.x[0])
+            out_x, out_y = self._default_grid("target" if direction == "forward" else "source", dx)
+        grid = Grid.from_coords(out_x, out_y)
         back = "inverse" if direction == "forward" else "forward"
-        for s in range(0, pts.shape[0], chunk):
-            src_pts[s : s + chunk] = self.transform_points(pts[s : s + chunk], back)
-        base = 0.0 if np.isnan(fill) else fill
-        data = torch.as_tensor(img.data - base, dtype=torch.float64)
-        with torch.no_grad():
-            out = interp(data, img.x, img.y, torch.as_tensor(src_pts), padding="border").numpy() + base
-        # grid_sample clamps at edge pixel centres; outside the pixel edges the fill applies
-        xmin, xmax, ymin, ymax = img.extent
-        outside = (src_pts[:, 0] < xmin) | (src_pts[:, 0] > xmax) | (src_pts[:, 1] < ymin) | (src_pts[:, 1] > ymax)
-        out[:, outside] = fill
+        data = warp_levels(
+            levels,
+            TransformMap(self, back, levels.to_index),
+            grid,
+            level=level,
+            fill=fill,
+            dtype=dtype,
+            chunk=chunk,
+            map_step=map_step,
+            map_tol=map_tol,
+        )
         return xr.DataArray(
-            out.reshape(img.data.shape[0], out_y.size, out_x.size),
+            data,
             dims=("c", "y", "x"),
-            coords={"c": np.arange(img.data.shape[0]), "y": out_y, "x": out_x},
+            coords={"c": levels.channels, "y": grid.y, "x": grid.x},
             attrs={"units": self.target_units if direction == "forward" else self.source_units},
             name="warped",
         )
 
-    def _default_grid(self, space: str, img) -> tuple[np.ndarray, np.ndarray]:
+    def _default_grid(self, space: str, dx: float) -> tuple[np.ndarray, np.ndarray]:
         extent = self.target_extent if space == "target" else self.source_extent
         if extent is None:
             raise ValueError(f"no default {space} grid is known for this registration: pass out_x and out_y.")
         xmin, xmax, ymin, ymax = extent
         if space == "target":
-            step = float(self.params.get("target_pixel", img.dx * abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
+            step = float(self.params.get("target_pixel", dx * abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
         else:
-            step = float(self.params.get("source_pixel", img.dx / abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
+            step = float(self.params.get("source_pixel", dx / abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
         nx = max(round((xmax - xmin) / step), 2)
         ny = max(round((ymax - ymin) / step), 2)
         return xmin + (np.arange(nx) + 0.5) * step, ymin + (np.arange(ny) + 0.5) * step
