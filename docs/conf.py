@@ -109,7 +109,7 @@ def _write_cli_help() -> None:
     out = HERE / "generated"
     out.mkdir(exist_ok=True)
     env = {**os.environ, "COLUMNS": "100"}
-    for name, args in (("main", []), ("run", ["run"]), ("demo", ["demo"])):
+    for name, args in (("main", []), ("run", ["run"]), ("demo", ["demo"]), ("batch", ["batch"])):
         res = subprocess.run(
             [sys.executable, "-m", "spatialdata_align.cli", *args, "--help"],
             capture_output=True,

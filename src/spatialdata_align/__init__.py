@@ -11,6 +11,7 @@ Subpackages
 ``sda.tl``            shared region, subsetting, pseudo-spots, gene comparison
 ``sda.pl``            plots (matplotlib; return axes)
 ``sda.datasets``      synthetic twin sections with ground truth
+``sda.batch``         many section pairs, one dask.distributed task each
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 from . import datasets, io, ngff, pl, registration, tl
 from ._accessor import AlignAccessor, register
+from ._batch import batch
 
 register("align")
 
-__all__ = ["AlignAccessor", "__version__", "datasets", "io", "ngff", "pl", "registration", "tl"]
+__all__ = ["AlignAccessor", "__version__", "batch", "datasets", "io", "ngff", "pl", "registration", "tl"]

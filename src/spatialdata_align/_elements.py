@@ -37,11 +37,13 @@ def parse_lazy_points(ddf, **kwargs):
     """``PointsModel.parse`` for a lazy, partition-wise dask frame (read from parquet or mapped partition-wise).
 
     dask gives each partition its own RangeIndex; the row order is what matters here, so spatialdata's
-    warning about a non-monotonic index (unknown divisions) is silenced for this call only.
+    warning about a non-monotonic index (unknown divisions) is silenced for this call only. ``sort=False``
+    skips spatialdata's check of the index, which would compute the whole frame (read and transform every
+    partition) just to decide that warning: parsing stays lazy.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
-        return PointsModel.parse(ddf, **kwargs)
+        return PointsModel.parse(ddf, **{"sort": False, **kwargs})
 
 
 def with_transformations(element, transformations: dict):

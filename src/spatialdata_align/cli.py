@@ -2,8 +2,10 @@
 
 ``spatialdata-align run``  aligns a Xenium output folder onto a Visium ``outs/`` folder and writes the
 aligned SpatialData plus a report; ``spatialdata-align demo`` does the same on generated twin sections
-and scores the result against the known truth. Both call :func:`spatialdata_align._pipeline.run_pipeline`,
-the same functions, in the same order, as the tutorial notebook.
+and scores the result against the known truth; ``spatialdata-align batch`` runs many pairs of a manifest
+on a dask.distributed cluster (:mod:`spatialdata_align._batch`). All call
+:func:`spatialdata_align._pipeline.run_pipeline`, the same functions, in the same order, as the tutorial
+notebook.
 """
 
 from __future__ import annotations
@@ -71,20 +73,39 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed of the generated tissue")
     demo.add_argument("--auto-init", action="store_true", help="ignore the landmarks; find the affine automatically")
     _common(demo)
+
+    batch = sub.add_parser(
+        "batch",
+        help="align many section pairs, one dask.distributed task each",
+        description="Align every pair of a manifest CSV (columns xenium, visium, landmarks, name; relative paths are "
+        "relative to the CSV; an empty landmarks cell means --auto-init) as one task each on a dask.distributed "
+        "cluster: a LocalCluster by default, or an existing one with --scheduler. Each pair writes "
+        "OUT_DIR/<name>/aligned.zarr, report/ and status.json; OUT_DIR/summary.csv has one row per pair. A failing "
+        "pair is a row of the summary and does not stop the others; a re-run skips finished pairs unless --force. "
+        "Exit status: 0 if at least one pair is aligned (now or earlier), 1 if every pair failed, 2 for a bad "
+        "manifest or arguments.",
+    )
+    batch.add_argument("manifest", type=Path, help="CSV with columns xenium, visium, landmarks (optional), name")
+    batch.add_argument("--out-dir", required=True, type=Path, help="output folder (one subfolder per pair)")
+    batch.add_argument("--scheduler", metavar="ADDRESS", help="address of a running dask scheduler (tcp://host:8786)")
+    batch.add_argument("--workers", type=int, help="workers of the local cluster (default: one per pair, <= CPUs)")
+    batch.add_argument("--force", action="store_true", help="redo pairs that finished in an earlier run")
+    _common(batch, force=False)
     return ap
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--dx", type=float, default=20.0, help="pixel size (µm) of the rasterised Xenium cells")
     p.add_argument("--gene", default="EGFR", help="gene shown side by side in the report (default EGFR)")
     p.add_argument("--device", default="cpu", help="torch device for LDDMM (cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="run despite suspect inputs (the verdict is then 'unreliable'), and exit 0 even when the verdict is "
-        "'unreliable'",
-    )
+    if force:  # batch has its own --force (redo finished pairs)
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="run despite suspect inputs (the verdict is then 'unreliable'), and exit 0 even when the verdict is "
+            "'unreliable'",
+        )
     p.add_argument(
         "--loo",
         choices=("lddmm", "affine", "none"),
@@ -103,6 +124,8 @@ def main(argv=None) -> int:
     from ._pipeline import run_demo, run_pipeline
 
     verbose = not args.quiet
+    if args.command == "batch":
+        return _batch(args, verbose)
     common = {
         "dx": args.dx,
         "gene": args.gene,
@@ -168,6 +191,29 @@ def _print_verdict(summary: dict, verbose: bool) -> None:
     for r in v.get("reasons", []):
         print(f"  - {r}", file=stream)
     print(f"verdict: {v.get('level', '?')}{est}", file=stream)
+
+
+def _batch(args, verbose: bool) -> int:
+    from ._batch import batch, exit_code
+
+    try:
+        summary = batch(
+            args.manifest,
+            args.out_dir,
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            force=args.force,
+            verbose=verbose,
+            progress=verbose,
+            dx=args.dx,
+            gene=args.gene,
+            lddmm_params={"device": args.device},
+            loo=args.loo,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+        print(f"spatialdata-align: error: {err}", file=sys.stderr)
+        return 2
+    return exit_code(summary)
 
 
 if __name__ == "__main__":  # pragma: no cover
