@@ -21,7 +21,7 @@ from spatialdata_align._elements import image_in_cs
 from spatialdata_align.cli import main
 
 #: the smallest LDDMM that runs every stage (the batch machinery is under test, not the fit)
-FAST = {"lddmm_params": {"scales": (4,), "max_iter": (2,), "affine_iter": 1, "min_iter": 1}}
+FAST = {"lddmm_params": {"scales": (4,), "max_iter": (2,), "affine_iter": 1, "min_iter": 1}, "loo": "affine"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,8 @@ def test_batch_on_a_two_worker_cluster(pairs, client, tmp_path, capsys, monkeypa
         assert "xenium_cells_aligned" in back
         assert (out / name / "report" / "summary.md").is_file()
         assert json.loads((out / name / "status.json").read_text())["status"] == "ok"
+    assert set(summary["verdict"].iloc[:2]) <= {"good", "check", "unreliable"}
+    assert summary["heldout_median_um"].iloc[:2].notna().all()  # the affine's held-out landmark error
     assert set(summary["worker"]) <= set(client.scheduler_info()["workers"])  # every pair ran on the cluster
     # the broken pair: one clear row, its error and traceback in its status file, no zarr
     bad = summary.set_index("name").loc["broken"]
@@ -102,12 +104,13 @@ def test_batch_on_a_two_worker_cluster(pairs, client, tmp_path, capsys, monkeypa
     two = pairs / "two.csv"
     manifest[manifest["name"].isin(["pair_a", "broken"])].to_csv(two, index=False)
     # one pair done (earlier) and one failing: exit 0
-    assert main(["batch", str(two), "--out-dir", str(out), "--scheduler", addr, "--quiet"]) == 0
+    assert main(["batch", str(two), "--out-dir", str(out), "--scheduler", addr, "--quiet", "--loo", "none"]) == 0
     assert pd.read_csv(out / "summary.csv")["status"].tolist() == ["skipped", "failed"]
     # every pair failing is the only non-zero exit of a batch that ran (1)
     only_bad = pairs / "only_broken.csv"
     manifest[manifest["name"] == "broken"].to_csv(only_bad, index=False)
-    assert main(["batch", str(only_bad), "--out-dir", str(tmp_path / "o"), "--scheduler", addr, "--quiet"]) == 1
+    argv = ["batch", str(only_bad), "--out-dir", str(tmp_path / "o"), "--scheduler", addr, "--quiet", "--loo", "none"]
+    assert main(argv) == 1
     # a bad manifest: exit 2 and a message naming the file and what is wrong
     bad = pairs / "bad.csv"
     bad.write_text("xenium,name\na/xenium,x\n")
@@ -121,6 +124,7 @@ def test_batch_on_a_two_worker_cluster(pairs, client, tmp_path, capsys, monkeypa
     )
     assert main(["batch", str(two), "--out-dir", "x", "--force", "--workers", "3", "--dx", "15", "--quiet"]) == 0
     assert seen["force"] is True and seen["n_workers"] == 3 and seen["dx"] == 15.0 and seen["scheduler"] is None
+    assert seen["loo"] == "lddmm"  # the pipeline's default held-out error
 
 
 def test_manifest_errors_name_the_rows(tmp_path):

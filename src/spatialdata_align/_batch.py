@@ -42,6 +42,8 @@ SUMMARY_COLUMNS = (
     "n_spots",
     "n_shared_genes",
     "affine",
+    "verdict",
+    "heldout_median_um",
     "worker",
 )
 STATUS_FILE = "status.json"
@@ -177,6 +179,8 @@ def run_pair(pair: dict[str, Any], out_dir: str, pipeline_kwargs: dict[str, Any]
             **pipeline_kwargs,
         )
         s = res.summary
+        acc = s.get("accuracy") or {}
+        loo = acc.get("loo_lddmm_um") or acc.get("loo_affine_um") or {}
         row.update(
             status="ok",
             error="",
@@ -184,6 +188,8 @@ def run_pair(pair: dict[str, Any], out_dir: str, pipeline_kwargs: dict[str, Any]
             n_spots=s.get("n_spots"),
             n_shared_genes=s.get("n_shared_genes"),
             affine=(s.get("affine") or {}).get("method"),
+            verdict=res.verdict,
+            heldout_median_um=loo.get("median"),
         )
     except Exception as e:  # one pair's failure, whatever it is, must not stop the batch
         row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -199,7 +205,10 @@ def exit_code(summary: pd.DataFrame) -> int:
 
 def _line(k: int, n: int, row: dict[str, Any]) -> str:
     if row["status"] == "ok":
-        return f"[{k}/{n}] {row['name']}: ok in {row.get('runtime_s', float('nan')):.1f} s -> {row['zarr']}"
+        return (
+            f"[{k}/{n}] {row['name']}: ok in {row.get('runtime_s', float('nan')):.1f} s, verdict "
+            f"{row.get('verdict')} -> {row['zarr']}"
+        )
     if row["status"] == "skipped":
         return f"[{k}/{n}] {row['name']}: skipped (finished earlier; force=True / --force redoes it)"
     return f"[{k}/{n}] {row['name']}: FAILED {row['error']}"
@@ -242,13 +251,15 @@ def batch(
         One line per pair as it finishes; a tqdm bar over the pairs.
     **pipeline_kwargs
         Passed to :func:`~spatialdata_align._pipeline.run_pipeline` for every pair (e.g. ``dx``,
-        ``gene``, ``lddmm_params``).
+        ``gene``, ``lddmm_params``, ``loo``). Inputs that fail the pipeline's checks make that pair
+        fail (its ``error`` says why); ``force=True`` here only redoes finished pairs.
 
     Returns
     -------
     The summary table (also written to ``<out_dir>/summary.csv``), one row per pair in manifest
     order: ``name``, ``status`` (``ok``, ``failed``, ``skipped``), ``error``, ``runtime_s``,
-    ``zarr``, ``report``, counts, and the worker it ran on. :func:`exit_code` turns it into the
+    ``zarr``, ``report``, counts, the pipeline's ``verdict`` (good / check / unreliable) and held-out
+    landmark error, and the worker it ran on. :func:`exit_code` turns it into the
     CLI's exit status (non-zero only if every pair failed).
     """
     from tqdm.auto import tqdm
