@@ -150,6 +150,31 @@ def test_landmarks_in_hires_pixels_get_the_units_hint(case, capsys, twin):
     case.assert_untouched()
 
 
+@pytest.mark.parametrize(
+    ("what", "needle"),
+    [
+        ("source in Xenium pixels", "morphology-image pixels"),
+        ("target in µm", "look like µm"),
+        ("source and target exchanged", "swap the two column pairs"),
+        ("source in nm", "look like nm"),
+        ("target in lowres pixels", "tissue_lowres_scalef"),
+    ],
+)
+def test_landmarks_in_other_units_get_a_specific_hint(twin, what, needle):
+    src, dst = twin.truth.landmarks_source, twin.truth.landmarks_target
+    upp = twin.truth.um_per_px
+    s, d = {
+        "source in Xenium pixels": (src / 0.2125, dst),
+        "target in µm": (src, dst * upp),
+        "source and target exchanged": (dst, src),
+        "source in nm": (src * 1000, dst),
+        "target in lowres pixels": (src, dst * twin.scalefactors["tissue_lowres_scalef"]),
+    }[what]
+    with pytest.raises(_checks.PlausibilityError, match="scale factors imply") as e:
+        _checks.check_landmarks(s, d, file="lm.csv", um_per_px=upp, scalefactors=twin.scalefactors, flip=True)
+    assert needle in str(e.value)
+
+
 def test_force_accepts_a_named_outlier_and_marks_the_run_unreliable(case, capsys):
     lm = pd.read_csv(case.landmarks)
     lm.loc[3, "target_x"] += 1e6
@@ -227,6 +252,14 @@ def test_lowres_image_enlarged(case, capsys):
     case.assert_untouched()
 
 
+def test_hires_image_rotated(case, capsys):
+    with Image.open(case.spatial / "tissue_hires_image.png") as im:
+        im.transpose(Image.Transpose.ROTATE_90).save(case.spatial / "tissue_hires_image.png")
+    rc, err = case.run(capsys)
+    _refused(rc, err, "tissue_hires_image.png", "aspect ratio")
+    case.assert_untouched()
+
+
 def test_hires_and_lowres_scalefactors_swapped(case, capsys):
     f = case.spatial / "scalefactors_json.json"
     sf = json.loads(f.read_text())
@@ -240,7 +273,7 @@ def test_hires_and_lowres_scalefactors_swapped(case, capsys):
 def test_one_pixel_hires_image(case, capsys):
     Image.new("RGB", (1, 1), (255, 255, 255)).save(case.spatial / "tissue_hires_image.png")
     rc, err = case.run(capsys)
-    _refused(rc, err, "tissue_hires_image.png", "1 x 1 px")
+    _refused(rc, err, "tissue_hires_image.png", "is only 1 x 1 px", "too small to be a tissue image")
     case.assert_untouched()
 
 

@@ -31,6 +31,10 @@ def test_robust_fit_ignores_a_gross_error():
     # plain least squares is dragged by it
     ls = q.fit_matrix(src, dst_bad)
     assert np.abs(apply_affine(ls, src) - dst).max() > 1e4
+    # leave-one-out refits restricted to the inliers: the others are exact, the outlier is measured at 1e6
+    loo = q.landmark_loo(src, dst_bad, use=fit.inliers)
+    np.testing.assert_allclose(np.delete(loo, 4), 0.0, atol=1e-6)
+    assert loo[4] == pytest.approx(1e6, rel=1e-6)
 
 
 def test_robust_fit_with_few_landmarks_uses_a_similarity():
@@ -90,21 +94,21 @@ def test_cross_validate_measures_each_held_out_landmark_once():
 
 
 class _Field:
-    """A stand-in registration with an analytic displacement u(x, y) = (a x + c y, b y)."""
+    """A stand-in registration with an analytic displacement u(x, y) = (a x + c y, d x + b y)."""
 
-    def __init__(self, a, b, c=0.0):
-        self.a, self.b, self.c = a, b, c
+    def __init__(self, a, b, c=0.0, d=0.0):
+        self.a, self.b, self.c, self.d = a, b, c, d
 
     def displacement(self, x, y, direction="forward"):
         gx, gy = np.meshgrid(x, y)
-        d = np.stack([self.a * gx + self.c * gy, self.b * gy])
+        d = np.stack([self.a * gx + self.c * gy, self.d * gx + self.b * gy])
         return xr.DataArray(d, dims=("c", "y", "x"), coords={"c": ["dx", "dy"], "y": y, "x": x})
 
 
 def test_jacobian_determinant_of_known_fields():
     x, y = np.linspace(0, 100, 21), np.linspace(0, 50, 11)
-    det = q.jacobian_determinant(_Field(0.5, -0.2, 0.3), x, y)
-    np.testing.assert_allclose(det.values, 1.5 * 0.8, atol=1e-12)
+    det = q.jacobian_determinant(_Field(0.5, -0.2, 0.3, 0.4), x, y)
+    np.testing.assert_allclose(det.values, 1.5 * 0.8 - 0.3 * 0.4, atol=1e-12)
     assert det.dims == ("y", "x")
     s = q.jacobian_summary(q.jacobian_determinant(_Field(-2.0, 0.0), x, y).values)
     assert s["fold_fraction"] == 1.0 and s["min"] == pytest.approx(-1.0)

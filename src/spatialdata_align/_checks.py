@@ -499,13 +499,28 @@ def _compare_images(xy, radius_px, scaled, cover, scalefactors_file, sf_name) ->
     (f1, (h1, w1), s1, k1), (f2, (h2, w2), s2, k2) = scaled
     n1, n2 = Path(str(f1)).name, Path(str(f2)).name
     c1, c2 = np.asarray(cover[n1]), np.asarray(cover[n2])
-    q = float(np.exp(np.mean(np.log(c1 / c2))))  # > 1: image 1 looks smaller than its factor implies
-    if abs(np.log(q)) <= np.log(1.1):
+    r = np.log(c1 / c2)  # per axis (x, y); > 0: image 1 looks smaller than its factor implies
+    q = float(np.exp(np.mean(r)))
+    if np.abs(r).max() <= np.log(1.1):
         return []
     spans = (
-        f"the spots span {100 * c1.max():.0f}% of {n1} ({w1} x {h1} px) but {100 * c2.max():.0f}% of {n2} "
-        f"({w2} x {h2} px)"
+        f"the spots span {100 * c1[0]:.0f}% x {100 * c1[1]:.0f}% (width x height) of {n1} ({w1} x {h1} px) but "
+        f"{100 * c2[0]:.0f}% x {100 * c2[1]:.0f}% of {n2} ({w2} x {h2} px)"
     )
+    if abs(r[0] - r[1]) > np.log(1.1):  # the two images do not even have the same shape
+        odd = f1 if (w1 / h1 > 1) != (w2 / h2 > 1) and abs(np.log(w1 / h1)) < abs(np.log(w2 / h2)) else None
+        return [
+            Finding(
+                "image_shape",
+                _fmt(
+                    odd or Path(str(f1)).parent,
+                    f"{n1} and {n2} have different aspect ratios ({w1 / h1:.3g} vs {w2 / h2:.3g}): {spans}. One was "
+                    "rotated, transposed or cropped after Space Ranger.",
+                ),
+                "restore the images from the Space Ranger output (spatial/ folder).",
+                str(odd or Path(str(f1)).parent),
+            )
+        ]
     swapped_ok = abs(np.log(q * (s2 / s1) ** 2)) < np.log(1.1) and not (
         _outside(xy, radius_px, s2, w1, h1) or _outside(xy, radius_px, s1, w2, h2)
     )
@@ -765,10 +780,9 @@ def check_landmarks(
                     _fmt(
                         where,
                         f"the landmark fit maps 1 µm to {np.sqrt(abs(det)):.4g} full-resolution px, but the Visium "
-                        f"scale factors imply {1 / um_per_px:.4g} px per µm ({ratio:.3g}x): "
-                        + _scale_hint(ratio, scalefactors or {}, landmark_units),
+                        f"scale factors imply {1 / um_per_px:.4g} px per µm ({ratio:.3g}x).",
                     ),
-                    "give the target landmarks in the units declared (Xenium µm -> Visium full-resolution px).",
+                    _scale_hint(ratio, {"um_per_px": um_per_px, **(scalefactors or {})}, landmark_units),
                     None if file is None else str(file),
                 )
             )
@@ -790,7 +804,17 @@ def _close(a: float, b: float, tol: float = 0.15) -> bool:
 
 
 def _scale_hint(ratio: float, sf: dict, units: str) -> str:
-    hires, lowres = sf.get("tissue_hires_scalef"), sf.get("tissue_lowres_scalef")
+    hires, lowres, upp = sf.get("tissue_hires_scalef"), sf.get("tissue_lowres_scalef"), sf.get("um_per_px")
+    if upp and _close(ratio, upp**2, 0.1):
+        return (
+            "source and target look exchanged (Visium pixels given as source_x/source_y, Xenium µm as "
+            "target_x/target_y); swap the two column pairs."
+        )
+    if upp and _close(ratio, upp, 0.1):
+        return "the target landmarks look like µm, not full-resolution pixels; divide them by the µm per pixel."
+    for factor, unit in ((1e-3, "nm"), (1e3, "mm")):
+        if _close(ratio, factor, 0.2):
+            return f"the source landmarks look like {unit}, not µm (a factor of {1 / factor:g})."
     if units == "fullres" and hires and _close(ratio, hires):
         return (
             "the target landmarks look like hires-image pixels; pass --landmark-units hires (landmark_units='hires')."
@@ -811,7 +835,10 @@ def _scale_hint(ratio: float, sf: dict, units: str) -> str:
         )
     if _close(ratio, 1 / _XENIUM_PX_UM):
         return f"the source landmarks look like they were divided by {_XENIUM_PX_UM}; give them in µm."
-    return "a landmark file in other units, or a wrong spot_diameter_fullres."
+    return (
+        "give source_x/source_y in Xenium µm and target_x/target_y in Visium full-resolution pixels (or hires "
+        "pixels with --landmark-units hires); if they are, spot_diameter_fullres in scalefactors_json.json is wrong."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
