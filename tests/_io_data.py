@@ -208,3 +208,73 @@ def make_visium(n_rows: int = 8, n_cols: int = 10, seed: int = 1) -> VisiumInput
         marker_spot,
         (r, c),
     )
+
+
+@dataclass
+class VisiumHDInputs:
+    bins: dict  # {size: {array_row, array_col, in_tissue, pxl_row_in_fullres, pxl_col_in_fullres, counts}}
+    feature_ids: list[str]
+    feature_names: list[str]
+    scalefactors: dict
+    hires: np.ndarray
+    lowres: np.ndarray
+    cytassist: np.ndarray
+    marker_bin: int  # index (into the 8 µm bins) of the bin whose centre pixel is MARKER in every image
+
+    def write(self, out: Path, images=("hires", "lowres"), **kwargs) -> Path:
+        from spatialdata_align.datasets._tenx import write_visium_hd
+
+        return write_visium_hd(
+            out,
+            bins=self.bins,
+            feature_ids=self.feature_ids,
+            feature_names=self.feature_names,
+            scalefactors=self.scalefactors,
+            hires_image=self.hires if "hires" in images else None,
+            lowres_image=self.lowres if "lowres" in images else None,
+            cytassist_image=self.cytassist if "cytassist" in images else None,
+            **kwargs,
+        )
+
+
+def make_visium_hd(seed: int = 3) -> VisiumHDInputs:
+    """2, 8 and 16 µm bins on a 96 x 64 µm capture area, 0.5 µm per full-res px, bins offset and anisotropic."""
+    rng = np.random.default_rng(seed)
+    upp = 0.5
+    genes = ["EGFR", "KRT5", "MYDUP", "ACTB", "MYDUP", "GAPDH"]
+    ids = [f"ENSG{i:011d}" for i in range(len(genes))]
+    bins = {}
+    for size in (2, 8, 16):
+        nr, nc = 64 // size, 96 // size
+        rr, cc = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
+        in_tissue = (rng.random(rr.size) < 0.8).astype(np.int64)
+        in_tissue[(rr.ravel() == 1) & (cc.ravel() == 2)] = 1  # the marker bin (8 µm) is in tissue
+        bins[size] = {
+            "array_row": rr.ravel(),
+            "array_col": cc.ravel(),
+            "in_tissue": in_tissue,
+            "pxl_row_in_fullres": 40.0 + (rr.ravel() + 0.5) * size / upp,
+            "pxl_col_in_fullres": 30.0 + (cc.ravel() + 0.5) * size / upp * 1.02,
+            "counts": sparse.random(int(in_tissue.sum()), len(genes), density=0.3, random_state=seed + size)
+            .multiply(20)
+            .ceil()
+            .astype(np.int32)
+            .tocsr(),
+        }
+    sf = {
+        "microns_per_pixel": upp,
+        "tissue_hires_scalef": 0.4,
+        "tissue_lowres_scalef": 0.1,
+        "regist_target_img_scalef": 0.25,
+        "fiducial_diameter_fullres": 300.0,
+    }
+    b8 = bins[8]
+    marker_bin = int(np.flatnonzero((b8["array_row"] == 1) & (b8["array_col"] == 2))[0])
+    px = np.array([b8["pxl_col_in_fullres"][marker_bin], b8["pxl_row_in_fullres"][marker_bin]])
+    extent = (260, 260)  # full-res px (y, x) covering all bins
+    images = []
+    for s, fill in ((0.4, 240), (0.1, 240), (0.25, 90)):
+        im = np.full((int(extent[0] * s), int(extent[1] * s), 3), fill, dtype=np.uint8)
+        im[int(np.floor(px[1] * s)), int(np.floor(px[0] * s))] = MARKER
+        images.append(im)
+    return VisiumHDInputs(bins, ids, genes, sf, *images, marker_bin)

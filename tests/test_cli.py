@@ -57,6 +57,13 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     # the report folder
     names = {p.name for p in report.iterdir()}
     assert {"overlay.png", "energy.png", "EGFR_side_by_side.png", "gene_correlations.csv", "summary.md"} <= names
+    # the alignment in Xenium Explorer's formats: its affine part and the landmarks, exactly
+    pixel_size = back.tables["xenium_table"].uns["xenium"]["pixel_size"]
+    explorer = sda.io.read_explorer_alignment(report / "xenium_explorer_alignment.csv", pixel_size=pixel_size)
+    np.testing.assert_allclose(explorer, back.align.get("xenium_to_visium_lddmm").affine, rtol=1e-12, atol=1e-9)
+    kp_src, kp_dst, _ = sda.io.read_explorer_keypoints(report / "xenium_explorer_keypoints.csv")
+    np.testing.assert_allclose(kp_src, lm[["source_x", "source_y"]].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(kp_dst, lm[["target_x", "target_y"]].to_numpy(), rtol=1e-12)
     assert all((report / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     summary = json.loads((report / "summary.json").read_text())
     assert summary["n_cells"] == 8000 and summary["n_shared_genes"] > 50

@@ -20,12 +20,14 @@ from ._constants import (
     PSEUDO_SPOTS_KEY,
     SHARED_REGION_KEY,
     UNS_COMPARE_KEY,
+    VISIUM_HD_TABLE,
     VISIUM_TABLE,
     XENIUM_CELLS,
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
 from .registration._quality import DEFAULT_MAX_REFITS
+from .tl._bins import BINNED_CELLS_KEY, UNS_COMPARE_BINS_KEY
 
 #: the error for landmarks and automatic initialisation together (the CLI's --help says so too)
 AUTO_INIT_WITH_LANDMARKS = (
@@ -92,9 +94,10 @@ def run_pipeline(
     force: bool = False,
     loo: str = "lddmm",
     max_refits: int | None = DEFAULT_MAX_REFITS,
+    bin_size: int = 16,
     _before_report=None,
 ) -> PipelineResult:
-    """Run the full alignment workflow on a Xenium folder and a Visium ``outs/`` folder.
+    """Run the full alignment workflow on a Xenium folder and a Visium (or Visium HD) ``outs/`` folder.
 
     Inputs are checked before any work (:mod:`spatialdata_align._checks`): a wrong input stops the run with a
     message naming the file and the fix. Outputs are written to temporary paths and moved into place only when
@@ -137,6 +140,10 @@ def run_pipeline(
         ``max_refits`` refits), ``"affine"`` (the affine only, instant) or ``"none"``.
     max_refits
         Largest number of LDDMM refits for the held-out error (landmarks are held out in groups beyond it).
+    bin_size
+        Visium HD only (detected from the folder): the bin size (µm) the aligned Xenium cells are aggregated into
+        and compared at (:func:`~spatialdata_align.tl.bin_cells`, :func:`~spatialdata_align.tl.compare_bins`),
+        instead of the shared-region / pseudo-spot steps of Visium spots.
     """
     import spatialdata_align as sda
 
@@ -153,7 +160,8 @@ def run_pipeline(
         raise ValueError(f"loo must be 'lddmm', 'affine' or 'none', got {loo!r}.")
     # fail before the work, not after it
     _checks.check_outputs(out, report, inputs=[xenium, visium, landmarks, landmarks_target])
-    stages = _Stages(10 + (out is not None) + (report is not None), verbose)
+    hd = sda.io.is_visium_hd(visium)  # HD: bin + compare instead of region, pseudo-spots, compare, subset
+    stages = _Stages((8 if hd else 10) + (out is not None) + (report is not None), verbose)
     findings: list = []
     lm = inliers = None
     with _checks.collecting(findings, force=force):
@@ -211,16 +219,27 @@ def run_pipeline(
             if XENIUM_TRANSCRIPTS in sdata:
                 sdata.align.apply(XENIUM_TRANSCRIPTS)
         # every result is written into sdata (scanpy convention), so the written store holds them all
-        with stages("shared region"):
-            sda.tl.shared_region(sdata)
-            shared_poly = sdata.shapes[SHARED_REGION_KEY].geometry.iloc[0]
-        with stages("pseudo-spots"):
-            sda.tl.pseudo_spots(sdata, key_added=PSEUDO_SPOTS_KEY)
-        with stages("compare genes"):
-            sda.tl.compare_genes(sdata, pseudo=PSEUDO_SPOTS_KEY, key_added=UNS_COMPARE_KEY)
-            comparison = sdata.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
-        with stages("subset to shared region"):
-            shared = sda.tl.subset_shared(sdata)
+        if hd:  # Visium HD: the cells aggregated into bins of one size, genes compared there
+            hd_sizes = sda.tl._bins.hd_bin_sizes(sdata)
+            if bin_size not in hd_sizes:
+                raise ValueError(f"--bin-size {bin_size}: the Visium HD folder was read with bins {hd_sizes} µm.")
+            shared, shared_poly = sdata, None
+            with stages(f"bin cells ({bin_size} µm)"):
+                sda.tl.bin_cells(sdata, bin_size)
+            with stages("compare genes"):
+                sda.tl.compare_bins(sdata, bin_size, binned=BINNED_CELLS_KEY.format(bin_size))
+                comparison = sdata.tables[VISIUM_HD_TABLE.format(bin_size)].uns[UNS_COMPARE_BINS_KEY]
+        else:
+            with stages("shared region"):
+                sda.tl.shared_region(sdata)
+                shared_poly = sdata.shapes[SHARED_REGION_KEY].geometry.iloc[0]
+            with stages("pseudo-spots"):
+                sda.tl.pseudo_spots(sdata, key_added=PSEUDO_SPOTS_KEY)
+            with stages("compare genes"):
+                sda.tl.compare_genes(sdata, pseudo=PSEUDO_SPOTS_KEY, key_added=UNS_COMPARE_KEY)
+                comparison = sdata.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
+            with stages("subset to shared region"):
+                shared = sda.tl.subset_shared(sdata)
         with stages("accuracy estimate"):
             assessment = assess_alignment(
                 sdata,
@@ -239,7 +258,7 @@ def run_pipeline(
             "xenium": str(xenium),
             "visium": str(visium),
             "n_cells": int(sdata.tables[XENIUM_TABLE].n_obs),
-            "n_spots": int(sdata.tables[VISIUM_TABLE].n_obs),
+            "n_spots": int(sdata.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in sdata.tables else None,
             "n_cells_shared": int(shared.tables[XENIUM_TABLE].n_obs) if XENIUM_TABLE in shared.tables else None,
             "n_spots_shared": int(shared.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in shared.tables else None,
             "n_shared_genes": len(comparison),
@@ -258,6 +277,15 @@ def run_pipeline(
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "version": sda.__version__,
         }
+        if hd:
+            binned = sdata.tables[BINNED_CELLS_KEY.format(bin_size)]
+            summary["visium_hd"] = {
+                "bin_size_um": int(bin_size),
+                "bin_sizes_read_um": hd_sizes,
+                "n_bins": int(binned.n_obs),
+                "n_bins_with_cells": int((binned.obs["n_cells"] > 0).sum()),
+                "n_bins_compared": int(comparison["n_spots"].iloc[0]) if len(comparison) else 0,
+            }
         if _before_report is not None:
             summary.update(_before_report(sdata))
         if out is not None:
@@ -345,14 +373,17 @@ def run_demo(
     n_spots: int = 500,
     seed: int = 0,
     auto_init: bool = False,
+    visium_hd: bool = False,
     verbose: bool = True,
     progress: bool = True,
     **kwargs,
 ) -> PipelineResult:
     """Generate twin sections under ``out/data``, run the pipeline, and score it against the truth.
 
-    ``auto_init=True`` ignores the generated landmarks and finds the affine automatically; other keyword
-    arguments go to :func:`run_pipeline`.
+    ``auto_init=True`` ignores the generated landmarks and finds the affine automatically; ``visium_hd=True``
+    writes the Visium section as a Visium HD folder (bins of 2, 8 and 16 µm) and compares genes at bin level;
+    other keyword arguments go to :func:`run_pipeline`. The summary holds the TRE against the truth and the
+    ``gene`` (EGFR) correlation.
     """
     import spatialdata_align as sda
 
@@ -361,8 +392,9 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if verbose:
-        print(f"generating twin sections ({n_cells} cells, {n_spots} spots, seed {seed}) in {out / 'data'}")
-    twin = sda.datasets.twin_sections(out / "data", n_cells=n_cells, n_spots=n_spots, seed=seed)
+        kind = "Visium HD" if visium_hd else "Visium"
+        print(f"generating twin sections ({n_cells} cells, {kind}, {n_spots} spots of tissue, seed {seed})")
+    twin = sda.datasets.twin_sections(out / "data", n_cells=n_cells, n_spots=n_spots, seed=seed, visium_hd=visium_hd)
     lm_csv = out / "data" / "truth" / "landmarks.csv"
 
     def truth_tre(sdata) -> dict:
@@ -379,7 +411,15 @@ def run_demo(
                 reg.transform_points(twin.truth.landmarks_source) - twin.truth.landmarks_target, axis=1
             )
             tre["affine+lddmm at the landmarks"] = {"median": round(float(np.median(err * twin.truth.um_per_px)), 2)}
-        return {"tre_um": tre}
+        gene = kwargs.get("gene", "EGFR")
+        comp = (
+            sdata.tables[VISIUM_HD_TABLE.format(kwargs.get("bin_size", 16))].uns[UNS_COMPARE_BINS_KEY]
+            if visium_hd
+            else sdata.tables[VISIUM_TABLE].uns[UNS_COMPARE_KEY]
+        ).set_index("gene")
+        level = f"{kwargs.get('bin_size', 16)} um bins" if visium_hd else "spots"
+        pearson = float(comp.loc[gene, "pearson"]) if gene in comp.index else None
+        return {"tre_um": tre, "gene_correlation": {"gene": gene, "level": level, "pearson": pearson}}
 
     res = run_pipeline(
         twin.xenium_path,
@@ -398,5 +438,9 @@ def run_demo(
         for k, v in res.summary["tre_um"].items():
             if "p95" in v:
                 print(f"  {k:>13}: median {v['median']:6.2f}   95th percentile {v['p95']:6.2f}")
+        gc = res.summary["gene_correlation"]
+        if gc["pearson"] is not None:
+            vs = "Visium HD" if visium_hd else "Visium"
+            print(f"{gc['gene']} correlation, Xenium vs {vs} ({gc['level']}): Pearson {gc['pearson']:.3f}")
         print(f"report: {out / 'report' / 'index.html'}   aligned data: {out / 'aligned.zarr'}")
     return res

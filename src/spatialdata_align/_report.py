@@ -650,7 +650,7 @@ def render_html(summary: dict, sections: list[tuple[str, str]]) -> str:
     """The self-contained HTML page: summary and verdict, then ``(title, html)`` sections."""
     v = summary.get("verdict", {"level": "check", "reasons": []})
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in v.get("reasons", [])) or "<li>no problem found</li>"
-    keys = ("xenium", "visium", "n_cells", "n_spots", "n_cells_shared", "n_spots_shared", "n_shared_genes")
+    keys = ("xenium", "visium", "visium_hd", "n_cells", "n_spots", "n_cells_shared", "n_spots_shared", "n_shared_genes")
     facts = {k: summary.get(k) for k in keys if k in summary}
     for k in ("affine", "lddmm", "accuracy", "tre_um", "time_per_stage_s"):
         if k in summary:
@@ -709,6 +709,8 @@ def write_report(
 
     import spatialdata_align as sda
 
+    from ._landmark_files import export_explorer
+
     t0 = time.perf_counter()
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
@@ -724,7 +726,8 @@ def write_report(
         assessment = assess_alignment(sdata, loo="affine")
     summary.setdefault("verdict", assessment.verdict.to_dict())
     summary.setdefault("accuracy", assessment.metrics)
-    keep("overlay", sda.pl.overlay(sdata).figure)
+    hd = summary.get("visium_hd")  # Visium HD: no spots; the gene is compared at bin level
+    keep("overlay", sda.pl.overlay(sdata, spots=not hd).figure)
     keep("zoom", fig_zooms(sdata, assessment))
     keep("checkerboard", fig_checkerboard(sdata, dx=dx))
     keep("jacobian", fig_jacobian(assessment))
@@ -733,7 +736,9 @@ def write_report(
     if len(reg.energy):
         keep("energy", sda.pl.energy(sdata).figure)
     has_gene = "gene" in comparison and gene in set(comparison["gene"])
-    if has_gene:
+    if has_gene and hd:
+        keep(f"{gene}_side_by_side", sda.pl.bins_gene(sdata, gene, hd["bin_size_um"])[0].figure)
+    elif has_gene:
         keep(f"{gene}_side_by_side", sda.pl.gene(shared, gene)[0].figure)
         keep(f"{gene}_pseudospot_vs_spot", sda.pl.compare(shared, gene).figure)
     plt.close("all")
@@ -743,7 +748,9 @@ def write_report(
         files["landmarks"] = report / "landmarks_loo.csv"
         assessment.landmarks.to_csv(files["landmarks"], index=False)
     files["cells"] = export_cells(sdata, shared, report / CELLS_CSV)
-    files["spots"] = export_spots(sdata, shared, report / SPOTS_CSV)
+    if VISIUM_TABLE in sdata.tables:
+        files["spots"] = export_spots(sdata, shared, report / SPOTS_CSV)
+    files.update(export_explorer(sdata, report))  # to open the H&E, aligned, in Xenium Explorer
 
     sections = []
     sections.append(
@@ -783,7 +790,11 @@ def write_report(
             (
                 f"{gene} side by side",
                 _img(pngs[f"{gene}_side_by_side"], f"{gene} side by side", "panel-gene")
-                + _img(pngs[f"{gene}_pseudospot_vs_spot"], f"{gene} per spot", "panel-compare"),
+                + (
+                    _img(pngs[f"{gene}_pseudospot_vs_spot"], f"{gene} per spot", "panel-compare")
+                    if f"{gene}_pseudospot_vs_spot" in pngs
+                    else ""
+                ),
             )
         )
     if len(comparison):
@@ -809,7 +820,16 @@ def write_report(
     files["summary"] = report / "summary.md"
     lines = ["# spatialdata-align report", "", f"**Verdict: {summary['verdict']['level']}**", ""]
     lines += [f"- {r}" for r in summary["verdict"]["reasons"]] + [""]
-    for k in ("xenium", "visium", "n_cells", "n_spots", "n_cells_shared", "n_spots_shared", "n_shared_genes"):
+    for k in (
+        "xenium",
+        "visium",
+        "visium_hd",
+        "n_cells",
+        "n_spots",
+        "n_cells_shared",
+        "n_spots_shared",
+        "n_shared_genes",
+    ):
         lines.append(f"- **{k}**: {summary.get(k)}")
     for k in ("affine", "lddmm", "accuracy", "tre_um"):
         if k in summary:

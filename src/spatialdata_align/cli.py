@@ -22,14 +22,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="align a Xenium folder onto a Visium outs/ folder")
+    run = sub.add_parser("run", help="align a Xenium folder onto a Visium or Visium HD outs/ folder")
     run.add_argument("--xenium", required=True, type=Path, help="Xenium output folder (full or minimal download)")
     run.add_argument(
         "--visium",
         required=True,
         type=Path,
-        help="Space Ranger outs/ folder (any image subset; the registration target is the best image present: "
-        "hires, lowres, full resolution, CytAssist)",
+        help="Space Ranger outs/ folder: Visium (any image subset; the registration target is the best image "
+        "present: hires, lowres, full resolution, CytAssist) or Visium HD (binned_outputs/ detected; genes are "
+        "compared at --bin-size bins)",
     )
     run.add_argument(
         "--landmarks",
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-spots", type=int, default=500, help="number of Visium spots (default 500)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the generated tissue")
     demo.add_argument("--auto-init", action="store_true", help="ignore the landmarks; find the affine automatically")
+    demo.add_argument(
+        "--visium-hd",
+        action="store_true",
+        help="make the Visium section a Visium HD folder (2/8/16 µm bins) and compare genes at --bin-size bins",
+    )
     _common(demo)
 
     batch = sub.add_parser(
@@ -97,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--dx", type=float, default=20.0, help="pixel size (µm) of the rasterised Xenium cells")
     p.add_argument("--gene", default="EGFR", help="gene shown side by side in the report (default EGFR)")
+    p.add_argument(
+        "--bin-size",
+        type=int,
+        default=16,
+        help="Visium HD: bin size (µm) the Xenium cells are aggregated into and compared at (default 16)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for LDDMM (cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
     if force:  # batch has its own --force (redo finished pairs)
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
         "lddmm_params": {"device": args.device},
         "force": args.force,
         "loo": args.loo,
+        "bin_size": args.bin_size,
     }
     try:
         if args.command == "run":
@@ -153,7 +166,13 @@ def main(argv=None) -> int:
             )
         else:
             res = run_demo(
-                args.out, n_cells=args.n_cells, n_spots=args.n_spots, seed=args.seed, auto_init=args.auto_init, **common
+                args.out,
+                n_cells=args.n_cells,
+                n_spots=args.n_spots,
+                seed=args.seed,
+                auto_init=args.auto_init,
+                visium_hd=args.visium_hd,
+                **common,
             )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -162,7 +181,13 @@ def main(argv=None) -> int:
     s = res.summary
     if verbose:
         print(
-            f"done: {s['n_cells']} cells, {s['n_spots']} spots, {s['n_shared_genes']} shared genes; "
+            f"done: {s['n_cells']} cells, "
+            + (
+                f"{s['visium_hd']['n_bins']} bins of {s['visium_hd']['bin_size_um']} µm"
+                if "visium_hd" in s
+                else f"{s['n_spots']} spots"
+            )
+            + f", {s['n_shared_genes']} shared genes; "
             f"time per stage (s): {s.get('time_per_stage_s')}"
         )
     _print_verdict(s, verbose)

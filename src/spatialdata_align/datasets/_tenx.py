@@ -929,3 +929,147 @@ def _maybe_int(values: np.ndarray) -> np.ndarray:
     if np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         return values.astype(np.int64)
     return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visium HD
+# ----------------------------------------------------------------------------------------------------------------
+def hd_barcodes(bin_size: int, array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
+    """Visium HD bin barcodes as Space Ranger writes them: ``s_008um_00012_00345-1`` (size, row, column)."""
+    rows = np.char.zfill(np.asarray(array_row).astype(str), 5)
+    cols = np.char.zfill(np.asarray(array_col).astype(str), 5)
+    return np.char.add(np.char.add(np.char.add(f"s_{int(bin_size):03d}um_", rows), "_"), np.char.add(cols, "-1"))
+
+
+def write_visium_hd(
+    outs_dir: str | Path,
+    *,
+    bins: dict[int, dict],
+    feature_ids: Sequence[str],
+    feature_names: Sequence[str],
+    scalefactors: dict,
+    hires_image: np.ndarray | None,
+    lowres_image: np.ndarray | None,
+    cytassist_image: np.ndarray | None = None,
+    feature_slice: bool = False,
+    library_id: str = "visium_hd",
+    overwrite: bool = False,
+) -> Path:
+    """Write a Space Ranger (>= 3) Visium HD ``outs/`` folder.
+
+    Layout: ``binned_outputs/square_<size>um/`` for each bin size with ``filtered_feature_bc_matrix.h5``,
+    ``spatial/tissue_positions.parquet`` (``barcode, in_tissue, array_row, array_col, pxl_row_in_fullres,
+    pxl_col_in_fullres``), ``spatial/scalefactors_json.json`` (``spot_diameter_fullres = bin_size_um /
+    microns_per_pixel``, ``bin_size_um``, ``microns_per_pixel`` and the image scale factors) and the images; the same
+    images and the 2 µm scale factors also in ``outs/spatial/``.
+
+    Parameters
+    ----------
+    outs_dir
+        Output folder (created; must be empty or absent unless ``overwrite``).
+    bins
+        ``{bin_size_um: {"array_row", "array_col", "in_tissue", "pxl_row_in_fullres", "pxl_col_in_fullres",
+        "counts"}}``: every bin of the capture area at that size, and the ``(n_in_tissue, n_features)`` counts of the
+        in-tissue bins in that order. Barcodes are made from the size, row and column (:func:`hd_barcodes`).
+    feature_ids, feature_names
+        Gene ids and symbols, one per column of the counts.
+    scalefactors
+        ``microns_per_pixel``, ``tissue_hires_scalef``, ``tissue_lowres_scalef`` (and e.g.
+        ``regist_target_img_scalef``, ``fiducial_diameter_fullres``).
+    hires_image, lowres_image, cytassist_image
+        uint8 ``(H, W, 3)`` images (``None`` leaves one out).
+    feature_slice
+        Also write ``feature_slice.h5`` with the metadata :func:`spatialdata_io.visium_hd` needs (file format, and
+        transforms placing the CytAssist image with ``regist_target_img_scalef``); a download of the binned outputs
+        alone has no such file.
+    library_id
+        Library id stored in the HDF5 attributes.
+    overwrite
+        Replace a non-empty ``outs_dir``.
+
+    Returns
+    -------
+    The ``outs`` folder.
+    """
+    if "microns_per_pixel" not in scalefactors:
+        raise ValueError(f"scalefactors lacks 'microns_per_pixel'; it has {sorted(scalefactors)}.")
+    from PIL import Image
+
+    images = {
+        name: _check_rgb(im, name)
+        for name, im in (("hires", hires_image), ("lowres", lowres_image), ("cytassist", cytassist_image))
+        if im is not None
+    }
+    out = Path(outs_dir)
+    _prepare_dir(out, overwrite)
+    upp = float(scalefactors["microns_per_pixel"])
+
+    def spatial_folder(folder: Path, bin_size: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        sf = dict(scalefactors, bin_size_um=float(bin_size), spot_diameter_fullres=bin_size / upp)
+        (folder / "scalefactors_json.json").write_text(json.dumps(sf))
+        for key, file in (("hires", "tissue_hires_image.png"), ("lowres", "tissue_lowres_image.png")):
+            if key in images:
+                Image.fromarray(images[key]).save(folder / file)
+        if "cytassist" in images:
+            import tifffile
+
+            tifffile.imwrite(folder / "cytassist_image.tiff", images["cytassist"], photometric="rgb")
+
+    spatial_folder(out / "spatial", min(bins))
+    grid = None
+    for size, b in sorted(bins.items()):
+        folder = out / "binned_outputs" / f"square_{int(size):03d}um"
+        barcodes = hd_barcodes(size, b["array_row"], b["array_col"])
+        in_tissue = np.asarray(b["in_tissue"]).astype(np.int64)
+        positions = pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": in_tissue.astype(np.int32),
+                "array_row": np.asarray(b["array_row"]).astype(np.int32),
+                "array_col": np.asarray(b["array_col"]).astype(np.int32),
+                "pxl_row_in_fullres": np.asarray(b["pxl_row_in_fullres"], dtype=np.float64),
+                "pxl_col_in_fullres": np.asarray(b["pxl_col_in_fullres"], dtype=np.float64),
+            }
+        )
+        spatial_folder(folder / "spatial", size)
+        positions.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+        tissue_bc = barcodes[in_tissue == 1]
+        mat = _as_counts(b["counts"], len(tissue_bc), len(feature_ids), f"counts of the {size} µm bins")
+        write_feature_matrix_h5(
+            folder / "filtered_feature_bc_matrix.h5",
+            mat,
+            tissue_bc,
+            feature_ids,
+            feature_names,
+            "Gene Expression",
+            library_id=library_id,
+            chemistry_description="Visium HD v1",
+            software_version="spaceranger-3.1.2",
+        )
+        if grid is None:  # (array col, row) -> full-res px of the finest bins, for feature_slice.h5
+            A = np.column_stack([positions["array_col"], positions["array_row"], np.ones(len(positions))])
+            sol = np.linalg.lstsq(A, positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(), rcond=None)
+            grid = np.vstack([sol[0].T, [0.0, 0.0, 1.0]])
+    if feature_slice:
+        _write_feature_slice(out / "feature_slice.h5", grid, scalefactors)
+    return out
+
+
+def _write_feature_slice(path: Path, grid: np.ndarray, scalefactors: dict) -> None:
+    """``feature_slice.h5`` holding only the metadata :func:`spatialdata_io.visium_hd` reads (no feature slices)."""
+    s = float(scalefactors.get("regist_target_img_scalef", scalefactors["tissue_hires_scalef"]))
+    cyt_to_px = np.diag([1.0 / s, 1.0 / s, 1.0])  # CytAssist image px -> full-resolution px
+    cyt_to_spot = np.linalg.inv(grid) @ cyt_to_px
+    matrices = {
+        "cytassist_colrow_to_spot_colrow": cyt_to_spot,
+        "spot_colrow_to_cytassist_colrow": np.linalg.inv(cyt_to_spot),
+        "microscope_colrow_to_spot_colrow": np.linalg.inv(grid),
+        "spot_colrow_to_microscope_colrow": grid,
+    }
+    metadata = {
+        "hd_layout_json": json.dumps({"file_format": "1.0", "transform": np.eye(3).ravel().tolist()}),
+        "transform_matrices": {k: np.asarray(v).ravel().tolist() for k, v in matrices.items()},
+    }
+    with h5py.File(path, "w") as f:
+        f.attrs["metadata_json"] = json.dumps(metadata)

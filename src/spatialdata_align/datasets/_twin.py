@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ CELL_AREA_UM2 = {
     "b_cell": 45.0,
     "macrophage": 90.0,
 }
+#: Visium HD bin sizes (µm) written by default, as Space Ranger does
+HD_BINS = (2, 8, 16)
 XENIUM_DIRNAME = "xenium"
 VISIUM_DIRNAME = "visium"
 _VISIUM_DISPERSION = 8.0  # negative-binomial shape of the Visium counts
@@ -141,6 +144,8 @@ def twin_sections(
     transcripts_format: str = "parquet",
     positions_file: str = "tissue_positions.csv",
     xenium_pixel_size: float = 0.85,
+    visium_hd: bool = False,
+    hd_bins=HD_BINS,
     overwrite: bool = True,
     progress: bool = False,
 ) -> TwinSections:
@@ -200,6 +205,16 @@ def twin_sections(
     xenium_pixel_size
         Pixel size (µm) of the morphology image and label masks of the ``"full"`` layout
         (coarser than the instrument's 0.2125 µm to keep files small).
+    visium_hd
+        Write the Visium section as a **Visium HD** ``outs/`` folder instead
+        (``binned_outputs/square_002um|008um|016um/`` with the filtered matrix, parquet positions,
+        scale factors incl. ``microns_per_pixel`` / ``bin_size_um``, the images, and
+        ``feature_slice.h5``): the molecules of the section's cells counted in square bins (see
+        ``hd_bins``); the H&E, the truth and the Xenium folder are those of the Visium layout.
+        ``n_spots`` still sets the tissue area; ``n_spots`` / ``n_spots_in_tissue`` of the result
+        count the largest bins.
+    hd_bins
+        HD bin sizes (µm), each a multiple of the previous; default ``(2, 8, 16)``.
     overwrite
         Replace existing ``xenium/``, ``visium/`` and ``truth/`` folders in ``out_dir``.
     progress
@@ -219,6 +234,8 @@ def twin_sections(
     _check_choice("matrix_format", matrix_format, ("h5", "mtx"))
     _check_choice("transcripts_format", transcripts_format, ("parquet", "csv.gz"))
     _check_choice("positions_file", positions_file, ("tissue_positions.csv", "tissue_positions_list.csv"))
+    if visium_hd:
+        hd_bins = _hd_levels(hd_bins)
     if int(n_cells) < 50:
         raise ValueError(f"n_cells must be >= 50, got {n_cells}.")
     if int(n_spots) < 30:
@@ -241,8 +258,10 @@ def twin_sections(
         capture_trim=float(capture_trim), warp_length=float(warp_length),
         n_xenium_genes=int(n_xenium_genes), n_visium_genes=int(n_visium_genes), transcripts=bool(transcripts),
         cells_format=cells_format, matrix_format=matrix_format, transcripts_format=transcripts_format,
-        positions_file=positions_file, xenium_pixel_size=float(xenium_pixel_size),
+        positions_file=positions_file, xenium_pixel_size=float(xenium_pixel_size), visium_hd=bool(visium_hd),
     )  # fmt: skip
+    if visium_hd:
+        params["hd_bins"] = list(hd_bins)
     stages = ["tissue", "cells", "xenium counts", "visium spots", "H&E", "write"]
     bar = tqdm(total=len(stages), desc="twin sections", disable=not progress)
 
@@ -291,7 +310,19 @@ def twin_sections(
 
     # ---------------------------------------------------------------- Visium spots and counts
     step("visium spots")
-    vis = _visium_tables(rng["vcounts"], rng["barcodes"], genes, tissue, truth, geo, v_xy, v_type)
+    if visium_hd:
+        hd = _visium_hd_bins(rng["vcounts"], genes, tissue, truth, geo, v_xy, v_type, hd_bins)
+        coarse = hd[max(hd_bins)]
+        from ._tenx import hd_barcodes
+
+        vis = {
+            "barcodes": hd_barcodes(max(hd_bins), coarse["array_row"], coarse["array_col"]),
+            "in_tissue": coarse["in_tissue"],
+            "pxl": np.column_stack([coarse["pxl_col_in_fullres"], coarse["pxl_row_in_fullres"]]),
+            "n_cells": coarse["n_cells"],
+        }
+    else:
+        vis = _visium_tables(rng["vcounts"], rng["barcodes"], genes, tissue, truth, geo, v_xy, v_type)
     bar.update()
 
     # ---------------------------------------------------------------- H&E
@@ -331,24 +362,46 @@ def twin_sections(
         transcripts_format=transcripts_format,
         overwrite=overwrite,
     )
-    visium_path = write_visium(
-        out_dir / VISIUM_DIRNAME / "outs",
-        barcodes=vis["barcodes"],
-        in_tissue=vis["in_tissue"],
-        array_row=vis["array_row"],
-        array_col=vis["array_col"],
-        pxl_row_in_fullres=vis["pxl"][:, 1],
-        pxl_col_in_fullres=vis["pxl"][:, 0],
-        counts=vis["counts"],
-        feature_ids=genes.ids[genes.visium],
-        feature_names=genes.symbols[genes.visium],
-        scalefactors=geo["scalefactors"],
-        hires_image=hires,
-        lowres_image=lowres,
-        positions_file=positions_file,
-        matrix_format=matrix_format,
-        overwrite=overwrite,
-    )
+    if visium_hd:
+        from ._tenx import write_visium_hd
+
+        sf = geo["scalefactors"]
+        visium_path = write_visium_hd(
+            out_dir / VISIUM_DIRNAME / "outs",
+            bins=hd,
+            feature_ids=genes.ids[genes.visium],
+            feature_names=genes.symbols[genes.visium],
+            scalefactors={
+                "microns_per_pixel": truth.um_per_px,
+                "tissue_hires_scalef": sf["tissue_hires_scalef"],
+                "tissue_lowres_scalef": sf["tissue_lowres_scalef"],
+                "regist_target_img_scalef": sf["tissue_hires_scalef"],
+                "fiducial_diameter_fullres": sf["fiducial_diameter_fullres"],
+            },
+            hires_image=hires,
+            lowres_image=lowres,
+            feature_slice=True,
+            overwrite=overwrite,
+        )
+    else:
+        visium_path = write_visium(
+            out_dir / VISIUM_DIRNAME / "outs",
+            barcodes=vis["barcodes"],
+            in_tissue=vis["in_tissue"],
+            array_row=vis["array_row"],
+            array_col=vis["array_col"],
+            pxl_row_in_fullres=vis["pxl"][:, 1],
+            pxl_col_in_fullres=vis["pxl"][:, 0],
+            counts=vis["counts"],
+            feature_ids=genes.ids[genes.visium],
+            feature_names=genes.symbols[genes.visium],
+            scalefactors=geo["scalefactors"],
+            hires_image=hires,
+            lowres_image=lowres,
+            positions_file=positions_file,
+            matrix_format=matrix_format,
+            overwrite=overwrite,
+        )
     truth_path = out_dir / TRUTH_DIRNAME
     sizes = dict(
         n_cells=len(x_xy),
@@ -766,3 +819,103 @@ def _landmarks(truth: Truth, margin: float = 40.0) -> tuple[np.ndarray, list[str
             pts.append(grid[i])
             names.append(f"tissue_{len(names)}")
     return np.asarray(pts, float).reshape(-1, 2), names
+
+
+# ---------------------------------------------------------------------- Visium HD
+#: ambient (free) RNA over the HD tissue, molecules per µm² (the Visium spots' ambient level)
+_HD_AMBIENT_PER_UM2 = 0.01
+_CELL_CHUNK = 4000
+
+
+def _hd_levels(bin_sizes) -> tuple[int, ...]:
+    sizes = tuple(sorted(int(b) for b in bin_sizes))
+    if not sizes or any(b <= 0 for b in sizes) or any(b % a for a, b in itertools.pairwise(sizes)):
+        raise ValueError(f"hd_bins must be positive bin sizes (µm), each a multiple of the previous, got {bin_sizes}.")
+    return sizes
+
+
+def _visium_hd_bins(rng, genes, tissue, truth: Truth, geo: dict, xy: np.ndarray, types: np.ndarray, bin_sizes) -> dict:
+    """Visium HD bins of the Visium section: molecules of its cells (and ambient RNA) counted in square bins.
+
+    Every molecule of a cell (Poisson, the Visium per-cell programme, EGFR per cell) lies uniformly in the cell's
+    disc; a bin counts the molecules inside it. The bins nest exactly: an 8 µm bin holds the molecules of its 16
+    2 µm bins. ``in_tissue`` is decided at 8 µm (or the smallest size above it): finer bins inherit it, coarser
+    bins are in tissue when any of their 8 µm bins is; molecules outside in-tissue bins are not counted.
+    """
+    sizes = _hd_levels(bin_sizes)
+    fine = sizes[0]
+    tissue_level = next((b for b in sizes if b >= 8), sizes[-1])
+    S, RF, t_slide = geo["S"], geo["RF"], geo["t_slide"]
+    offset = truth.slide_affine[:2, 2]
+    cap_w, cap_h = truth.capture_area[1], truth.capture_area[3]
+    n_col = int(np.ceil(cap_w / sizes[-1])) * (sizes[-1] // fine)  # fine bins, a whole number of coarse bins
+    n_row = int(np.ceil(cap_h / sizes[-1])) * (sizes[-1] // fine)
+    # in-tissue flags at the tissue level, from the ground-truth section outline at the bin centres
+    k = tissue_level // fine
+    tr, tc = np.meshgrid(np.arange(n_row // k), np.arange(n_col // k), indexing="ij")
+    centre = np.column_stack([tc.ravel() + 0.5, tr.ravel() + 0.5]) * tissue_level
+    tissue_flag = (tissue.in_section(truth.inverse(centre @ S.T + offset), "visium") > 0.5).reshape(tr.shape)
+    fine_in = np.repeat(np.repeat(tissue_flag, k, axis=0), k, axis=1)  # (n_row, n_col) fine bins
+    # molecules of the cells, in slide µm
+    vcols = genes.visium
+    e = genes.index("EGFR")
+    ecol = int(np.flatnonzero(vcols == e)[0])
+    sf = rng.lognormal(0.0, 0.3, size=len(xy))
+    mult = _egfr_multiplier(tissue, xy, types)
+    cell_slide = (xy + truth.displacement(xy)) @ RF.T + t_slide
+    radius = np.sqrt(np.array([CELL_AREA_UM2[t] for t in CELL_TYPES])[types] / np.pi)
+    mol_cell, mol_gene = [], []
+    for lo in range(0, len(xy), _CELL_CHUNK):
+        sl = slice(lo, lo + _CELL_CHUNK)
+        lam = genes.visium_rate[types[sl]][:, vcols] * sf[sl, None]
+        lam[:, ecol] *= mult[sl]
+        c = sparse.coo_matrix(rng.poisson(lam).astype(np.int32))
+        mol_cell.append(np.repeat(c.row + lo, c.data))
+        mol_gene.append(np.repeat(c.col, c.data))
+    mol_cell, mol_gene = np.concatenate(mol_cell), np.concatenate(mol_gene)
+    r = radius[mol_cell] * np.sqrt(rng.uniform(size=len(mol_cell)))
+    th = rng.uniform(0, 2 * np.pi, size=len(mol_cell))
+    pos = cell_slide[mol_cell] + np.column_stack([r * np.cos(th), r * np.sin(th)])
+    col, row = np.floor(pos[:, 0] / fine).astype(np.int64), np.floor(pos[:, 1] / fine).astype(np.int64)
+    ok = (col >= 0) & (col < n_col) & (row >= 0) & (row < n_row)
+    ok[ok] = fine_in[row[ok], col[ok]]
+    col, row, gene = col[ok], row[ok], mol_gene[ok]
+    # ambient RNA: uniform over the in-tissue fine bins, genes in proportion to the mean programme
+    in_idx = np.flatnonzero(fine_in.ravel())
+    n_amb = int(rng.poisson(_HD_AMBIENT_PER_UM2 * len(in_idx) * fine**2))
+    profile = genes.visium_rate[:, vcols].mean(axis=0)
+    amb_bin = in_idx[rng.integers(0, len(in_idx), size=n_amb)] if len(in_idx) else np.zeros(0, np.int64)
+    row = np.concatenate([row, amb_bin // n_col])
+    col = np.concatenate([col, amb_bin % n_col])
+    gene = np.concatenate([gene, rng.choice(len(vcols), size=n_amb, p=profile / profile.sum())])
+    out = {}
+    for size in sizes:
+        f = size // fine
+        nr, nc = n_row // f, n_col // f
+        rr, cc = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
+        flag = fine_in.reshape(nr, f, nc, f).any(axis=(1, 3)).ravel()
+        centre = np.column_stack([cc.ravel() + 0.5, rr.ravel() + 0.5]) * size
+        pxl = centre @ S.T + offset
+        rank = np.full(nr * nc, -1)
+        rank[flag] = np.arange(int(flag.sum()))
+        bin_of = rank[(row // f) * nc + col // f]
+        counts = sparse.csr_matrix(
+            (np.ones(len(bin_of), np.int32), (bin_of, gene)), shape=(int(flag.sum()), len(vcols))
+        )
+        counts.sum_duplicates()
+        out[size] = {
+            "array_row": rr.ravel(),
+            "array_col": cc.ravel(),
+            "in_tissue": flag.astype(np.int64),
+            "pxl_row_in_fullres": pxl[:, 1],
+            "pxl_col_in_fullres": pxl[:, 0],
+            "counts": counts,
+        }
+    coarse = out[sizes[-1]]
+    cells_bin = np.floor(cell_slide / sizes[-1]).astype(np.int64)
+    nc = n_col // (sizes[-1] // fine)
+    inside = (cells_bin >= 0).all(1) & (cells_bin[:, 0] < nc) & (cells_bin[:, 1] < n_row // (sizes[-1] // fine))
+    coarse["n_cells"] = np.bincount(
+        cells_bin[inside, 1] * nc + cells_bin[inside, 0], minlength=len(coarse["in_tissue"])
+    )
+    return out

@@ -5,7 +5,10 @@ Public functions
 :func:`read_xenium`, :func:`read_visium`, :func:`read_pair`, :func:`visium_scalefactors` and
 :func:`registration_target` (the best Visium image present: hires, lowres, full resolution, CytAssist);
 :func:`read_feature_matrix` (``.h5`` or Matrix Market folder, through :func:`scanpy.read_10x_h5` /
-:func:`scanpy.read_10x_mtx`) is exposed for convenience.
+:func:`scanpy.read_10x_mtx`) is exposed for convenience. Landmark and affine files: :func:`read_landmarks` (our
+CSV, STalign ``.npy`` dicts, Xenium Explorer keypoints), :func:`read_explorer_keypoints` /
+:func:`write_explorer_keypoints` and :func:`read_explorer_alignment` / :func:`write_explorer_alignment` (Xenium
+Explorer's keypoints and image-alignment matrix CSVs).
 
 Names (from :mod:`spatialdata_align._constants`)
 -----------------------------------------------
@@ -42,20 +45,37 @@ from typing import Any
 from spatialdata import SpatialData
 
 from .._checks import check_pair_modalities
+from .._landmark_files import (
+    read_explorer_alignment,
+    read_explorer_keypoints,
+    read_landmarks,
+    write_explorer_alignment,
+    write_explorer_keypoints,
+    write_landmarks_csv,
+)
 from ._matrix import read_feature_matrix
 from ._visium import read_positions, read_scalefactors, read_visium, registration_target, visium_scalefactors
+from ._visium_hd import is_visium_hd, read_visium_hd
 from ._xenium import XENIUM_PIXEL_SIZE, read_xenium
 
 __all__ = [
     "XENIUM_PIXEL_SIZE",
+    "is_visium_hd",
+    "read_explorer_alignment",
+    "read_explorer_keypoints",
     "read_feature_matrix",
+    "read_landmarks",
     "read_pair",
     "read_positions",
     "read_scalefactors",
     "read_visium",
+    "read_visium_hd",
     "read_xenium",
     "registration_target",
     "visium_scalefactors",
+    "write_explorer_alignment",
+    "write_explorer_keypoints",
+    "write_landmarks_csv",
 ]
 
 
@@ -74,9 +94,11 @@ def read_pair(
     xenium_path
         Xenium output folder (full or minimal layout), see :func:`read_xenium`.
     visium_path
-        Space Ranger ``outs/`` folder, see :func:`read_visium`.
+        Space Ranger ``outs/`` folder, see :func:`read_visium`; a Visium HD folder (one holding
+        ``binned_outputs/square_<size>um/``) is detected and read with :func:`read_visium_hd` (default bins 8 and
+        16 µm).
     xenium_kwargs, visium_kwargs
-        Keyword arguments for :func:`read_xenium` / :func:`read_visium`.
+        Keyword arguments for :func:`read_xenium` / :func:`read_visium` (or :func:`read_visium_hd`).
     **kwargs
         Further keyword arguments, each routed to whichever reader accepts it (e.g. ``transcripts=False`` goes to
         :func:`read_xenium`, ``fullres_image=None`` to :func:`read_visium`); one that neither accepts raises
@@ -96,8 +118,9 @@ def read_pair(
     """
     check_pair_modalities(xenium_path, visium_path)
     xkw, vkw = dict(xenium_kwargs or {}), dict(visium_kwargs or {})
+    hd = is_visium_hd(visium_path)
     xparams = set(inspect.signature(read_xenium).parameters) - {"path"}
-    vparams = set(inspect.signature(read_visium).parameters) - {"path"}
+    vparams = set(inspect.signature(read_visium_hd if hd else read_visium).parameters) - {"path"}
     for key, value in kwargs.items():
         if key in xparams:
             xkw.setdefault(key, value)
@@ -109,7 +132,7 @@ def read_pair(
                 f"read_visium accepts {sorted(vparams)}."
             )
     xen = read_xenium(xenium_path, **xkw)
-    vis = read_visium(visium_path, **vkw)
+    vis = read_visium_hd(visium_path, **vkw) if hd else read_visium(visium_path, **vkw)
     out = SpatialData(
         images={**xen.images, **vis.images},
         labels={**xen.labels, **vis.labels},

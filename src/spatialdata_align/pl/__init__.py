@@ -5,6 +5,7 @@
 ``energy``              LDDMM energy trace
 ``gene``                one gene, Xenium cells and Visium spots side by side on the aligned frame
 ``compare``             pseudo-spot vs spot scatter of one gene
+``bins_gene``           one gene at Visium HD bin level: binned Xenium cells next to the HD bins
 ``total_counts``        total counts per cell / per spot
 ``annotate_landmarks``  click landmark pairs on an interactive figure (Jupyter: ``%matplotlib widget``)
 ``render``              spatialdata-plot rendering of aligned shapes over an image, with the method that works
@@ -12,12 +13,14 @@
 """
 
 from ._annotate import LandmarkAnnotator, annotate_landmarks
+from ._bins import bins_gene
 from ._plots import compare, energy, gene, landmarks, overlay, total_counts
 from ._sdplot import render, render_method
 
 __all__ = [
     "LandmarkAnnotator",
     "annotate_landmarks",
+    "bins_gene",
     "compare",
     "energy",
     "gene",

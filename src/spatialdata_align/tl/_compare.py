@@ -201,14 +201,32 @@ def paired_expression(
         pseudo = sdata.tables[pseudo]
     if pseudo is None:
         pseudo = pseudo_spots(sdata, radius=radius, units=units, layer=layer, copy=True)
-    else:
-        missing = vis.table.obs_names.difference(pseudo.obs_names)
-        if len(missing):
-            raise ValueError(
-                f"pseudo lacks {len(missing)} Visium spots of the visium table (e.g. {missing[:3].tolist()}); "
-                "build it with sda.tl.pseudo_spots on this object."
-            )
-        pseudo = pseudo[vis.table.obs_names]
+    xenium_table = _data._xenium_table(sdata) if genes is not None else None
+    return paired_from(vis, pseudo, genes, xenium_table, min_cells, in_tissue_only, library, visium_layer)
+
+
+def paired_from(
+    vis: _data.Modality,
+    pseudo: ad.AnnData,
+    genes=None,
+    xenium_table: ad.AnnData | None = None,
+    min_cells: int = 1,
+    in_tissue_only: bool = True,
+    library: str = "all",
+    visium_layer: str | None = None,
+) -> Paired:
+    """:class:`Paired` expression of Xenium aggregates (``pseudo``: one row per ``vis`` row) and ``vis``.
+
+    The shared core of :func:`paired_expression` (Visium spots) and :func:`spatialdata_align.tl.compare_bins`
+    (Visium HD bins).
+    """
+    missing = vis.table.obs_names.difference(pseudo.obs_names)
+    if len(missing):
+        raise ValueError(
+            f"pseudo lacks {len(missing)} rows of {vis.table_name!r} (e.g. {missing[:3].tolist()}); build it with "
+            "sda.tl.pseudo_spots (or sda.tl.bin_cells) on this object."
+        )
+    pseudo = pseudo[vis.table.obs_names]
     gm = pd.DataFrame(
         {"gene": pseudo.var_names.astype(str), "visium_var": [v.split(";") for v in pseudo.var["visium_var"]]}
     )
@@ -227,7 +245,7 @@ def paired_expression(
         used &= _data.in_tissue(vis)
     rows = np.flatnonzero(used)
     if genes is not None:
-        want = _data._match(_data._xenium_table(sdata), vis.table, genes)["gene"].str.upper().tolist()
+        want = _data._match(xenium_table, vis.table, genes)["gene"].str.upper().tolist()
         pos = pd.Index(pseudo.var_names.str.upper())
         cols = pos.get_indexer(want)
         if (cols < 0).any():
@@ -331,6 +349,16 @@ def compare_genes(
         visium_layer=visium_layer,
         pseudo=pseudo,
     )
+    df = comparison_table(pe)
+    if copy:
+        return df
+    vis = _data.visium(sdata)
+    sdata.tables[vis.table_name] = with_uns(vis.table, _key(key_added), df)
+    return None
+
+
+def comparison_table(pe: Paired) -> pd.DataFrame:
+    """Per-gene correlations of :class:`Paired` expression, sorted (the table :func:`compare_genes` returns)."""
     n = len(pe.barcodes)
     if n >= 3:
         pearson = _column_pearson(pe.xenium, pe.visium)
@@ -355,8 +383,4 @@ def compare_genes(
     df = df.reset_index(drop=True)
     if n < 3:
         logger.warning("compare_genes: only %d spots hold aligned cells; correlations are undefined.", n)
-    if copy:
-        return df
-    vis = _data.visium(sdata)
-    sdata.tables[vis.table_name] = with_uns(vis.table, _key(key_added), df)
-    return None
+    return df

@@ -1,0 +1,230 @@
+"""Visium HD: the reader (own path and through spatialdata-io), the twin generator's HD layout, bin-level comparison."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from _io_data import MARKER, make_visium_hd
+from spatialdata.transformations import get_transformation
+
+import spatialdata_align as sda
+from spatialdata_align._constants import (
+    VISIUM_CS,
+    VISIUM_CYTASSIST,
+    VISIUM_HIRES,
+    VISIUM_LOWRES,
+    XENIUM_CELLS,
+    XENIUM_CS,
+)
+from spatialdata_align.datasets._tenx import hd_barcodes
+
+XY = ("x", "y")
+
+
+def _matrix(el, cs=VISIUM_CS):
+    return get_transformation(el, to_coordinate_system=cs).to_affine_matrix(input_axes=XY, output_axes=XY)
+
+
+def _scale0(image):
+    return image["scale0"]["image"] if hasattr(image, "children") and "scale0" in image else image
+
+
+@pytest.fixture(scope="module")
+def hin():
+    return make_visium_hd()
+
+
+@pytest.fixture(scope="module")
+def hd_dirs(hin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hd")
+    return {
+        # a full Space Ranger outs/ (feature_slice.h5: read through spatialdata_io.visium_hd)
+        "outs": hin.write(root / "outs", images=("hires", "lowres", "cytassist"), feature_slice=True),
+        # the binned outputs as downloaded: no feature_slice.h5, read by our own code
+        "binned": hin.write(root / "binned" / "outs", images=("hires", "lowres", "cytassist")),
+        "lowres_only": hin.write(root / "lowres" / "outs", images=("lowres",)),
+    }
+
+
+@pytest.mark.parametrize("layout", ["outs", "binned"])
+def test_read_visium_hd_bins_exactly(hd_dirs, hin, layout):
+    sdata = sda.io.read_visium_hd(hd_dirs[layout])  # bins=(8, 16) by default
+    assert set(sdata.shapes) == {"visium_hd_bins_008um", "visium_hd_bins_016um"}
+    assert set(sdata.tables) == {"visium_hd_table_008um", "visium_hd_table_016um"}
+    assert set(sdata.coordinate_systems) == {VISIUM_CS}
+    for size in (8, 16):
+        b = hin.bins[size]
+        tissue = b["in_tissue"] == 1
+        table = sdata.tables[f"visium_hd_table_{size:03d}um"]
+        barcodes = hd_barcodes(size, b["array_row"], b["array_col"])[tissue]
+        assert list(table.obs_names) == list(barcodes)
+        assert table.X.dtype == np.int32
+        np.testing.assert_array_equal(table.X.toarray(), b["counts"].toarray())
+        assert list(table.var_names) == ["EGFR", "KRT5", "MYDUP", "ACTB", "MYDUP-1", "GAPDH"]
+        xy = np.column_stack([b["pxl_col_in_fullres"], b["pxl_row_in_fullres"]])[tissue]
+        np.testing.assert_array_equal(table.obsm["spatial"], xy)
+        np.testing.assert_array_equal(table.obs["array_row"], b["array_row"][tissue])
+        sf = sda.io.visium_scalefactors(table)
+        assert sf["microns_per_pixel"] == 0.5 and sf["bin_size_um"] == size and sf["um_per_px"] == 0.5
+        assert sf["spot_diameter_fullres"] == size / 0.5
+        # squares of the bin's side around each centre
+        squares = sdata.shapes[f"visium_hd_bins_{size:03d}um"]
+        assert list(squares.index) == list(barcodes)
+        np.testing.assert_allclose(squares.geometry.centroid.x, xy[:, 0])
+        np.testing.assert_allclose(squares.geometry.area, (size / 0.5) ** 2)
+        node = table.uns["spatial"]["visium_hd"]
+        assert set(node["images"]) == {"hires", "lowres"} and node["scalefactors"]["bin_size_um"] == size
+    # the marker bin lands on its marker pixel in every image (CytAssist placed by Space Ranger's matrices in
+    # the delegated path, by regist_target_img_scalef in ours: the same place)
+    t8 = sdata.tables["visium_hd_table_008um"]
+    mb = hd_barcodes(8, hin.bins[8]["array_row"], hin.bins[8]["array_col"])[hin.marker_bin]
+    x, y = t8.obsm["spatial"][list(t8.obs_names).index(mb)]
+    assert set(sdata.images) == {VISIUM_HIRES, VISIUM_LOWRES, VISIUM_CYTASSIST}
+    for name, s in ((VISIUM_HIRES, 0.4), (VISIUM_LOWRES, 0.1), (VISIUM_CYTASSIST, 0.25)):
+        img = sdata.images[name]
+        np.testing.assert_allclose(_matrix(img), np.diag([1 / s, 1 / s, 1.0]), atol=1e-9)
+        arr = np.asarray(_scale0(img).values)
+        np.testing.assert_array_equal(arr[:, int(np.floor(y * s)), int(np.floor(x * s))], MARKER, err_msg=name)
+    assert sda.io.registration_target(sdata) == VISIUM_HIRES
+
+
+def test_delegated_and_own_paths_agree(hd_dirs):
+    a = sda.io.read_visium_hd(hd_dirs["outs"], bins=(2, 8, 16))
+    b = sda.io.read_visium_hd(hd_dirs["binned"], bins=(2, 8, 16))
+    for name in a.tables:
+        ta, tb = a.tables[name], b.tables[name]
+        assert (ta.X != tb.X).nnz == 0
+        pd.testing.assert_frame_equal(ta.obs, tb.obs)
+        pd.testing.assert_frame_equal(ta.var, tb.var)
+        np.testing.assert_array_equal(ta.obsm["spatial"], tb.obsm["spatial"])
+    for name in a.shapes:
+        assert a.shapes[name].geometry.geom_equals_exact(b.shapes[name].geometry, tolerance=1e-9).all()
+    for name in a.images:
+        np.testing.assert_allclose(_matrix(a.images[name]), _matrix(b.images[name]), atol=1e-9)
+        np.testing.assert_array_equal(np.asarray(_scale0(a.images[name])), np.asarray(_scale0(b.images[name])))
+
+
+def test_visium_hd_folders_as_users_have_them(hd_dirs, tmp_path):
+    # lowres only: a warning naming the missing hires image, the lowres image is the registration target
+    with pytest.warns(UserWarning, match=r"tissue_hires_image\.png not found"):
+        sd = sda.io.read_visium_hd(hd_dirs["lowres_only"], bins=(16,))
+    assert sda.io.registration_target(sd) == VISIUM_LOWRES
+    # the binned_outputs folder itself, or the run folder holding outs/
+    assert set(sda.io.read_visium_hd(hd_dirs["binned"] / "binned_outputs").tables) >= {"visium_hd_table_008um"}
+    assert sda.io.is_visium_hd(hd_dirs["binned"].parent) and not sda.io.is_visium_hd(tmp_path)
+    # clear errors naming what is missing
+    with pytest.raises(FileNotFoundError, match=r"no 32 µm bins \(square_032um/\).*holds: square_002um/"):
+        sda.io.read_visium_hd(hd_dirs["binned"], bins=(32,))
+    broken = shutil.copytree(hd_dirs["binned"], tmp_path / "outs")
+    (broken / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"'tissue_positions\.parquet' found in .*square_016um/spatial"):
+        sda.io.read_visium_hd(broken)
+    (broken / "binned_outputs" / "square_008um" / "filtered_feature_bc_matrix.h5").unlink()
+    with pytest.raises(FileNotFoundError, match=r"filtered_feature_bc_matrix\.h5.*square_008um"):
+        sda.io.read_visium_hd(broken, bins=(8,))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"Visium HD binned outputs.*binned_outputs/square_<size>um/"):
+        sda.io.read_visium_hd(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------ the twin's HD layout
+@pytest.fixture(scope="module")
+def hd_twin(tmp_path_factory):
+    return sda.datasets.twin_sections(
+        tmp_path_factory.mktemp("hdtwin"), n_cells=6000, n_spots=150, seed=4, visium_hd=True
+    )
+
+
+def test_twin_writes_the_visium_hd_layout(hd_twin):
+    binned = hd_twin.visium_path / "binned_outputs"
+    assert sorted(p.name for p in binned.iterdir()) == ["square_002um", "square_008um", "square_016um"]
+    for size in (2, 8, 16):
+        spatial = binned / f"square_{size:03d}um" / "spatial"
+        assert {"tissue_positions.parquet", "scalefactors_json.json", "tissue_hires_image.png"} <= {
+            p.name for p in spatial.iterdir()
+        }
+    sdata = sda.io.read_visium_hd(hd_twin.visium_path, bins=(2, 8, 16))
+    totals = {s: sdata.tables[f"visium_hd_table_{s:03d}um"].X.sum(axis=0).A1 for s in (2, 8, 16)}
+    # the bins nest exactly: every molecule is counted once at every size
+    np.testing.assert_array_equal(totals[2], totals[8])
+    np.testing.assert_array_equal(totals[8], totals[16])
+    t8 = sdata.tables["visium_hd_table_008um"]
+    assert 10 < np.median(np.asarray(t8.X.sum(1)).ravel()) < 200  # UMIs per 8 µm bin
+    # bin centres are where the truth puts them: pulled back to the Xenium frame they lie on the Visium section
+    sf = sda.io.visium_scalefactors(t8)
+    assert sf["microns_per_pixel"] == pytest.approx(hd_twin.truth.um_per_px)
+    um = hd_twin.truth.inverse(t8.obsm["spatial"][::50])
+    assert np.mean(hd_twin.tissue.section_signed_distance(um, "visium") > -10) > 0.98
+    # read_pair detects the HD folder
+    pair = sda.io.read_pair(hd_twin.xenium_path, hd_twin.visium_path, transcripts=False)
+    assert {"visium_hd_bins_008um", "visium_hd_bins_016um", XENIUM_CELLS} <= set(pair.shapes)
+
+
+def test_bin_level_comparison_with_the_true_affine(hd_twin):
+    """Cells placed by an affine fitted to the exact landmarks: EGFR agrees at 16 µm bins, not when shuffled."""
+    sdata = sda.io.read_pair(hd_twin.xenium_path, hd_twin.visium_path, transcripts=False)
+    sdata.align.set_landmarks(source=hd_twin.truth.landmarks_source, target=hd_twin.truth.landmarks_target)
+    sdata.align.affine(XENIUM_CELLS)
+    sda.tl.bin_cells(sdata, 16)  # writes table xenium_bins_016um
+    binned = sdata.tables["xenium_bins_016um"]
+    assert binned.n_obs == sdata.tables["visium_hd_table_016um"].n_obs
+    assert binned.obs["n_cells"].sum() > 0.8 * sdata.tables["xenium_table"].n_obs * 0.8  # most cells land in bins
+    assert sda.tl.compare_bins(sdata, 16, binned="xenium_bins_016um") is None  # written, scanpy-style
+    comp = sdata.tables["visium_hd_table_016um"].uns["sda_compare_bins"].set_index("gene")
+    assert comp.loc["EGFR", "pearson"] > 0.3 and comp.loc["EGFR", "bin_size_um"] == 16
+    from spatialdata_align.datasets._genes import MARKERS
+
+    assert len(set(comp.index[:10]) & set(MARKERS)) >= 8  # the cell-type markers agree best; most fillers are noise
+    pd.testing.assert_frame_equal(sda.tl.compare_bins(sdata, 16, copy=True), comp.reset_index())
+    # the same with the Xenium cells shuffled among themselves: no agreement left
+    table = sdata.tables["xenium_table"]
+    table.X = table.X[np.random.default_rng(0).permutation(table.n_obs)]
+    shuffled = sda.tl.compare_bins(sdata, 16, copy=True).set_index("gene")
+    assert abs(shuffled.loc["EGFR", "pearson"]) < 0.15
+
+
+def test_run_aligns_xenium_onto_visium_hd(hd_twin, tmp_path):
+    from spatialdata_align.cli import main
+
+    report = tmp_path / "report"
+    args = ["run", "--xenium", str(hd_twin.xenium_path), "--visium", str(hd_twin.visium_path)]
+    args += ["--landmarks", str(hd_twin.landmarks_path), "--out", str(tmp_path / "a.zarr"), "--report", str(report)]
+    assert main([*args, "--dx", "30", "--quiet"]) == 0
+    import json
+
+    import spatialdata
+
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["visium_hd"]["bin_size_um"] == 16 and summary["visium_hd"]["n_bins_compared"] > 100
+    assert summary["registration_target"] == VISIUM_HIRES
+    corr = pd.read_csv(report / "gene_correlations.csv").set_index("gene")
+    assert corr.loc["EGFR", "pearson"] > 0.3
+    assert {"overlay.png", "EGFR_side_by_side.png", "xenium_explorer_alignment.csv"} <= {
+        p.name for p in report.iterdir()
+    }
+    back = spatialdata.read_zarr(tmp_path / "a.zarr")
+    from spatialdata_align._elements import element_xy
+
+    cells = element_xy(back, XENIUM_CELLS, XENIUM_CS)
+    err = np.linalg.norm(element_xy(back, "xenium_cells_aligned", VISIUM_CS) - hd_twin.truth.forward(cells), axis=1)
+    assert np.median(err * hd_twin.truth.um_per_px) < 10.0
+    assert "xenium_bins_016um" in back.tables
+
+
+@pytest.mark.slow
+def test_demo_visium_hd_within_the_visium_bounds(tmp_path, capsys):
+    """``demo --visium-hd`` (default size): the same TRE bounds as ``demo``, and EGFR agrees at 16 µm bins."""
+    import json
+
+    from spatialdata_align.cli import main
+
+    for flag, out in (([], tmp_path / "sd"), (["--visium-hd"], tmp_path / "hd")):
+        assert main(["demo", "--out", str(out), "--quiet", *flag]) == 0
+    sd, hd = (json.loads((tmp_path / k / "report" / "summary.json").read_text()) for k in ("sd", "hd"))
+    for s in (sd, hd):
+        assert s["tre_um"]["affine+lddmm"]["median"] < 7.0 and s["tre_um"]["affine+lddmm"]["p95"] < 15.0
+    assert hd["tre_um"]["affine+lddmm"]["median"] <= sd["tre_um"]["affine+lddmm"]["median"] * 1.2
+    assert hd["gene_correlation"]["level"] == "16 um bins" and hd["gene_correlation"]["pearson"] > 0.3
