@@ -133,6 +133,7 @@ class VisiumInputs:
         kwargs.setdefault("lowres_image", self.lowres if "lowres" in images else None)
         kwargs.setdefault("fullres_image", self.fullres if "fullres" in images else None)
         kwargs.setdefault("cytassist_image", self.cytassist if "cytassist" in images else None)
+        kwargs.setdefault("scalefactors", self.scalefactors)
         return write_visium(
             out,
             barcodes=self.barcodes,
@@ -144,7 +145,6 @@ class VisiumInputs:
             counts=self.counts,
             feature_ids=self.feature_ids,
             feature_names=self.feature_names,
-            scalefactors=self.scalefactors,
             **kwargs,
         )
 

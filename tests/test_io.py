@@ -330,6 +330,20 @@ def test_xenium_every_analysis_version_reads_exactly(xin, tmp_path, variant):
     assert hires[int(cy * s), int(cx * s)].max() == 255  # the marker is the brightest DAPI pixel
 
 
+def test_xenium_full_folder_spatialdata_io_cannot_read_falls_back(xdirs, xin, tmp_path):
+    """A complete folder of a layout spatialdata-io does not know: a warning, then our own path reads it."""
+    folder = shutil.copytree(xdirs["full"], tmp_path / "xen")
+    (folder / "cells.zarr.zip").write_bytes(b"not a zip file")  # e.g. a newer cells.zarr.zip format
+    with pytest.warns(UserWarning, match=r"spatialdata_io\.xenium could not read .*directly"):
+        sdata = sda.io.read_xenium(folder)
+    table = sdata.tables[XENIUM_TABLE]
+    np.testing.assert_array_equal(table.X.toarray(), xin.counts.toarray()[:, xin.gene_mask])
+    assert list(table.obs_names) == list(xin.cells["cell_id"])
+    assert {XENIUM_CELL_BOUNDARIES, XENIUM_NUCLEUS_BOUNDARIES} <= set(sdata.shapes)
+    assert np.asarray(_scale0(sdata.images["xenium_morphology_focus"]).values).shape == xin.morphology.shape
+    assert len(sdata.points[XENIUM_TRANSCRIPTS].compute()) == len(xin.transcripts)
+
+
 def test_xenium_cell_boundaries_align_with_the_cells(xdirs, vdirs):
     """Boundary polygons get the native affine and ``apply`` maps their vertices with the fitted transform."""
     with warnings.catch_warnings():
@@ -517,6 +531,28 @@ def test_scanpy_draws_spots_and_cells_on_their_images_without_arguments(vdirs, x
     expected = xen.obsm["spatial"] * s
     np.testing.assert_allclose(centres, expected[np.lexsort((expected[:, 1], expected[:, 0]))], atol=1e-6)
     plt.close("all")
+
+
+def test_large_images_get_pyramid_levels_for_the_registration(vin, tmp_path):
+    """A large hires image (Visium HD writes several thousand pixels) is read with ~2000 px levels."""
+    from spatialdata_align._elements import image_in_cs
+    from spatialdata_align.io._visium import pyramid_levels
+
+    assert pyramid_levels((3, 6000, 5000)) == [2, 2] and pyramid_levels((3, 2000, 1500)) is None
+    big = np.full((2460, 3960, 3), 230, dtype=np.uint8)
+    r, c = vin.marker_pixel(2.0)
+    big[r, c] = MARKER
+    sf = dict(vin.scalefactors, tissue_hires_scalef=2.0)
+    out = vin.write(tmp_path / "outs", images=("hires",), hires_image=big, scalefactors=sf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no lowres image
+        sdata = sda.io.read_visium(out)
+    img = sdata.images[VISIUM_HIRES]
+    assert hasattr(img, "children") and np.asarray(img["scale1"]["image"]).shape == (3, 1230, 1980)
+    np.testing.assert_array_equal(np.asarray(_scale0(img).values)[:, r, c], MARKER)
+    da = image_in_cs(sdata, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
+    assert da.shape == (3, 1230, 1980)
+    np.testing.assert_allclose(da.coords["x"].values[:2], [0.5, 1.5])  # full-res px: level-1 pixels are 1 px wide
 
 
 def test_visium_matches_spatialdata_io(vdirs):

@@ -107,7 +107,7 @@ def test_delegated_and_own_paths_agree(hd_dirs):
         np.testing.assert_array_equal(np.asarray(_scale0(a.images[name])), np.asarray(_scale0(b.images[name])))
 
 
-def test_visium_hd_folders_as_users_have_them(hd_dirs, tmp_path):
+def test_visium_hd_folders_as_users_have_them(hd_dirs, hin, tmp_path):
     # lowres only: a warning naming the missing hires image, the lowres image is the registration target
     with pytest.warns(UserWarning, match=r"tissue_hires_image\.png not found"):
         sd = sda.io.read_visium_hd(hd_dirs["lowres_only"], bins=(16,))
@@ -125,6 +125,12 @@ def test_visium_hd_folders_as_users_have_them(hd_dirs, tmp_path):
     (broken / "binned_outputs" / "square_008um" / "filtered_feature_bc_matrix.h5").unlink()
     with pytest.raises(FileNotFoundError, match=r"filtered_feature_bc_matrix\.h5.*square_008um"):
         sda.io.read_visium_hd(broken, bins=(8,))
+    # a feature_slice.h5 spatialdata_io cannot read: a warning, then the same bins from our own path
+    odd = shutil.copytree(hd_dirs["outs"], tmp_path / "odd")
+    (odd / "feature_slice.h5").write_bytes(b"not hdf5")
+    with pytest.warns(UserWarning, match=r"spatialdata_io\.visium_hd could not read .*read directly"):
+        sd = sda.io.read_visium_hd(odd, bins=(16,))
+    assert sd.tables["visium_hd_table_016um"].n_obs == int(hin.bins[16]["in_tissue"].sum())
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"Visium HD binned outputs.*binned_outputs/square_<size>um/"):
         sda.io.read_visium_hd(tmp_path / "empty")

@@ -65,7 +65,7 @@ def read_landmarks(path, target_path=None) -> tuple[np.ndarray, np.ndarray, list
 
 def _read_csv(path: Path):
     try:
-        df = pd.read_csv(path, float_precision="round_trip")
+        df = pd.read_csv(path)  # pandas' default parser, as users read the file (the fit is sensitive to 1 ulp)
     except Exception as err:  # pandas raises many types for malformed files
         raise ValueError(f"{path}: cannot be read as CSV ({err}).") from err
     if all(c in df.columns for c in EXPLORER_COLUMNS):

@@ -213,8 +213,19 @@ def _read_rgb(file: Path) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def pyramid_levels(shape) -> list[int] | None:
+    """Scale factors (2 each) bringing an image's long side to at most ~2000 px, or None when it already is.
+
+    The registration reads the finest level with at most ~4 Mpx; without levels a large image (a full-resolution
+    scan, or a Visium HD hires image of several thousand pixels) would be registered at full size.
+    """
+    long = max(shape[-2:])
+    return [2] * int(np.ceil(np.log2(long / _PYRAMID_TOP_PX))) if long > _PYRAMID_TOP_PX else None
+
+
 def _image(arr: Any, transform, scale_factors=None):
     c = arr.shape[0]
+    scale_factors = scale_factors if scale_factors is not None else pyramid_levels(arr.shape)
     return Image2DModel.parse(
         arr,
         dims=("c", "y", "x"),
@@ -324,8 +335,7 @@ def _read_fullres(file: Path):
         im = im.transpose(2, 0, 1)
     elif int(np.argmin(im.shape)) != 0:
         raise ValueError(f"{file}: unsupported image shape {im.shape}.")
-    n_levels = int(np.ceil(np.log2(max(im.shape[1:]) / _PYRAMID_TOP_PX))) if max(im.shape[1:]) > _PYRAMID_TOP_PX else 0
-    return _image(im, Identity(), scale_factors=[2] * n_levels or None)
+    return _image(im, Identity())
 
 
 def _library_id(path: Path, mat: ad.AnnData) -> str:

@@ -19,7 +19,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
-from spatialdata.models import ShapesModel, TableModel
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 
 from .._constants import (
@@ -41,6 +41,7 @@ from ._visium import (
     _SCALEFACTORS,
     _find_fullres,
     _read_fullres,
+    pyramid_levels,
     read_positions,
     read_scalefactors,
     spatial_image_elements,
@@ -201,7 +202,12 @@ def _delegate(outs: Path, bins, gex_only: bool, want_images: bool):
     for old, new in rename.items():
         if want_images and old in sd.images:
             el = sd.images[old]
-            set_transformation(el, {VISIUM_CS: get_transformation(el, _DATASET_ID)}, set_all=True)
+            transform = get_transformation(el, _DATASET_ID)
+            if not hasattr(el, "children") and pyramid_levels(el.shape):  # large single-scale image: add levels
+                el = Image2DModel.parse(
+                    el.data, dims=el.dims, c_coords=el.coords["c"].values, scale_factors=pyramid_levels(el.shape)
+                )
+            set_transformation(el, {VISIUM_CS: transform}, set_all=True)
             images[new] = el
     return out, images
 
@@ -278,7 +284,7 @@ def read_visium_hd(
         try:
             levels, delegated = _delegate(outs, bins, gex_only, images)
             imgs.update(delegated)
-        except (ValueError, KeyError, AssertionError, RuntimeError, OSError) as e:
+        except Exception as e:  # a reader of many formats raises many types; our own path needs no feature_slice
             warnings.warn(f"spatialdata_io.visium_hd could not read {outs} ({type(e).__name__}: {e}); read directly.")
     if levels is None:
         levels = {size: _read_level(pos, counts, gex_only) for size, (pos, _, counts) in files.items()}
