@@ -131,6 +131,14 @@ def test_visium_hd_folders_as_users_have_them(hd_dirs, hin, tmp_path):
     with pytest.warns(UserWarning, match=r"spatialdata_io\.visium_hd could not read .*read directly"):
         sd = sda.io.read_visium_hd(odd, bins=(16,))
     assert sd.tables["visium_hd_table_016um"].n_obs == int(hin.bins[16]["in_tissue"].sum())
+    # swapped pixel columns in the bin positions: caught by the same plausibility checks as Visium
+    swapped = shutil.copytree(hd_dirs["binned"], tmp_path / "swapped")
+    pos = swapped / "binned_outputs" / "square_016um" / "spatial" / "tissue_positions.parquet"
+    df = pd.read_parquet(pos)
+    df[["pxl_row_in_fullres", "pxl_col_in_fullres"]] = df[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    df.to_parquet(pos, index=False)
+    with pytest.raises(ValueError, match=r"tissue_positions\.parquet"):
+        sda.io.read_visium_hd(swapped, bins=(16,))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"Visium HD binned outputs.*binned_outputs/square_<size>um/"):
         sda.io.read_visium_hd(tmp_path / "empty")

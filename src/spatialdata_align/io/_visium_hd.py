@@ -22,6 +22,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 
+from .._checks import check_visium_geometry
 from .._constants import (
     INSTANCE_KEY,
     REGION_KEY,
@@ -39,6 +40,7 @@ from ._files import check_folder, folder_listing, missing
 from ._matrix import _int_counts, features_of, read_feature_matrix
 from ._visium import (
     _SCALEFACTORS,
+    SPATIAL_IMAGES,
     _find_fullres,
     _read_fullres,
     pyramid_levels,
@@ -291,6 +293,12 @@ def read_visium_hd(
     full_file = _find_fullres(outs, fullres_image) if images else None
     if full_file is not None and VISIUM_FULLRES not in imgs:
         imgs[VISIUM_FULLRES] = _read_fullres(full_file)
+    # the checks of read_visium (bin grid vs pixel positions, images vs scale factors) on the largest bins
+    size = max(bins)
+    shown = {spatial / SPATIAL_IMAGES[n][0]: (imgs[n], SPATIAL_IMAGES[n][1]) for n in image_arrays if n in imgs}
+    if full_file is not None:
+        shown[full_file] = (imgs[VISIUM_FULLRES], None)
+    check_visium_geometry(levels[size][0], files[size][0], scalefactors[size], files[size][1], shown)
     library = _library_id(outs, next(iter(files.values()))[2])
     shapes, tables = {}, {}
     for size in bins:
