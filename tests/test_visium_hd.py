@@ -148,7 +148,7 @@ def test_visium_hd_folders_as_users_have_them(hd_dirs, hin, tmp_path):
 @pytest.fixture(scope="module")
 def hd_twin(tmp_path_factory):
     return sda.datasets.twin_sections(
-        tmp_path_factory.mktemp("hdtwin"), n_cells=6000, n_spots=150, seed=4, visium_hd=True
+        tmp_path_factory.mktemp("hdtwin"), n_cells=4500, n_spots=110, seed=4, visium_hd=True
     )
 
 
