@@ -447,3 +447,18 @@ def test_unreliable_verdict_exits_3_unless_forced(monkeypatch, capsys, tmp_path)
     summary["verdict"] = {"level": "check", "reasons": ["only 3 landmarks"]}
     assert main(args) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "verdict: check"
+
+
+def test_accessor_affine_flags_a_mirrored_fit(twin):
+    sdata = sda.io.read_pair(twin.xenium_path, twin.visium_path, transcripts=False)
+    src, dst = twin.truth.landmarks_source, twin.truth.landmarks_target
+    sdata.align.set_landmarks(source=src, target=dst[:, ::-1])  # (y, x) targets
+    with pytest.raises(_checks.PlausibilityError, match="mirrored"):
+        sdata.align.affine(flip=False)
+    with pytest.warns(_checks.PlausibilityWarning, match=r"\(y, x\)"):
+        assert sdata.align.affine().reflection
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _checks.PlausibilityWarning)
+        assert sdata.align.affine(flip=True).reflection
+        sdata.align.set_landmarks(source=src, target=dst)
+        assert not sdata.align.affine(flip=False).reflection

@@ -17,7 +17,7 @@ from spatialdata import SpatialData
 from spatialdata.models import PointsModel
 from spatialdata.transformations import Identity
 
-from . import _apply, _store
+from . import _apply, _checks, _store
 from ._constants import MATCH_WEIGHT_KEY, VISIUM_CS, XENIUM_CS
 from ._elements import (
     annotating_tables,
@@ -317,6 +317,7 @@ class AlignAccessor:
         source_cs: str | None = None,
         target_cs: str | None = None,
         dx: float = 30.0,
+        flip: bool | None = None,
     ) -> AffineFit | InitResult:
         """Fit a source→target affine and register it as a native spatialdata ``Affine``.
 
@@ -344,6 +345,10 @@ class AlignAccessor:
             Coordinate systems (default: inferred from the elements).
         dx
             Raster pixel size (source units) for ``auto=True``.
+        flip
+            A mirrored fit (a reflection: the section mounted upside down, or landmarks saved as (y, x)):
+            ``True`` accepts it, ``False`` refuses it (the automatic search then tries proper rotations only),
+            ``None`` (default) accepts it with a :class:`~spatialdata_align._checks.PlausibilityWarning`.
 
         Returns
         -------
@@ -360,7 +365,7 @@ class AlignAccessor:
         if auto:
             src_img = rasterize(element_xy(sd, source, scs), dx=dx)
             tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
-            fit: AffineFit | InitResult = auto_init(src_img, tgt_img)
+            fit: AffineFit | InitResult = auto_init(src_img, tgt_img, reflection=None if flip is not False else False)
             extra = {"method": "auto", "score": float(fit.score)}
         else:
             if landmarks is False:
@@ -369,6 +374,8 @@ class AlignAccessor:
             src, dst = self.landmarks(lm_key)
             fit = fit_affine(src, dst, kind=kind)
             extra = {"method": f"landmarks:{lm_key}", "kind": kind, "residuals": fit.residuals.tolist()}
+        if fit.reflection and not flip:
+            _checks.reflection("the automatic search" if auto else f"landmark set {lm_key!r}", refuse=flip is False)
         reg = Registration.from_affine(fit.matrix, source_units="um", target_units="px")
         key = key or f"{scs}_to_{tcs}_affine"
         _store.store_registration(

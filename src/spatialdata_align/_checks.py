@@ -799,6 +799,18 @@ def check_landmarks(
     )
 
 
+def reflection(what: str, *, refuse: bool) -> None:
+    """A mirrored affine from the accessor: refused (``flip=False``) or accepted with a warning (``flip=None``)."""
+    msg = (
+        f"the affine fitted from {what} is mirrored (it contains a reflection): landmarks saved as (y, x) / "
+        "(row, column), as napari saves them, or a section mounted upside down."
+    )
+    fix = "swap the x and y of the landmarks if they are (y, x); pass flip=True if the section really is mirrored."
+    if refuse:
+        raise PlausibilityError(f"{msg} Fix: {fix}", code="reflection")
+    warnings.warn(f"{msg} Fix: {fix}", PlausibilityWarning, stacklevel=3)
+
+
 def _close(a: float, b: float, tol: float = 0.15) -> bool:
     return a > 0 and b > 0 and abs(np.log(a / b)) < np.log(1 + tol)
 

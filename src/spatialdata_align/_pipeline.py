@@ -193,10 +193,11 @@ def run_pipeline(
                 # landmarks named as outliers (accepted only with force) stay out of the fit
                 keep = np.flatnonzero(inliers)
                 sdata.align.set_landmarks(source=lm[0][keep], target=lm[1][keep], names=[lm[2][i] for i in keep])
-                fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=True)
+                # (flip=True: a mirrored fit was judged above, by check_landmarks, with --allow-flip / --force)
+                fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=True, flip=True)
                 affine_info = {"method": "landmarks", "n_landmarks": len(lm[0]), "rms_residual_px": float(fit.rms)}
             else:
-                fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=False, auto=True)
+                fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=False, auto=True, flip=True)
                 affine_info = {"method": "auto", "score": float(fit.score), "rotation_deg": fit.rotation_deg}
                 if fit.reflection and not flip:
                     _checks.suspect(
