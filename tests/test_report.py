@@ -117,14 +117,21 @@ def test_r_snippet_reads_the_exports(run, tmp_path):
     block = readme[readme.index("<!-- r-exports -->") :]
     code = block.split("```r", 1)[1].split("```", 1)[0]
     res = subprocess.run(
-        [rscript, "-e", code + "\ncat(nrow(cells), ncol(cells), nrow(spots))"],
+        [
+            rscript,
+            "-e",
+            code + "\ncat(class(cells$in_shared), nrow(shared_cells), nrow(cells), ncol(cells), nrow(spots))",
+        ],
         cwd=run["report"].parent,
         capture_output=True,
         text=True,
         check=False,
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split()[-3:] == [str(run["twin"].n_cells), "7", str(run["twin"].n_spots)]
+    cells = pd.read_csv(run["report"] / "aligned_cells.csv.gz")
+    n_kept = int((cells["in_shared"] & (cells["match_weight"] > 0.5)).sum())
+    twin = run["twin"]
+    assert res.stdout.split()[-5:] == ["logical", str(n_kept), str(twin.n_cells), "7", str(twin.n_spots_in_tissue)]
 
 
 def sda_root():

@@ -279,9 +279,7 @@ def export_cells(sdata, shared, path, *, key: str | None = None) -> Path:
             "match_weight": weight if len(weight) == len(xy) else np.nan,
         }
     )
-    path = Path(path)
-    df.to_csv(path, index=False, float_format="%.6g", compression="gzip")
-    return path
+    return _write_csv(df, path)
 
 
 def export_spots(sdata, shared, path, *, key: str | None = None) -> Path:
@@ -319,6 +317,15 @@ def export_spots(sdata, shared, path, *, key: str | None = None) -> Path:
             "n_cells": n_cells,
         }
     )
+    return _write_csv(df, path)
+
+
+def _write_csv(df: pd.DataFrame, path) -> Path:
+    """A gzipped CSV that R's ``read.csv`` types right: booleans as ``TRUE``/``FALSE``, missing values empty."""
+    df = df.copy()
+    for c in df.columns:
+        if df[c].dtype == bool:
+            df[c] = np.where(df[c], "TRUE", "FALSE")
     path = Path(path)
     df.to_csv(path, index=False, float_format="%.6g", compression="gzip")
     return path
