@@ -462,3 +462,19 @@ def test_accessor_affine_flags_a_mirrored_fit(twin):
         assert sdata.align.affine(flip=True).reflection
         sdata.align.set_landmarks(source=src, target=dst)
         assert not sdata.align.affine(flip=False).reflection
+
+
+def test_image_checks_on_arrays():
+    """check_visium_images on its own: consistent images pass; a too-small scale factor on a single image warns."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform([1000, 800], [9000, 7000], (300, 2))  # full-res px
+    hires = ("spatial/tissue_hires_image.png", (800, 1000), 0.1, "tissue_hires_scalef")
+    lowres = ("spatial/tissue_lowres_image.png", (240, 300), 0.03, "tissue_lowres_scalef")
+    cover = _checks.check_visium_images(xy, [hires, lowres], radius_px=60)
+    assert cover["tissue_hires_image.png"] == pytest.approx(cover["tissue_lowres_image.png"])
+    small = ("spatial/tissue_hires_image.png", (800, 1000), 0.02, "tissue_hires_scalef")
+    with _checks.collecting() as found, pytest.warns(_checks.PlausibilityWarning, match="span only 16%"):
+        _checks.check_visium_images(xy, [small], radius_px=60)
+    assert [f.severity for f in found] == ["warning"]
+    with pytest.raises(_checks.PlausibilityError, match="look swapped"):
+        _checks.check_visium_images(xy, [(*hires[:2], 0.03, hires[3]), (*lowres[:2], 0.1, lowres[3])])

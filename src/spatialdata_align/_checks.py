@@ -59,6 +59,8 @@ LANDMARK_OUTLIER_FLOOR_UM = 100.0
 LANDMARK_OUTLIER_FACTOR = 4.0
 #: accepted ratio range between the landmark fit's scale and the one the scale factors imply
 SCALE_TOLERANCE = 1.5
+#: spots spanning less than this fraction of a hires/lowres image (both axes) get a warning
+LOW_COVERAGE = 0.25
 #: images smaller than this (pixels, either side) cannot be tissue images
 MIN_IMAGE_PX = 16
 #: default Xenium morphology pixel size (µm), for hints
@@ -486,6 +488,21 @@ def check_visium_images(xy, images: Sequence[tuple], *, radius_px: float = 0.0, 
                     soft_warning(f)
                 else:
                     findings.append(f)
+        for file, (h, w), s, key in scaled:
+            c = max(cover[Path(str(file)).name])
+            if c < LOW_COVERAGE and not findings:
+                soft_warning(
+                    Finding(
+                        "image_scale",
+                        _fmt(
+                            file,
+                            f"the spots span only {100 * c:.0f}% of this {w} x {h} px image at {key} = {s:.4g} "
+                            "(Space Ranger images show the whole capture area): the scale factor may be too small.",
+                        ),
+                        f"check {key} in {sf_name} against the Space Ranger output.",
+                        str(file),
+                    )
+                )
     report_suspects(findings)
     return cover
 
