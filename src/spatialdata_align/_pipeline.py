@@ -27,6 +27,7 @@ from ._constants import (
     XENIUM_TRANSCRIPTS,
 )
 from .registration._quality import DEFAULT_MAX_REFITS
+from .registration._result import _json_default
 from .tl._bins import BINNED_CELLS_KEY, UNS_COMPARE_BINS_KEY
 
 #: the error for landmarks and automatic initialisation together (the CLI's --help says so too)
@@ -308,7 +309,7 @@ def run_pipeline(
                     stage_times=stages.times,
                 )
             summary["time_per_stage_s"] = stages.times
-            (staged.path("report") / "summary.json").write_text(json.dumps(summary, indent=2, default=_json))
+            (staged.path("report") / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
         staged.commit()
     summary["time_per_stage_s"] = stages.times
     files = {k: Path(report) / v.name for k, v in files.items()}
@@ -320,12 +321,6 @@ def run_pipeline(
         report_files=files,
         assessment=assessment,
     )
-
-
-def _json(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    return o.tolist() if isinstance(o, np.ndarray) else str(o)
 
 
 def _check_out(out) -> Path:

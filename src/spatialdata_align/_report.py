@@ -33,6 +33,7 @@ from ._constants import (
     XENIUM_TABLE,
 )
 from .registration import _quality
+from .registration._result import _json_default
 
 #: side of the zoom panels (µm) and of the confidence tiles (µm)
 ZOOM_UM = 300.0
@@ -848,13 +849,3 @@ def write_report(
     files["summary_json"] = report / "summary.json"
     files["summary_json"].write_text(json.dumps(summary, indent=2, default=_json_default))
     return files
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
