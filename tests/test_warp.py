@@ -267,3 +267,16 @@ def test_apply_resolution_cap_is_explicit_and_logged(caplog):
     assert isinstance(sd[on_he], xr.DataArray) and sd[on_he].shape == (1, 700, 700)
     he = image_in_cs(sd, "he", TGT_CS)
     np.testing.assert_allclose(image_in_cs(sd, on_he, TGT_CS).x.values, he.x.values)
+
+
+def test_default_grid_is_the_fit_extent_at_native_resolution():
+    reg = _registration()
+    reg.target_extent, reg.source_extent = (300.0, 1300.0, 0.0, 900.0), (0.0, 600.0, 0.0, 600.0)
+    reg.params["target_pixel"] = 40.0  # a coarse fitting grid must not set the output resolution
+    img = _image(300, 300)
+    x = np.arange(300) * 2.0 + 1.0
+    fwd = reg.warp_image(da.from_array(img, chunks=(3, 100, 100)), x, x)
+    assert (fwd.x[1] - fwd.x[0]).item() == pytest.approx(2.0 * 1.6) and fwd.sizes["x"] == round(1000 / 3.2)
+    assert fwd.x[0].item() == pytest.approx(300 + 1.6) and isinstance(fwd.data, da.Array)
+    back = reg.warp_image(img, np.arange(300) + 0.5, np.arange(300) + 0.5, direction="inverse")
+    assert (back.x[1] - back.x[0]).item() == pytest.approx(1 / 1.6) and back.sizes["y"] == round(600 * 1.6)

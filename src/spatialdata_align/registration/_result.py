@@ -302,8 +302,9 @@ class Registration:
         direction
             ``"forward"``: source image → target grid; ``"inverse"``: target image → source grid.
         out_x, out_y
-            Pixel-centre coordinates of the output grid (default: the target grid used for the fit
-            for ``"forward"``, the source grid for ``"inverse"``).
+            Pixel-centre coordinates of the output grid. Default: the fit's target extent for
+            ``"forward"`` (its source extent for ``"inverse"``) at the image's native resolution, i.e.
+            its pixel size times the affine's scale.
         fill
             Value outside the image (``np.nan`` allowed for float outputs).
         dtype
@@ -358,10 +359,9 @@ class Registration:
         if extent is None:
             raise ValueError(f"no default {space} grid is known for this registration: pass out_x and out_y.")
         xmin, xmax, ymin, ymax = extent
-        if space == "target":
-            step = float(self.params.get("target_pixel", dx * abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
-        else:
-            step = float(self.params.get("source_pixel", dx / abs(np.linalg.det(self.affine[:2, :2])) ** 0.5))
+        # native resolution: the image's pixel size through the affine's scale (not the fit's coarse grid)
+        scale = abs(np.linalg.det(self.affine[:2, :2])) ** 0.5
+        step = dx * scale if space == "target" else dx / scale
         nx = max(round((xmax - xmin) / step), 2)
         ny = max(round((ymax - ymin) / step), 2)
         return xmin + (np.arange(nx) + 0.5) * step, ymin + (np.arange(ny) + 0.5) * step
