@@ -307,7 +307,7 @@ def _windows(
     return out
 
 
-def _warp_task(window, origin, cmap, grid, rows, cols, step, in_shape, fill, dtype):
+def _warp_task(window, cmap, origin, grid, rows, cols, step, in_shape, fill, dtype):
     qx, qy = block_coords(cmap, grid, rows, cols, step)
     return sample_block(window, origin, qx, qy, in_shape, fill, dtype)
 
@@ -322,7 +322,6 @@ def warp(
     chunk: int = DEFAULT_CHUNK,
     map_step: int | None = None,
     map_tol: float = DEFAULT_MAP_TOL,
-    step_info: tuple[int, float] | None = None,
 ):
     """Resample ``data`` (``(C, ny, nx)`` numpy or dask array) onto ``grid`` through ``cmap``.
 
@@ -345,8 +344,6 @@ def warp(
     map_step, map_tol
         Lattice step of the coordinate map (output pixels), or ``None`` to choose the coarsest whose
         measured interpolation error is at most ``map_tol`` input pixels.
-    step_info
-        An already chosen ``(step, error)`` (skips the choice).
 
     Returns
     -------
@@ -359,33 +356,24 @@ def warp(
     _check_fill(fill, dtype)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of pixels, got {chunk}.")
-    if step_info is None:
-        step_info = resolve_step(cmap, grid, in_shape, map_step, map_tol)
-    step = step_info[0]
+    step, _ = resolve_step(cmap, grid, in_shape, map_step, map_tol)
     blocks = [(r, c) for r in _bounds(grid.ny, chunk) for c in _bounds(grid.nx, chunk)]
     windows = _windows(cmap, grid, blocks, step, in_shape)
     n_c = int(data.shape[0])
-    lazy = isinstance(data, da.Array)
-    if not lazy:
+
+    def spec(rows, cols, win):  # everything a block's task needs besides its window and the map
+        return (win[0].start, win[1].start), grid, rows, cols, step, in_shape, fill, dtype
+
+    if not isinstance(data, da.Array):
         out = np.full((n_c, grid.ny, grid.nx), fill, dtype=dtype)
         for (rows, cols), win in zip(blocks, windows, strict=True):
             if win is not None:
-                out[:, slice(*rows), slice(*cols)] = _warp_task(
-                    np.asarray(data[:, win[0], win[1]]),
-                    (win[0].start, win[1].start),
-                    cmap,
-                    grid,
-                    rows,
-                    cols,
-                    step,
-                    in_shape,
-                    fill,
-                    dtype,
-                )
+                window = np.asarray(data[:, win[0], win[1]])
+                out[:, slice(*rows), slice(*cols)] = _warp_task(window, cmap, *spec(rows, cols, win))
         return out
     import dask
 
-    cmap_d = dask.delayed(cmap, pure=True, traverse=False)
+    cmap_d = dask.delayed(cmap, pure=True, traverse=False)  # one copy of the map in the graph, not one a block
     n_cols = len(_bounds(grid.nx, chunk))
     tiles: list[list] = []
     for k, ((rows, cols), win) in enumerate(zip(blocks, windows, strict=True)):
@@ -395,18 +383,7 @@ def warp(
         if win is None:
             tiles[-1].append(da.full(shape, fill, dtype=dtype, chunks=shape))
             continue
-        task = dask.delayed(_warp_task, pure=True)(
-            data[:, win[0], win[1]],
-            (win[0].start, win[1].start),
-            cmap_d,
-            grid,
-            rows,
-            cols,
-            step,
-            in_shape,
-            fill,
-            dtype,
-        )
+        task = dask.delayed(_warp_task, pure=True)(data[:, win[0], win[1]], cmap_d, *spec(rows, cols, win))
         tiles[-1].append(da.from_delayed(task, shape=shape, dtype=dtype))
     return da.block(tiles)
 
