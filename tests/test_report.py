@@ -154,7 +154,7 @@ def _browser() -> str | None:
 
 def _chromium(exe: str, *args: str) -> subprocess.CompletedProcess:
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"]
-    base += ["--disable-background-networking", "--virtual-time-budget=10000"]
+    base += ["--disable-background-networking", "--disable-dev-shm-usage", "--virtual-time-budget=10000"]
     return subprocess.run([*base, *args], capture_output=True, text=True, timeout=180, check=False)
 
 
