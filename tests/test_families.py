@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -28,12 +29,14 @@ OVERRIDES = {
     "adipose": dict(density=2000.0),  # at its own 700/mm² a 1.2 mm section has too few counts per spot to test EGFR
 }
 CODE = {v: k for k, v in STATUS.items()}
+#: seed of the module's pairs (other seeds: SDA_FAMILIES_SEED=5 pytest tests/test_families.py)
+SEED = int(os.environ.get("SDA_FAMILIES_SEED", "3"))
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {f: pair_family(f, root / f, seed=3, **SMALL, **OVERRIDES.get(f, {})) for f in FAMS}
+    return {f: pair_family(f, root / f, seed=SEED, **SMALL, **OVERRIDES.get(f, {})) for f in FAMS}
 
 
 def _valid_cells(pair) -> np.ndarray:
@@ -84,7 +87,7 @@ def test_reads_back_as_10x_folders(pairs, fam):
     hires = np.asarray(Image.open(pair.visium_path / "spatial" / "tissue_hires_image.png"))
     assert max(hires.shape[:2]) == SMALL["hires_px"] and hires.dtype == np.uint8
     # realistic pixels: 0.3-0.6 µm full-res, 55 µm spots on the 100 µm hex grid
-    assert 0.3 <= pair.truth.um_per_px * (1 - 0.06) and pair.truth.um_per_px <= 0.6 * 1.06
+    assert 0.3 * 0.94 <= pair.truth.um_per_px <= 0.6 * 1.06
     pos = pd.read_csv(pair.visium_path / "spatial" / "tissue_positions.csv")
     pix = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
     sl = (pix - pair.truth.slide_affine[:2, 2]) @ np.linalg.inv(pair.truth.slide_affine[:2, :2]).T
@@ -169,7 +172,7 @@ def test_warp_has_the_advertised_magnitude(pairs, fam):
     xy = np.column_stack([X[t.status_grid > 0], Y[t.status_grid > 0]])  # the whole tissue
     d = t.warp.displacement(xy)
     mag = np.linalg.norm(d, axis=1)
-    assert 0.9 * want <= mag.max() <= want * 1.001
+    assert 0.9 * want <= mag.max() <= want * 1.01
     # non-affine: the best affine fit to the displacement leaves most of it
     H = np.column_stack([xy, np.ones(len(xy))])
     resid = d - H @ np.linalg.lstsq(H, d, rcond=None)[0]
@@ -193,9 +196,9 @@ def test_rotation_flip_anisotropy_as_asked(pairs):
     assert np.degrees(np.arctan2(R[1, 0], R[0, 0])) == pytest.approx(135.0)
     sv = np.linalg.svd(A, compute_uv=False)
     assert sv.max() / sv.min() == pytest.approx((1 + 0.04) / (1 - 0.04), rel=1e-9)
-    # the drawn placements differ across families: any angle, both orientations
-    angles = [pairs[f].params["rotation_deg"] for f in FAMS]
-    assert np.ptp(angles) > 90.0
+    # one seed, different placements per family: any angle, both orientations
+    angles = [pairs[f].params["rotation_deg"] for f in FAMS if f != "cortex"]
+    assert np.ptp(angles) > 90.0 and len({round(a) for a in angles}) == len(angles)
 
 
 def test_smooth_warp_inverse_and_jacobian():
@@ -221,10 +224,10 @@ def test_smooth_warp_inverse_and_jacobian():
 # ---------------------------------------------------------------------------------------------- determinism
 def test_deterministic_per_seed(pairs, tmp_path):
     a = pairs["tumour"]
-    b = pair_family("tumour", tmp_path / "b", seed=3, **SMALL)
+    b = pair_family("tumour", tmp_path / "b", seed=SEED, **SMALL)
     da, db = _digest(a.xenium_path.parent), _digest(tmp_path / "b")
     assert da == db and len(da) >= 10
-    c = pair_family("tumour", tmp_path / "c", seed=4, **SMALL)
+    c = pair_family("tumour", tmp_path / "c", seed=SEED + 1, **SMALL)
     dc = _digest(tmp_path / "c")
     assert dc["xenium/cells.csv.gz"] != da["xenium/cells.csv.gz"]
     assert dc["visium/outs/spatial/tissue_hires_image.png"] != da["visium/outs/spatial/tissue_hires_image.png"]
@@ -237,13 +240,15 @@ def test_partial_overlap(pairs, fam):
     pair = pairs[fam]
     t = pair.truth
     cells = pair.xenium_cells_truth()
-    # some Xenium cells have no counterpart in the Visium section
-    assert 0.5 < cells["valid"].mean() < 1.0
-    # Xenium covers only part of the capture area: in-tissue spots far from every Xenium cell
+    assert cells["valid"].mean() > 0.5
+    # Xenium covers only part of the capture area: in-tissue spots outside the Xenium region
     spots = pd.read_parquet(pair.truth_path / "visium_spots.parquet")
-    tis = spots[spots["in_tissue"] == 1]
-    d, _ = cKDTree(cells[["x", "y"]].to_numpy()).query(tis[["x_um", "y_um"]].to_numpy())
-    assert (d > 100).any()
+    tis = spots.loc[spots["in_tissue"] == 1, ["x_um", "y_um"]].to_numpy()
+    x0, x1, y0, y1 = pair.params["xenium_roi_um"]
+    outside = (tis[:, 0] < x0) | (tis[:, 0] > x1) | (tis[:, 1] < y0) | (tis[:, 1] > y1)
+    assert 0.03 < outside.mean() < 0.6
+    d, _ = cKDTree(cells[["x", "y"]].to_numpy()).query(tis[outside])
+    assert np.median(d) > 20.0  # no Xenium cell there
     # the capture area covers only part of the Visium tissue (the image shows the rest)
     h, w = t.status_grid.shape
     X, Y = np.meshgrid(
@@ -266,17 +271,27 @@ def test_damage_is_in_the_truth_and_the_image(pairs, tmp_path):
     xy = cells[["x", "y"]].to_numpy()
     st = t.status(xy)
     assert not cells["valid"].to_numpy()[np.isin(st, (CODE["missing_piece"], CODE["fold_flap"]))].any()
+    # tissue points of the truth (the Xenium region need not reach the damage)
+    h, w = t.status_grid.shape
+    X, Y = np.meshgrid(
+        t.status_origin[0] + t.status_spacing * np.arange(w), t.status_origin[1] + t.status_spacing * np.arange(h)
+    )
+    grid = np.column_stack([X.ravel(), Y.ravel()])
+    gst = t.status(grid)
+    assert not t.valid(grid[np.isin(gst, (CODE["missing_piece"], CODE["fold_flap"], 0))]).any()
     # the flap lies on other tissue: its image has another (unmoved) preimage
-    flap = xy[(st == CODE["fold_flap"]) & (t.pieces[0].side(xy) > 20)]
+    flap = grid[(gst == CODE["fold_flap"]) & (t.pieces[0].side(grid) > 20)]
     assert len(flap) > 5
     bottom = t.inverse(t.forward(flap))
     assert np.all(np.linalg.norm(bottom - flap, axis=1) > 30.0)
     # the tear opens a gap: points 10 µm either side of the tear line land >= 60 µm apart
     tear = t.pieces[1]
-    on_line = xy[np.abs(tear.side(xy)) < 5][:20]
+    on_line = grid[(np.abs(tear.side(grid)) < 5) & (gst > 0)][::3][:30]
     a, b = on_line - 10 * tear.normal, on_line + 10 * tear.normal
+    ok = (t.status(a) > 0) & (t.status(b) > 0)
+    a, b = a[ok], b[ok]
     jump = np.linalg.norm(t.forward(a) - t.forward(b), axis=1) * t.um_per_px
-    assert len(jump) and jump.min() > 60.0
+    assert len(jump) > 3 and jump.min() > 60.0
     # ... and the H&E is bare glass in the gap, and where the piece is missing
     hires = np.asarray(Image.open(pair.visium_path / "spatial" / "tissue_hires_image.png"), float).mean(-1)
     sf = pair.params["scalefactors"]["tissue_hires_scalef"]
@@ -291,7 +306,7 @@ def test_damage_is_in_the_truth_and_the_image(pairs, tmp_path):
     mp = t.forward(miss) * sf
     assert np.median(hires[mp[:, 1].astype(int), mp[:, 0].astype(int)]) > glass - 12
     # every damage can be switched off
-    clean = pair_family("damaged", tmp_path / "clean", seed=3, tear=False, fold=False, missing=False, **SMALL)
+    clean = pair_family("damaged", tmp_path / "clean", seed=SEED, tear=False, fold=False, missing=False, **SMALL)
     assert not clean.truth.pieces and set(np.unique(clean.truth.status_grid).tolist()) <= {0, 1, 2}
 
 
@@ -316,8 +331,9 @@ def test_egfr_spatial_pattern_in_both_modalities(pairs, fam):
     v_egfr = np.asarray(vt[:, "EGFR"].X.todense()).ravel()[keep]
     v_tot = np.asarray(vt.X.sum(axis=1)).ravel()[keep]
     assert keep.sum() >= 8
-    hi = f_spot > np.median(f_spot)
-    assert v_egfr[hi].sum() / v_tot[hi].sum() > 1.3 * v_egfr[~hi].sum() / v_tot[~hi].sum()
+    lo_t, hi_t = np.quantile(f_spot, [1 / 3, 2 / 3])
+    hi, lo = f_spot >= hi_t, f_spot <= lo_t
+    assert v_egfr[hi].sum() / v_tot[hi].sum() > 1.2 * v_egfr[lo].sum() / v_tot[lo].sum()
 
 
 # ---------------------------------------------------------------------------------------------- stains

@@ -92,7 +92,7 @@ class TumourModel(FamilyModel):
         self.vessel_r = Raster(origin, self.raster_um, vessel.astype(np.float32))
         # EGFR: clonal patches
         g = _shapes.smooth_field(rng, X.shape, 250.0 / self.raster_um)
-        self.egfr_r = Raster(origin, self.raster_um, (1.0 / (1.0 + np.exp(-3.0 * g))).astype(np.float32))
+        self.egfr_r = Raster(origin, self.raster_um, (1.0 / (1.0 + np.exp(-1.8 * g))).astype(np.float32))
         lab_pts = np.column_stack([X[necrosis], Y[necrosis]])
         self._necrosis_pts = lab_pts
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,9 +418,9 @@ def build_pair(
         "bc",
         "tx",
     )
-    rng = dict(
-        zip(names, (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(names))), strict=True)
-    )
+    # the family's name is part of the seed: one seed gives each family its own placement, stain, landmarks
+    root = np.random.SeedSequence([int(seed), zlib.crc32(model_cls.name.encode())])
+    rng = dict(zip(names, (np.random.default_rng(s) for s in root.spawn(len(names))), strict=True))
     g = rng["geometry"]
     # every draw happens whether or not the value is given, so one override leaves the others unchanged
     drawn = dict(
@@ -649,9 +650,11 @@ def build_pair(
     ok = usable(cand)
     cand, cand_names = cand[ok], [n for n, o in zip(cand_names, ok, strict=True) if o]
     n_lm = int(P["n_landmarks"])
-    if len(cand) < n_lm:  # fall back to well-spread tissue points
-        extra = pts[np.random.default_rng(2).choice(len(pts), size=min(len(pts), 4000), replace=False)]
-        extra = extra[usable(extra)]
+    extra = pts[np.random.default_rng(2).choice(len(pts), size=min(len(pts), 4000), replace=False)]
+    extra = extra[usable(extra)]
+    spread = float(np.ptp(extra, axis=0).max()) if len(extra) else 0.0
+    if len(cand) < n_lm or float(np.ptp(cand, axis=0).max()) < 0.5 * spread:
+        # too few or too clustered structures: well-spread tissue points as well (a user spreads the clicks)
         cand = np.vstack([cand, extra])
         cand_names = cand_names + [f"tissue_{i}" for i in range(len(extra))]
     pick = _farthest(cand, n_lm)
