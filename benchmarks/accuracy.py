@@ -3,8 +3,10 @@
 For each family (``sda.datasets.FAMILIES`` plus ``twin``) x cell density x seed, a pair is generated (real 10x
 folders, cached with ``--cache``) and read with ``sda.io.read_pair``; then, through the public path users take:
 
-* **affine**: the landmark affine, ``sdata.align.affine(...)`` from ``truth/landmarks.csv`` (3-6 landmarks with
-  8-15 µm click noise for the families; the twin's landmarks are exact);
+* **affine**: the landmark affine, ``sdata.align.affine(..., flip=True)`` from ``truth/landmarks.csv`` (3-6
+  landmarks with 8-15 µm click noise for the families; the twin's landmarks are exact); unlike
+  ``spatialdata-align run`` no landmark is dropped as an outlier by the input checks (``--allow-flip`` assumed:
+  half the pairs are mirrored);
 * **engine**: ``sdata.align.lddmm(...)`` with the DEFAULT settings, as ``spatialdata-align run`` calls it;
 * **auto-init**: no landmarks, ``sdata.align.affine(..., landmarks=False, auto=True)`` then ``lddmm`` (``--auto-init``);
 * **STalign** (unless ``--no-stalign``): on the grids the engine used, from the landmark affine, swept over
@@ -117,7 +119,7 @@ def run_pair(pair, *, auto: bool, stalign: bool, budgets) -> list[dict]:
     src, dst, names = read_landmarks(pair.landmarks_path)
     t = time.perf_counter()
     sdata.align.set_landmarks(source=src, target=dst, names=names)
-    fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=True)
+    fit = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=True, flip=True)  # half the pairs are mirrored
     t_aff = time.perf_counter() - t
     pred = xy @ fit.matrix[:2, :2].T + fit.matrix[:2, 2]
     rows.append(
@@ -148,7 +150,7 @@ def run_pair(pair, *, auto: bool, stalign: bool, budgets) -> list[dict]:
     # (c) automatic initialisation, no landmarks
     if auto:
         t = time.perf_counter()
-        init = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=False, auto=True, key="auto_affine")
+        init = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, landmarks=False, auto=True, key="auto_affine", flip=True)
         reg_a = sdata.align.lddmm(
             XENIUM_CELLS, VISIUM_HIRES, init="auto_affine", key="auto_lddmm", dx=PIPELINE_DX, progress=False,
             **PIPELINE_LDDMM,
@@ -229,8 +231,10 @@ def _pooled(rs: list[dict], method: str) -> dict | None:
 def aggregate(rows: list[dict]) -> list[dict]:
     """One table row per (family, density setting): errors pooled over seeds, times averaged."""
     out = []
+    rank = {f: i for i, f in enumerate([*sda.datasets.FAMILIES, "twin", "merfish", "xenium-breast"])}
     keys = sorted(
-        {(r["family"], r.get("setting", "")) for r in rows}, key=lambda k: (k[0] in ("merfish", "xenium-breast"), k)
+        {(r["family"], r.get("setting", "")) for r in rows},
+        key=lambda k: (rank.get(k[0], len(rank)), k[0], float(k[1]) if k[1].replace(".", "").isdigit() else np.inf),
     )
     for fam, setting in keys:
         rs = [r for r in rows if r["family"] == fam and r.get("setting", "") == setting]
@@ -267,7 +271,7 @@ def _acceptance(row) -> str:
         return ""
     med, p95 = BOUNDS[density_class(row["density"])]
     e, a = row["engine"], row["affine"]
-    ok = e["median"] <= med and e["p95"] <= p95 and e["median"] <= a["median"]
+    ok = e["median"] <= med and e["p95"] <= p95 and (a is None or e["median"] <= a["median"])
     marks = "pass" if ok else "FAIL"
     if row.get("auto-init"):
         x = row["auto-init"]

@@ -195,6 +195,9 @@ def wendland(rng, bbox, radius: float, n: int = 6) -> np.ndarray:
 def draw(model: str, rng, bbox, tissue_xy: np.ndarray, magnitude: float, length: float) -> SmoothWarp:
     """Draw a warp of one of :data:`MODELS` with largest non-affine displacement ``magnitude`` µm over the tissue.
 
+    A draw that would fold the tissue at that magnitude is replaced by the next draw (up to 8), then
+    :class:`ValueError` is raised.
+
     ``length`` is the model's length scale (µm): correlation length (svf), control spacing (ffd), twist
     radius (vortex), chatter wavelength (microtome), support radius (wendland); tps ignores it.
     """
@@ -212,4 +215,10 @@ def draw(model: str, rng, bbox, tissue_xy: np.ndarray, magnitude: float, length:
         "microtome": lambda: microtome(rng, bbox, length),
         "wendland": lambda: wendland(rng, bbox, length),
     }[model]
-    return finalise(gen(), bbox, tissue_xy, magnitude)
+    for attempt in range(8):  # a draw whose scaled field folds is replaced by the next one (same rng stream)
+        try:
+            return finalise(gen(), bbox, tissue_xy, magnitude)
+        except ValueError:
+            if attempt == 7:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
