@@ -17,20 +17,37 @@ import math
 
 import numpy as np
 import torch
+from torch.nn.functional import grid_sample
 
 from ._utils import interp
+
+
+def good_fft_size(n: int) -> int:
+    """Smallest ``m >= n`` whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    m = max(int(n), 1)
+    while True:
+        k = m
+        for f in (2, 3, 5):
+            while k % f == 0:
+                k //= f
+        if k == 1:
+            return m
+        m += 1
+
+
+def _laplacian_symbol(ny: int, nx: int, dv: float, *, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    ky = torch.fft.fftfreq(ny, dtype=dtype, device=device)
+    kx = torch.fft.rfftfreq(nx, dtype=dtype, device=device)
+    return (
+        (2.0 - 2.0 * torch.cos(2.0 * math.pi * ky))[:, None] + (2.0 - 2.0 * torch.cos(2.0 * math.pi * kx))[None, :]
+    ) / (dv**2)
 
 
 def sobolev_symbol(
     ny: int, nx: int, dv: float, a: float, p: float, *, dtype=torch.float64, device="cpu"
 ) -> torch.Tensor:
     """Fourier symbol of ``L = (Id - a^2 Δ)^p`` on an ``(ny, nx)`` grid of spacing ``dv`` (rfft layout)."""
-    ky = torch.fft.fftfreq(ny, dtype=dtype, device=device)
-    kx = torch.fft.rfftfreq(nx, dtype=dtype, device=device)
-    lam = (2.0 - 2.0 * torch.cos(2.0 * math.pi * ky))[:, None] / dv**2 + (2.0 - 2.0 * torch.cos(2.0 * math.pi * kx))[
-        None, :
-    ] / dv**2
-    return (1.0 + a**2 * lam) ** p
+    return (1.0 + a**2 * _laplacian_symbol(ny, nx, dv, dtype=dtype, device=device)) ** p
 
 
 def apply_symbol(field: torch.Tensor, symbol: torch.Tensor, power: float = 1.0) -> torch.Tensor:
@@ -82,6 +99,39 @@ def flow_inverse(
     return pts
 
 
+def sample_grid(field: torch.Tensor, grid: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Bilinearly sample ``field`` (``(C, ny, nx)``) at normalised positions ``grid`` (``(H, W, 2)``).
+
+    Positions are grid_sample's ``[-1, 1]`` coordinates with ``align_corners=True``; returns ``(C, H, W)``.
+    """
+    return grid_sample(field[None], grid[None], mode="bilinear", padding_mode=padding, align_corners=True)[0]
+
+
+def inverse_displacement_normalised(vn: torch.Tensor, nodes: torch.Tensor, *, n_fixed_point: int = 1) -> torch.Tensor:
+    """:func:`inverse_displacement` in the grid's normalised coordinates (the optimiser's hot path).
+
+    ``vn`` is the velocity ``(nt, 2, ny, nx)`` in normalised units per unit time and ``nodes`` the ``(ny, nx, 2)``
+    normalised node positions; returns the ``(2, ny, nx)`` displacement in normalised units.
+    """
+    nt = vn.shape[0]
+    disp = None
+    for t in range(nt):
+        step = vn[t] / nt  # (2, ny, nx): the velocity at the nodes needs no interpolation
+        u = nodes - step.permute(1, 2, 0)
+        for _ in range(n_fixed_point):
+            u = nodes - sample_grid(step, u).permute(1, 2, 0)
+        d_u = (u - nodes).permute(2, 0, 1)
+        disp = d_u if disp is None else d_u + sample_grid(disp, u)
+    return disp
+
+
+def grid_normaliser(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale ``s`` and offset ``o`` (both ``(2,)``) with ``s * p + o`` = grid_sample's coordinates of point ``p``."""
+    s = np.array([2.0 / (x[-1] - x[0]) if x[-1] != x[0] else 0.0, 2.0 / (y[-1] - y[0]) if y[-1] != y[0] else 0.0])
+    o = -1.0 - s * np.array([x[0], y[0]])
+    return s, o
+
+
 def inverse_displacement(v: torch.Tensor, xv: np.ndarray, yv: np.ndarray, *, n_fixed_point: int = 1) -> torch.Tensor:
     """Displacement ``phi^{-1}(z) - z`` of the inverse flow, sampled on the velocity grid itself.
 
@@ -92,23 +142,16 @@ def inverse_displacement(v: torch.Tensor, xv: np.ndarray, yv: np.ndarray, *, n_f
     ``phi^{-1}`` at many image pixels costs a single interpolation of the returned ``(2, ny, nx)``
     field (border-extrapolated) instead of ``nt`` interpolations per pixel.
     """
-    nt, _, ny, nx = v.shape
+    s, o = grid_normaliser(xv, yv)
+    st = torch.as_tensor(s, dtype=v.dtype, device=v.device)
     gx, gy = torch.meshgrid(
         torch.as_tensor(xv, dtype=v.dtype, device=v.device),
         torch.as_tensor(yv, dtype=v.dtype, device=v.device),
         indexing="xy",
     )
-    grid = torch.stack((gx, gy), 0)  # (2, ny, nx)
-    pts = grid.reshape(2, -1).T
-    disp = None
-    for t in range(nt):
-        step = v[t] / nt  # (2, ny, nx): the velocity at the nodes needs no interpolation
-        u = pts - step.reshape(2, -1).T
-        for _ in range(n_fixed_point):
-            u = pts - interp(v[t], xv, yv, u, padding="border").T / nt
-        d_u = (u - pts).T.reshape(2, ny, nx)
-        disp = d_u if disp is None else d_u + interp(disp, xv, yv, u, padding="border").reshape(2, ny, nx)
-    return disp
+    nodes = torch.stack((gx * float(s[0]) + float(o[0]), gy * float(s[1]) + float(o[1])), -1)
+    d = inverse_displacement_normalised(v * st[:, None, None], nodes, n_fixed_point=n_fixed_point)
+    return d / st[:, None, None]
 
 
 def affine_torch(matrix: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,33 @@
 """Affine + diffeomorphic (LDDMM) image registration with Gaussian-mixture matching.
 
-The model (written from the mathematics of LDDMM with image varifold / mixture matching; see the
-module docs for the energy):
+The model (written from the mathematics of LDDMM with image varifold / mixture matching):
 
-* A source image ``I`` (any number of channels, e.g. a rasterised cell density, in source units) is
-  deformed onto the target grid: ``I'(y) = I(phi^{-1}(A^{-1} y))`` where ``A`` is an affine and
-  ``phi`` the flow of a time-dependent velocity field ``v_t`` (:mod:`._flow`).
-* Each target pixel ``J(y)`` (e.g. RGB H&E) is explained by a three-class Gaussian mixture: matched
-  tissue with mean ``f_theta(I'(y))`` (a per-channel polynomial contrast map refitted by weighted
-  least squares at every evaluation), background with a constant colour ``mu_B``, and artifact with
-  a constant colour ``mu_A``. Class colours and priors are re-estimated by EM after every accepted
-  step; the per-pixel posterior of the matched class is the *match weight*.
-* Energy (all terms dimensionless, matching integrated over the target domain in units of the
-  finest source pixel area, so weights do not change across resolution levels)::
+* A source image ``I`` (any number of channels, e.g. rasterised cell densities, in source units) is
+  deformed onto the target grid: ``I'(y) = I(phi^{-1}(A^{-1} y))`` where ``A`` is an affine and ``phi``
+  the flow of a time-dependent velocity field ``v_t`` (:mod:`._flow`).
+* Data terms (:mod:`._data`): each target pixel ``J(y)`` (e.g. RGB H&E) is explained by a three-class
+  Gaussian mixture (matched tissue with mean ``f_theta(I'(y))``, background, artifact); optionally, sparse
+  target observations (Visium spot expression of shared genes) are compared with smoothed source feature
+  fields sampled at the spots' pulled-back positions.
+* Energy (dimensionless; the image term is integrated over the target in units of the finest source pixel
+  area, so weights do not change across resolution levels)::
 
-      E = sum_y -log sum_k pi_k N(J(y); mu_k(y), sigma_k^2)  * area(y)
-        + 1 / (2 sigma_R^2) * 1/nt sum_t ||L v_t||^2 * dv^2 / dx_I^2
+      E = sum_y -log sum_k pi_k N(J(y); mu_k(y), sigma_k^2) * area(y)
+        + sum_s sum_g w_s (E_sg - b_g F_g(phi^{-1}(A^{-1} q_s)) - c_g)^2 / (2 sigma_g^2)
+        + 1 / (2 sigma_R^2) * 1/nt sum_t ||w_t||^2 * dv^2 / dx_I^2,        v_t = K^{1/2} w_t
         + sum_i |A phi(p_i) - q_i|^2 / (2 sigma_P^2)
 
-  with ``L = (Id - a^2 Laplacian)^p`` applied in the Fourier domain.
-* The velocity is parametrised by ``w = L v`` (so the Euclidean gradient in ``w`` is the Sobolev
-  gradient) and the affine in normalised coordinates; both are optimised jointly by L-BFGS with an
-  Armijo backtracking line search, coarse-to-fine over image resolutions, stopping on convergence
-  (energy decrease over a window small compared with the progress made) or an iteration cap.
+  where ``K`` is a multi-scale Sobolev kernel (``sum_i c_i (Id - a_i^2 Δ)^{-2p}``): its long scales carry
+  deformations across tissue with little texture, its short ones allow local corrections.
+* The velocity is parametrised by ``w`` (so the Euclidean gradient in ``w`` is the kernel-preconditioned
+  gradient) and the affine in normalised coordinates; both are optimised jointly by L-BFGS with an Armijo
+  backtracking line search, coarse-to-fine over image resolutions. A level stops when the transform has
+  stopped moving (largest change of the pulled-back positions over a window of iterations below a tolerance
+  in source pixels, after a minimum number of iterations), when no descent is possible, or at its cap; the
+  reason is recorded.
+
+The data-term gradients are written out in closed form and only the interpolation and the flow go through
+autograd; the heavy arrays are float32 by default, energies and optimiser dot products float64.
 """
 
 from __future__ import annotations
@@ -38,11 +43,18 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ._flow import affine_torch, apply_symbol, flow_forward, inverse_displacement, sobolev_symbol
+from ._data import MixtureTerm, SpotTerm
+from ._flow import (
+    affine_torch,
+    flow_forward,
+    good_fft_size,
+    grid_normaliser,
+    inverse_displacement_normalised,
+    sample_grid,
+    sobolev_symbol,
+)
 from ._result import Registration
 from ._utils import Image, as_image, check_points, homogeneous, interp
-
-_CLASSES = ("match", "background", "artifact")
 
 
 class RegistrationDivergedWarning(UserWarning):
@@ -55,9 +67,28 @@ class _Level:
     source: Image
     target: Image
     I: torch.Tensor  # (C_I, ny, nx)
-    J: torch.Tensor  # (N, C_J)
-    pts: torch.Tensor  # (N, 2) target pixel centres
     area: float
+    mixture: MixtureTerm
+    border: torch.Tensor  # (C_J, n_border) target values on the image border
+    track: torch.Tensor  # indices of target pixels whose pulled-back position is tracked for convergence
+    Nt_inv: torch.Tensor  # (3, 3): grid_sample coordinates of the target grid -> target units
+    R: torch.Tensor  # (2,) velocity-grid -> source-image normalised coordinates: z_I = R * z_v + c
+    c: torch.Tensor  # (2,)
+    s_I: np.ndarray  # source-image normaliser: z_I = s_I * z + o_I
+    o_I: np.ndarray
+    gx: torch.Tensor  # (W,) grid_sample x coordinates of the target columns
+    gy: torch.Tensor  # (H,)
+
+
+def _linear_resampler(src: np.ndarray, dst: np.ndarray, dtype, device) -> torch.Tensor:
+    """``(len(dst), len(src))`` matrix of 1-D linear interpolation from nodes ``src`` to ``dst`` (clamped ends)."""
+    f = np.clip((dst - src[0]) / (src[1] - src[0]), 0, len(src) - 1)
+    i0 = np.minimum(np.floor(f).astype(int), len(src) - 2)
+    t = f - i0
+    m = np.zeros((len(dst), len(src)))
+    m[np.arange(len(dst)), i0] = 1 - t
+    m[np.arange(len(dst)), i0 + 1] += t
+    return torch.as_tensor(m, dtype=dtype, device=device)
 
 
 def _normalise_matrix(extent) -> np.ndarray:
@@ -85,6 +116,22 @@ def _as_tuple(v, n: int, name: str) -> tuple:
     return v
 
 
+def default_kernel_scales(source: Image, a: float | None = None) -> tuple[float, ...]:
+    """Length scales of the smoothing kernel, from the source image (source units).
+
+    The shortest is ``a`` (default 8 source pixels); longer ones follow at factors of 3 up to a quarter of the
+    source's extent, so a deformation found where the tissue has texture extends smoothly over featureless
+    tissue instead of decaying to the affine within ``a`` of it.
+    """
+    xmin, xmax, ymin, ymax = source.extent
+    a0 = float(8 * source.dx if a is None else a)
+    top = max(xmax - xmin, ymax - ymin) / 4
+    scales = [a0]
+    while scales[-1] * 3 <= top * 1.5:
+        scales.append(scales[-1] * 3)
+    return tuple(scales)
+
+
 class _Problem:
     """Holds tensors and nuisance parameters, evaluates the energy and its gradient."""
 
@@ -93,20 +140,13 @@ class _Problem:
         I_img,
         A0,
         *,
-        a,
+        scales_a,
+        kernel_weights,
         p,
         nt,
         dv,
-        pad,
-        sigma_m,
-        sigma_b,
-        sigma_a,
         sigma_r,
         sigma_p,
-        degree,
-        background,
-        artifact,
-        update_priors,
         lm_src,
         lm_dst,
         dtype,
@@ -118,165 +158,167 @@ class _Problem:
         self.b_scale = float(self.NI[0, 0])  # 1 / half-extent of the source (source units)
         # the target normaliser is expressed through A0 so the affine parameters start near identity
         self.NJ = self.NI @ np.linalg.inv(A0)
-        self.B0 = self.NJ @ A0 @ np.linalg.inv(self.NI)  # = identity by construction
-        self.nt, self.a, self.p = nt, a, p
+        self.NJi = torch.as_tensor(np.linalg.inv(self.NJ), dtype=dtype, device=device)
+        self.NIt = torch.as_tensor(self.NI, dtype=dtype, device=device)
+        self.nt, self.p = nt, p
         self.dxI = I_img.dx * I_img.dy
-        # velocity grid: the source image's extent, padded by ``pad`` (2a) so the periodic Fourier-domain
-        # smoothing does not couple opposite edges. Target pixels pulled back outside it sample an empty
-        # source anyway; there the field is extended by its edge values (border extrapolation).
+        # one velocity grid per kernel scale a_i (spacing a_i / 3 for the shortest, coarser for the longer
+        # scales; each padded by 2 a_i so the periodic Fourier-domain smoothing does not couple opposite
+        # edges; sizes rounded up to fast FFT lengths). The total velocity is their sum, resampled onto the
+        # finest grid: a sum of independent fields with kernels c_i (Id - a_i^2 Δ)^{-2p}, at the cost of the
+        # finest grid alone. Target pixels pulled back outside it sample an empty source anyway; there the
+        # field is extended by its edge values.
         src = _corners(I_img.extent)
-        lo = src.min(axis=0) - pad
-        hi = src.max(axis=0) + pad
-        nvx = int(np.ceil((hi[0] - lo[0]) / dv)) + 1
-        nvy = int(np.ceil((hi[1] - lo[1]) / dv)) + 1
-        self.xv = lo[0] + dv * np.arange(nvx)
-        self.yv = lo[1] + dv * np.arange(nvy)
-        self.dv = dv
-        self.symbol = sobolev_symbol(nvy, nvx, dv, a, p, dtype=dtype, device=device)
-        self.sigma = {"match": sigma_m, "background": sigma_b, "artifact": sigma_a}
+        c = np.asarray(kernel_weights, dtype=float)
+        c = c / c.sum()
+        a_min = min(scales_a)
+        self.grids = []
+        for a_i, c_i in sorted(zip(scales_a, c, strict=True)):
+            d_i = dv if a_i == a_min else max(dv, a_i / 3)
+            lo = src.min(axis=0) - 2 * a_i
+            hi = src.max(axis=0) + 2 * a_i
+            nx_i = good_fft_size(int(np.ceil((hi[0] - lo[0]) / d_i)) + 1)
+            ny_i = good_fft_size(int(np.ceil((hi[1] - lo[1]) / d_i)) + 1)
+            cx, cy = (lo + hi) / 2
+            xg = cx + d_i * (np.arange(nx_i) - (nx_i - 1) / 2)
+            yg = cy + d_i * (np.arange(ny_i) - (ny_i - 1) / 2)
+            sym = sobolev_symbol(ny_i, nx_i, d_i, a_i, p, dtype=dtype, device=device) ** -1 * math.sqrt(c_i)
+            grid = {"a": a_i, "c": c_i, "dv": d_i, "x": xg, "y": yg, "symbol": sym, "shape": (nt, 2, ny_i, nx_i)}
+            if self.grids:  # separable linear interpolation onto the finest grid (border-extended)
+                fine = self.grids[0]
+                grid["Ry"] = _linear_resampler(yg, fine["y"], dtype, device)
+                grid["Rx"] = _linear_resampler(xg, fine["x"], dtype, device)
+            self.grids.append(grid)
+        self.xv, self.yv, self.dv = self.grids[0]["x"], self.grids[0]["y"], self.grids[0]["dv"]
+        fx, fy = np.meshgrid(self.xv, self.yv)
+        self.fine_nodes = torch.as_tensor(np.stack([fx.ravel(), fy.ravel()], 1), dtype=dtype, device=device)
+        # the hot path works in the fine grid's grid_sample coordinates: z_v = s_v * z + o_v
+        self.s_v, self.o_v = grid_normaliser(self.xv, self.yv)
+        self.sv_t = torch.as_tensor(self.s_v, dtype=dtype, device=device)
+        self.ov_t = torch.as_tensor(self.o_v, dtype=dtype, device=device)
+        nv = np.diag([*self.s_v, 1.0])
+        nv[:2, 2] = self.o_v
+        self.Nv = torch.as_tensor(nv, dtype=dtype, device=device)
+        self.nodes_n = self.fine_nodes.reshape(len(self.yv), len(self.xv), 2) * self.sv_t + self.ov_t
         self.sigma_r, self.sigma_p = sigma_r, sigma_p
-        self.degree = degree
-        self.active = [True, background, artifact]
-        self.update_priors = update_priors
         self.lm_src = None if lm_src is None else torch.as_tensor(lm_src, dtype=dtype, device=device)
         self.lm_dst = None if lm_dst is None else torch.as_tensor(lm_dst, dtype=dtype, device=device)
         self.n_b = 6
-        self.w_shape = (nt, 2, nvy, nvx)
-        # nuisance parameters (set per level by init_nuisance / m_step)
-        self.mu_b = self.mu_a = None
-        self.log_pi = None
-        self.w_match = None
-        self.theta = None
+        self.w_shape = self.grids[0]["shape"]
+        self.sizes = [int(np.prod(g["shape"])) for g in self.grids]
+        self.n_x = self.n_b + sum(self.sizes)
+        self.spots: _SpotInput | None = None
 
     # ------------------------------------------------------------------ parameter handling
     def unpack(self, x: torch.Tensor):
-        b = x[: self.n_b]
-        w = x[self.n_b :].reshape(self.w_shape)
-        return b, w
+        """Affine parameters and the list of per-scale velocity parameters."""
+        ws, i = [], self.n_b
+        for g, n in zip(self.grids, self.sizes, strict=True):
+            ws.append(x[i : i + n].reshape(g["shape"]))
+            i += n
+        return x[: self.n_b], ws
 
     def affine(self, b: torch.Tensor) -> torch.Tensor:
-        B = torch.eye(3, dtype=self.dtype, device=self.device)
         # b is scaled so that a unit change moves points by about one source unit (like w)
         b = b * self.b_scale
-        B = B + torch.cat([b.reshape(2, 3), torch.zeros(1, 3, dtype=self.dtype, device=self.device)])
-        NJi = torch.as_tensor(np.linalg.inv(self.NJ), dtype=self.dtype, device=self.device)
-        NI = torch.as_tensor(self.NI, dtype=self.dtype, device=self.device)
-        return NJi @ B @ NI
+        B = torch.eye(3, dtype=self.dtype, device=self.device) + torch.cat(
+            [b.reshape(2, 3), torch.zeros(1, 3, dtype=self.dtype, device=self.device)]
+        )
+        return self.NJi @ B @ self.NIt
 
-    def velocity(self, w: torch.Tensor) -> torch.Tensor:
-        return apply_symbol(w, self.symbol, -1.0)
+    def velocity(self, ws) -> torch.Tensor:
+        """Total velocity ``(nt, 2, ny, nx)`` on the finest grid: the sum of the per-scale fields."""
+        v = None
+        for g, w in zip(self.grids, ws, strict=True):
+            ny, nx = w.shape[-2:]
+            vi = torch.fft.irfft2(torch.fft.rfft2(w) * g["symbol"], s=(ny, nx))
+            v = vi if v is None else v + g["Ry"] @ vi @ g["Rx"].T
+        return v
 
-    # ------------------------------------------------------------------ nuisance parameters
-    def init_nuisance(self, lvl: _Level):
-        J = lvl.J
-        c = J.shape[1]
-        ny, nx = lvl.target.data.shape[1:]
-        border = torch.zeros(ny, nx, dtype=torch.bool, device=self.device)
-        k = max(1, min(ny, nx) // 20)
-        border[:k] = border[-k:] = True
-        border[:, :k] = border[:, -k:] = True
-        self.mu_b = J[border.reshape(-1)].median(dim=0).values if self.mu_b is None else self.mu_b
-        if self.mu_a is None:
-            # the artifact class starts at the typical tissue colour (median of the pixels clearly off the
-            # background), so target tissue with no source counterpart (a section cut differently, a
-            # fold) is explained by it instead of pulling the source's edge outwards
-            dist = ((J - self.mu_b) ** 2).sum(1)
-            tissue = dist > (3 * self.sigma["match"]) ** 2
-            if int(tissue.sum()) < 10:
-                tissue = dist >= torch.quantile(dist, 0.9)
-            self.mu_a = J[tissue].median(dim=0).values
-        if self.log_pi is None:
-            pi = torch.tensor([0.6, 0.3, 0.1], dtype=self.dtype, device=self.device)
-            pi = pi * torch.tensor(self.active, dtype=self.dtype, device=self.device)
-            self.log_pi = torch.log(pi / pi.sum()).clamp_min(-1e4)
-        self.w_match = torch.ones(J.shape[0], dtype=self.dtype, device=self.device)
-        del c
+    def reg_energy(self, ws) -> torch.Tensor:
+        """``1/(2 sigma_R^2 nt) sum_i ||w_i||^2 dv_i^2 / dx_I^2`` (float64)."""
+        e = 0.0
+        for g, w in zip(self.grids, ws, strict=True):
+            e = e + (w.double() ** 2).sum() * (g["dv"] ** 2 / self.dxI)
+        return e / (2 * self.sigma_r**2 * self.nt)
 
-    def m_step(self, lvl: _Level, post: torch.Tensor):
-        J = lvl.J
-        self.w_match = post[:, 0]
-        if self.active[1]:
-            wb = post[:, 1]
-            if wb.sum() > 1e-6:
-                self.mu_b = (wb[:, None] * J).sum(0) / wb.sum()
-        if self.active[2]:
-            wa = post[:, 2]
-            if wa.sum() > 1e-6:
-                self.mu_a = (wa[:, None] * J).sum(0) / wa.sum()
-        if self.update_priors:
-            pi = post.mean(0).clamp_min(1e-3)
-            pi = pi * torch.tensor(self.active, dtype=self.dtype, device=self.device)
-            self.log_pi = torch.log(pi / pi.sum()).clamp_min(-1e4)
+    def pull_back(self, y: torch.Tensor, A: torch.Tensor, disp_n: torch.Tensor) -> torch.Tensor:
+        """Source positions ``phi^{-1}(A^{-1} y)`` (source units) of target points ``y`` (``(N, 2)``)."""
+        z0 = affine_torch(torch.linalg.inv(A), y) * self.sv_t + self.ov_t
+        d = sample_grid(disp_n, z0[None]).reshape(2, -1).T
+        return (z0 + d - self.ov_t) / self.sv_t
 
     # ------------------------------------------------------------------ energy
-    def features(self, Iw: torch.Tensor) -> torch.Tensor:
-        """Polynomial contrast features ``[1, I, I^2, ...]`` per channel: ``(N, 1 + C*degree)``."""
-        cols = [torch.ones(Iw.shape[1], dtype=self.dtype, device=self.device)]
-        for d in range(1, self.degree + 1):
-            cols.extend(Iw**d)
-        return torch.stack(cols, dim=1)
-
-    def deform(self, lvl: _Level, b, w):
+    def evaluate(self, lvl: _Level, x: torch.Tensor, mask: torch.Tensor | None, *, want_post: bool = False):
+        """Total energy (float64), its gradient (masked; ``None`` when not finite), the parts and extras."""
+        x = x.detach().requires_grad_(mask is not None)
+        b, ws = self.unpack(x)
         A = self.affine(b)
-        v = self.velocity(w)
-        z = affine_torch(torch.linalg.inv(A), lvl.pts)
-        z = z + interp(inverse_displacement(v, self.xv, self.yv), self.xv, self.yv, z, padding="border").T
-        Iw = interp(lvl.I, lvl.source.x, lvl.source.y, z, padding="zeros")
-        return A, v, Iw
-
-    def energy(self, lvl: _Level, x: torch.Tensor, *, with_landmarks: bool = True):
-        b, w = self.unpack(x)
-        A, v, Iw = self.deform(lvl, b, w)
-        phi = self.features(Iw)
-        # contrast: weighted least squares (the envelope theorem makes the detached fit exact)
+        v = self.velocity(ws)
+        disp_n = inverse_displacement_normalised(v * self.sv_t[:, None, None], self.nodes_n)
+        theta = (self.Nv @ torch.linalg.inv(A) @ lvl.Nt_inv)[:2]
+        # velocity-grid coordinates of A^{-1} y at every target pixel, (H, W, 2), as an outer sum
+        z0 = (lvl.gx[:, None] * theta[:, 0]) + (lvl.gy[:, None] * theta[:, 1] + theta[:, 2])[:, None, :]
+        zI = torch.addcmul(lvl.c, z0 + sample_grid(disp_n, z0).permute(1, 2, 0), lvl.R)  # source-image coords
+        Iw = sample_grid(lvl.I, zI, padding="zeros").reshape(lvl.I.shape[0], -1)  # (C_I, N)
         with torch.no_grad():
-            pw = phi * self.w_match[:, None]
-            gram = pw.T @ phi
-            ridge = 1e-8 * torch.trace(gram) / gram.shape[0] + 1e-12
-            gram = gram + ridge * torch.eye(gram.shape[0], dtype=self.dtype, device=self.device)
-            theta = torch.linalg.solve(gram, pw.T @ lvl.J)
-        self.theta = theta
-        mu_m = phi @ theta
-        J = lvl.J
-        c = J.shape[1]
-        logs = []
-        for k, (name, mu) in enumerate(zip(_CLASSES, (mu_m, self.mu_b, self.mu_a), strict=True)):
-            if not self.active[k]:
-                continue
-            s = self.sigma[name]
-            logs.append(self.log_pi[k] - c * math.log(s) - ((J - mu) ** 2).sum(1) / (2 * s * s))
-        logs = torch.stack(logs, dim=1)
-        nll = -torch.logsumexp(logs, dim=1)
-        e_match = nll.sum() * lvl.area
-        e_reg = (w**2).sum() * (self.dv**2 / self.dxI) / (2 * self.sigma_r**2 * self.nt)
-        e_lm = torch.zeros((), dtype=self.dtype, device=self.device)
-        if with_landmarks and self.lm_src is not None:
-            q = affine_torch(A, flow_forward(self.lm_src, v, self.xv, self.yv))
-            e_lm = ((q - self.lm_dst) ** 2).sum() / (2 * self.sigma_p**2)
+            e_match, g_I, post = lvl.mixture.evaluate(Iw.detach(), want_grad=mask is not None, want_post=want_post)
+        outs, grads = [Iw], [g_I]
+        parts = {"match": e_match}
+        e_spot = r_spot = zs = None
+        if self.spots is not None:
+            zs = self.pull_back(self.spots.q, A, disp_n)
+            Fs = interp(self.spots.F, self.spots.image.x, self.spots.image.y, zs, padding="zeros")  # (G, S)
+            with torch.no_grad():
+                e_spot, g_F, r_spot = self.spots.term.evaluate(Fs.detach(), want_grad=mask is not None)
+            outs.append(Fs)
+            grads.append(g_F)
+            parts["spots"] = e_spot
+        e_reg = self.reg_energy(ws)
+        e_lm = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.lm_src is not None:
+            q_lm = affine_torch(A, flow_forward(self.lm_src, v, self.xv, self.yv))
+            e_lm = ((q_lm - self.lm_dst).double() ** 2).sum() / (2 * self.sigma_p**2)
+        parts.update(reg=e_reg.detach(), landmark=e_lm.detach())
+        total = e_match + e_reg.detach() + e_lm.detach() + (0.0 if e_spot is None else e_spot)
         with torch.no_grad():
-            post_active = torch.softmax(logs, dim=1)
-            post = torch.zeros(J.shape[0], 3, dtype=self.dtype, device=self.device)
-            post[:, [k for k in range(3) if self.active[k]]] = post_active
-        total = e_match + e_reg + e_lm
-        return total, {"match": e_match, "reg": e_reg, "landmark": e_lm}, post, v
+            zt = zI.reshape(-1, 2)[lvl.track]
+            z_track = (zt - torch.as_tensor(lvl.o_I, dtype=zt.dtype)) / torch.as_tensor(lvl.s_I, dtype=zt.dtype)
+        extra = {"post": post, "disp_max": float(disp_n.detach().abs().max()), "z_track": z_track}
+        if self.spots is not None:
+            extra["r_spot"] = r_spot
+            extra["z_spot"] = zs.detach()
+        if mask is None or not torch.isfinite(total):
+            return total.detach(), None, parts, extra
+        outs.append(e_reg + e_lm)
+        grads.append(torch.ones((), dtype=torch.float64, device=self.device))
+        (g,) = torch.autograd.grad(outs, [x], grads)
+        g = torch.where(mask, g, torch.zeros_like(g))
+        return total.detach(), g, parts, extra
 
 
-def _lbfgs_direction(g, S, Y, first_scale):
+@dataclass
+class _SpotInput:
+    """Sparse target observations and the matching source feature image (see :func:`lddmm`)."""
+
+    term: SpotTerm
+    q: torch.Tensor  # (S, 2) spot positions, target units
+    image: Image  # source feature image (grid in source units)
+    F: torch.Tensor  # its values, (G, ny, nx)
+
+
+def _lbfgs_direction(g, S, Y):
+    """L-BFGS two-loop recursion."""
     q = g.clone()
     alphas = []
     for s, y in zip(reversed(S), reversed(Y), strict=True):
         rho = 1.0 / torch.dot(y, s)
         alpha = rho * torch.dot(s, q)
-        q = q - alpha * y
+        q -= alpha * y
         alphas.append((rho, alpha))
-    if S:
-        gamma = torch.dot(S[-1], Y[-1]) / torch.dot(Y[-1], Y[-1])
-        r = gamma * q
-    else:
-        r = first_scale * q
+    r = q * (torch.dot(S[-1], Y[-1]) / torch.dot(Y[-1], Y[-1]))
     for (s, y), (rho, alpha) in zip(zip(S, Y, strict=True), reversed(alphas), strict=True):
-        beta = rho * torch.dot(y, r)
-        r = r + s * (alpha - beta)
+        r += s * (alpha - rho * torch.dot(y, r))
     return -r
 
 
@@ -287,7 +329,12 @@ def lddmm(
     affine=None,
     source_landmarks=None,
     target_landmarks=None,
+    target_spots=None,
+    spot_values=None,
+    source_features=None,
     a: float | None = None,
+    kernel_scales=None,
+    kernel_weights=None,
     p: float = 2.0,
     nt: int = 5,
     dv: float | None = None,
@@ -304,9 +351,10 @@ def lddmm(
     max_iter=(200, 100, 50),
     affine_iter: int = 100,
     optimize_affine: bool = True,
-    tol: float = 0.01,
+    tol: float = 0.02,
     window: int = 10,
-    min_iter: int = 10,
+    min_iter: int = 15,
+    em_every: int = 5,
     target_pixel: float | None = None,
     device: str = "cpu",
     dtype=None,
@@ -321,7 +369,8 @@ def lddmm(
     ----------
     source
         Source image (e.g. :func:`~spatialdata_align.registration.rasterize` output): a ``(c, y, x)``
-        DataArray with physical coordinates (source units, e.g. µm), or an array (pixel units).
+        DataArray with physical coordinates (source units, e.g. µm), or an array (pixel units). Several
+        channels (e.g. densities of cell types) all enter the contrast map.
     target
         Target image (e.g. an RGB H&E): DataArray with physical coordinates (target units, e.g.
         Visium full-resolution pixels) or an array; integer images are scaled to ``[0, 1]``.
@@ -331,21 +380,31 @@ def lddmm(
     source_landmarks, target_landmarks
         Optional ``(N, 2)`` matched ``(x, y)`` points in source / target units: adds the landmark
         term ``sum |A phi(p) - q|^2 / (2 sigma_p^2)``.
+    target_spots, spot_values, source_features
+        Optional sparse target observations: ``(S, 2)`` positions ``(x, y)`` in target units (e.g. Visium
+        spot centres), their ``(S, G)`` feature values (e.g. normalised log expression of shared genes),
+        and a ``(G, y, x)`` source image of the same features (e.g. smoothed Xenium expression, on any grid
+        in source units). Adds a spot term with a per-feature affine calibration and noise levels estimated
+        by maximum likelihood.
     a
-        Smoothness length scale of the velocity field (source units). Default ``8 * dx`` of the
+        Shortest smoothness length scale of the velocity field (source units). Default ``8 * dx`` of the
         source image.
+    kernel_scales, kernel_weights
+        Length scales ``a_i`` (source units) and relative prior variances ``c_i`` of the multi-scale
+        kernel. Default: :func:`default_kernel_scales` (``a`` and factors of 3 up to a quarter of the
+        source's extent), equal weights. ``kernel_scales=(a,)`` gives the classic single-scale operator.
     p
         Power of the Sobolev operator ``(Id - a^2 Δ)^p``.
     nt
         Number of time steps of the flow.
     dv
-        Velocity grid spacing (source units). Default ``a / 3``.
+        Velocity grid spacing (source units). Default ``a / 2``.
     sigma_m, sigma_b, sigma_a
         Noise standard deviations of the matched, background and artifact classes (target
         intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, ``5 * sigma_m``.
     sigma_r
-        Regularisation scale: larger allows larger deformations (source units). Default
-        ``10 * dx`` of the source image (200 µm for a 20 µm raster).
+        Regularisation scale: larger allows larger deformations (source units). Default ``10 * dx`` of
+        the source image.
     sigma_p
         Landmark tolerance (target units). Default: two source pixels mapped to target units.
     contrast_degree
@@ -354,9 +413,8 @@ def lddmm(
         Whether to model background / artifact classes.
     update_priors
         Re-estimate the class priors by EM. Off by default: the priors stay at 0.6 / 0.3 / 0.1 (match /
-        background / artifact). Re-estimated, the artifact prior collapses when little of the target
-        lacks a source counterpart, and the source's edges are then stretched over that tissue (on twin
-        sections with a cut Xenium edge: 95th-percentile TRE 12-30 µm with EM priors, ~11 µm fixed).
+        background / artifact); re-estimated, the artifact prior collapses when little of the target lacks
+        a source counterpart, and the source's cut edges are then stretched over that tissue.
     scales
         Coarse-to-fine image downsampling factors (relative to the working resolution).
     max_iter
@@ -366,15 +424,17 @@ def lddmm(
     optimize_affine
         Refine the affine jointly with the velocity (otherwise the initial affine is kept).
     tol, window, min_iter
-        Convergence test: a level stops once the energy decrease over the last ``window``
-        iterations is below ``tol`` times the decrease achieved on that level (after at least
-        ``min_iter`` iterations).
+        Convergence test: a level stops once the pulled-back positions of the target pixels over the source
+        have moved less than ``tol`` level pixels (source units ``tol * factor * dx``) over the last
+        ``window`` iterations, after at least ``min_iter`` iterations.
+    em_every
+        Iterations between updates of the mixture's colours and weights (each followed by a re-evaluation).
     target_pixel
         Working pixel size of the target (target units). Default: the source pixel size mapped
         through the initial affine (the target is block-averaged down to it).
     device, dtype
-        Torch device and dtype. Default ``float64`` on CPU (bit-reproducible for given inputs),
-        ``float32`` on CUDA.
+        Torch device and dtype of the image arrays. Default ``float32`` (energies and optimiser dot products
+        are accumulated in float64); results are bit-reproducible on a given machine and thread count.
     seed
         Torch random seed (the algorithm itself is deterministic).
     progress
@@ -384,19 +444,21 @@ def lddmm(
 
     Returns
     -------
-    :class:`~spatialdata_align.registration.Registration` mapping source → target.
+    :class:`~spatialdata_align.registration.Registration` mapping source → target. Its ``params["levels"]``
+    lists, per stage, the iterations taken and why it stopped.
     """
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     if dtype is None:
-        dtype = torch.float32 if str(device).startswith("cuda") else torch.float64
+        dtype = torch.float32
     I_img = as_image(source, name="source")
     J_img = as_image(target, name="target")
-    # intensity normalisation (source to ~[0, 1]; target as given, integer images already scaled)
-    scale_i = float(np.quantile(I_img.data, 0.999))
-    if not np.isfinite(scale_i) or scale_i <= 0 or float(I_img.data.std()) == 0:
+    # intensity normalisation: every source channel to ~[0, 1] (target as given, integer images scaled)
+    scale_i = np.quantile(I_img.data.reshape(I_img.data.shape[0], -1), 0.999, axis=1)
+    if not np.all(np.isfinite(scale_i)) or float(I_img.data.std()) == 0:
         raise ValueError("source image has zero variance (empty raster?); nothing to register.")
-    I_img = Image(I_img.data / scale_i, I_img.x, I_img.y)
+    scale_i = np.where(scale_i > 0, scale_i, np.maximum(I_img.data.reshape(len(scale_i), -1).max(1), 1e-12))
+    I_img = Image(I_img.data / scale_i[:, None, None], I_img.x, I_img.y)
     std_j = float(J_img.data.std(axis=(1, 2)).mean())
     if std_j == 0:
         raise ValueError("target image has zero variance; nothing to register.")
@@ -411,10 +473,21 @@ def lddmm(
             raise ValueError(
                 f"landmarks must be matched pairs: {lm_src.shape[0]} source vs {lm_dst.shape[0]} target points."
             )
+    spot_given = [target_spots is not None, spot_values is not None, source_features is not None]
+    if any(spot_given) and not all(spot_given):
+        raise ValueError("the spot term needs target_spots, spot_values and source_features together.")
     scale_a = abs(np.linalg.det(A0[:2, :2])) ** 0.5
     dxI = I_img.dx
-    a = float(8 * dxI if a is None else a)
-    dv = float(a / 3 if dv is None else dv)
+    if kernel_scales is None:
+        kernel_scales = default_kernel_scales(I_img, a)
+    kernel_scales = tuple(float(s) for s in np.atleast_1d(kernel_scales))
+    if kernel_weights is None:
+        kernel_weights = (1.0,) * len(kernel_scales)
+    kernel_weights = tuple(float(c) for c in np.atleast_1d(kernel_weights))
+    if len(kernel_weights) != len(kernel_scales) or min(kernel_weights) < 0 or sum(kernel_weights) <= 0:
+        raise ValueError("kernel_weights must be non-negative, one per kernel scale, and not all zero.")
+    a = min(kernel_scales)
+    dv = float(a / 2 if dv is None else dv)
     sigma_r = float(10 * dxI if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
@@ -428,6 +501,7 @@ def lddmm(
         ("sigma_a", sigma_a),
         ("sigma_r", sigma_r),
         ("sigma_p", sigma_p),
+        ("tol", tol if tol > 0 else 1.0),
     ):
         if not np.isfinite(val) or val <= 0:
             raise ValueError(f"{name} must be positive and finite, got {val!r}.")
@@ -442,36 +516,81 @@ def lddmm(
     prob = _Problem(
         I_img,
         A0,
-        a=a,
+        scales_a=kernel_scales,
+        kernel_weights=kernel_weights,
         p=p,
         nt=nt,
         dv=dv,
-        pad=2 * a,
-        sigma_m=sigma_m,
-        sigma_b=sigma_b,
-        sigma_a=sigma_a,
         sigma_r=sigma_r,
         sigma_p=sigma_p,
-        degree=contrast_degree,
-        background=background,
-        artifact=artifact,
-        update_priors=update_priors,
         lm_src=lm_src,
         lm_dst=lm_dst,
         dtype=dtype,
         device=device,
     )
+    if all(spot_given):
+        q = check_points(target_spots, "target_spots", min_points=3)
+        vals = np.asarray(spot_values, dtype=np.float64)
+        if vals.ndim == 1:
+            vals = vals[:, None]
+        F_img = as_image(source_features, name="source_features")
+        if vals.shape[0] != q.shape[0] or vals.shape[1] != F_img.data.shape[0]:
+            raise ValueError(
+                f"spot_values must be (n_spots, n_features) = ({q.shape[0]}, {F_img.data.shape[0]}), got {vals.shape}."
+            )
+        if not np.all(np.isfinite(vals)):
+            raise ValueError("spot_values contain NaN or infinite values.")
+        term = SpotTerm(torch.as_tensor(vals.T.copy(), dtype=dtype, device=device), area=1.0)
+        prob.spots = _SpotInput(
+            term, torch.as_tensor(q, dtype=dtype, device=device), F_img, torch.as_tensor(F_img.data, dtype=dtype)
+        )
+    sigmas = (sigma_m, sigma_b, sigma_a)
+    active = (True, background, artifact)
 
     def make_level(f: int) -> _Level:
         Il = I_img.downsample(f)
         Jl = J_img.downsample(f * base_j)
-        gx, gy = np.meshgrid(Jl.x, Jl.y)
-        pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=dtype, device=device)
-        Jt = torch.as_tensor(Jl.data.reshape(Jl.data.shape[0], -1).T.copy(), dtype=dtype, device=device)
+        Jt = torch.as_tensor(Jl.data.reshape(Jl.data.shape[0], -1), dtype=dtype, device=device)
         area = (Jl.dx * Jl.dy) / (scale_a**2) / (I_img.dx * I_img.dy)
-        return _Level(f, Il, Jl, torch.as_tensor(Il.data, dtype=dtype, device=device), Jt, pts, area)
+        ny, nx = Jl.data.shape[1:]
+        border = np.zeros((ny, nx), dtype=bool)
+        k = max(1, min(ny, nx) // 20)
+        border[:k] = border[-k:] = True
+        border[:, :k] = border[:, -k:] = True
+        # tracked pixels: those whose initial pull-back lands on the source image (<= ~20k of them)
+        gx, gy = np.meshgrid(Jl.x, Jl.y)
+        zi = (np.stack([gx.ravel(), gy.ravel()], 1) - A0[:2, 2]) @ np.linalg.inv(A0[:2, :2]).T
+        xmin, xmax, ymin, ymax = I_img.extent
+        on = np.flatnonzero((zi[:, 0] > xmin) & (zi[:, 0] < xmax) & (zi[:, 1] > ymin) & (zi[:, 1] < ymax))
+        if on.size == 0:
+            on = np.arange(zi.shape[0])
+        on = on[:: max(1, on.size // 20000)]
+        s_t, o_t = grid_normaliser(Jl.x, Jl.y)
+        nt_inv = np.eye(3)
+        nt_inv[:2, :2] = np.diag(1.0 / s_t)
+        nt_inv[:2, 2] = -o_t / s_t
+        s_I, o_I = grid_normaliser(Il.x, Il.y)
+        R = s_I / prob.s_v
+        return _Level(
+            f,
+            Il,
+            Jl,
+            torch.as_tensor(Il.data, dtype=dtype, device=device),
+            area,
+            MixtureTerm(Jt, sigmas, contrast_degree, active, area=area),
+            Jt[:, torch.as_tensor(border.ravel(), device=device)],
+            torch.as_tensor(on, device=device),
+            torch.as_tensor(nt_inv, dtype=dtype, device=device),
+            torch.as_tensor(R, dtype=dtype, device=device),
+            torch.as_tensor(o_I - R * prob.o_v, dtype=dtype, device=device),
+            s_I,
+            o_I,
+            torch.linspace(-1.0, 1.0, nx, dtype=dtype, device=device),
+            torch.linspace(-1.0, 1.0, ny, dtype=dtype, device=device),
+        )
 
-    x = torch.zeros(prob.n_b + int(np.prod(prob.w_shape)), dtype=dtype, device=device)
+    n_x = prob.n_x
+    x = torch.zeros(n_x, dtype=dtype, device=device)
     stages = []
     if optimize_affine and affine_iter > 0:
         stages.append((0, "affine", affine_iter))
@@ -482,80 +601,100 @@ def lddmm(
     diverged = False
     bar = tqdm(total=sum(s[2] for s in stages), desc="LDDMM", disable=not progress, leave=False)
     levels: dict[int, _Level] = {}
-    converged = []
+    stage_log = []
+    colours = None  # mixture colours carried across levels
+    good = None
+    lvl = None
+    n_eval = 0
+
+    def em_update(lvl, extra):
+        lvl.mixture.m_step(extra["post"], update_priors)
+        if prob.spots is not None:
+            term = prob.spots.term
+            occ = interp(lvl.I[:1], lvl.source.x, lvl.source.y, extra["z_spot"], padding="zeros")[0]
+            ref = torch.quantile(lvl.I[0][lvl.I[0] > 0.05].float(), 0.5).to(dtype) if (lvl.I[0] > 0.05).any() else 1
+            term.m_step(extra["r_spot"], occ / ref)
+
     try:
         for li, kind, n_iter in stages:
             if li not in levels:
                 levels.clear()
                 levels[li] = make_level(scales[li])
             lvl = levels[li]
-            prob.init_nuisance(lvl)
-            mask = torch.zeros_like(x, dtype=torch.bool)
+            if colours is not None:
+                lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi = colours
+            lvl.mixture.init_colours(lvl.border)
+            mask = torch.zeros(n_x, dtype=torch.bool, device=device)
             if kind in ("affine", "joint"):
                 mask[: prob.n_b] = True
             if kind in ("joint", "velocity"):
                 mask[prob.n_b :] = True
 
-            def evaluate(xx, lvl=lvl, mask=mask):
-                xx = xx.detach().requires_grad_(True)
-                e, parts, post, _ = prob.energy(lvl, xx)
-                if not torch.isfinite(e):
-                    return e.detach(), None, parts, post
-                (g,) = torch.autograd.grad(e, xx)
-                return e.detach(), torch.where(mask, g, torch.zeros_like(g)), parts, post
-
             # prime the EM state at this level
-            with torch.no_grad():
-                _, _, post, _ = prob.energy(lvl, x)
-            prob.m_step(lvl, post)
-            e, g, parts, post = evaluate(x)
+            e, _, _, extra = prob.evaluate(lvl, x, None, want_post=True)
+            n_eval += 1
+            em_update(lvl, extra)
+            e, g, parts, extra = prob.evaluate(lvl, x, mask)
+            n_eval += 1
             if g is None:
                 raise FloatingPointError("energy is not finite at the start of a level")
             S, Y = [], []
-            hist = [float(e)]
-            good = (x.clone(), post)
-            conv = False
+            track = [extra["z_track"]]
+            good = x.clone()
+            reason = f"iteration cap ({n_iter})"
+            tol_move = tol * lvl.factor * dxI
             it = 0
             for it in range(1, n_iter + 1):
-                first_scale = 1e-3 / max(float(g.abs().max()), 1e-30)
-                d = _lbfgs_direction(g, S, Y, first_scale)
+                if S:
+                    d = _lbfgs_direction(g, S, Y)
+                else:
+                    # first step: move the fastest-changing parameter by a quarter of a level pixel
+                    d = -g * (0.25 * lvl.factor * dxI / max(float(g.abs().max()), 1e-30))
                 gd = float(torch.dot(g, d))
                 if not gd < 0:
                     S, Y = [], []
-                    d = -first_scale * g
+                    d = -g * (0.25 * lvl.factor * dxI / max(float(g.abs().max()), 1e-30))
                     gd = float(torch.dot(g, d))
-                t = 1.0
-                accepted = False
-                non_finite = 0
-                for _ in range(25):
+                t, accepted, non_finite = 1.0, False, 0
+                for trial in range(20):
                     xn = x + t * d
-                    en, gn, partsn, postn = evaluate(xn)
-                    if gn is None or not torch.isfinite(en):
+                    en, gn, partsn, extran = prob.evaluate(lvl, xn, mask, want_post=it % em_every == 0)
+                    n_eval += 1
+                    if gn is None:
                         non_finite += 1
-                    elif float(en) <= float(e) + 1e-4 * t * gd:
+                        t *= 0.1
+                        continue
+                    if float(en) <= float(e) + 1e-4 * t * gd:
                         accepted = True
                         break
-                    t *= 0.5
+                    if S and trial == 5:  # a poor quasi-Newton direction: restart from the scaled gradient
+                        S, Y = [], []
+                        d = -g * (0.25 * lvl.factor * dxI / max(float(g.abs().max()), 1e-30))
+                        gd = float(torch.dot(g, d))
+                        t = 1.0
+                        continue
+                    # minimiser of the quadratic through e, the slope and en, kept within [0.1 t, 0.5 t]
+                    t_q = -gd * t * t / (2.0 * (float(en) - float(e) - gd * t))
+                    t = min(max(t_q, 0.1 * t), 0.5 * t)
                 if not accepted:
                     if non_finite:
                         raise FloatingPointError(f"energy became non-finite ({non_finite} trial steps)")
-                    conv = True  # no descent possible: stationary at this resolution
+                    reason = "no descent possible (stationary at this resolution)"
+                    it -= 1
                     break
                 s_vec, y_vec = xn - x, gn - g
                 sy = float(torch.dot(s_vec, y_vec))
-                if sy > 1e-12 * float(torch.dot(y_vec, y_vec)) and sy > 0:
+                if sy > 1e-10 * float(torch.dot(y_vec, y_vec)) and sy > 0:
                     S.append(s_vec)
                     Y.append(y_vec)
                     if len(S) > 10:
                         S.pop(0)
                         Y.pop(0)
-                x, e, g, parts, post = xn, en, gn, partsn, postn
-                v_max = float(prob.velocity(prob.unpack(x)[1]).abs().max())
-                if not np.isfinite(v_max) or v_max > 10 * float(np.ptp(prob.xv) + np.ptp(prob.yv)):
-                    raise FloatingPointError(f"velocity field exploded (max |v| = {v_max:.3g})")
-                prob.m_step(lvl, post)
-                good = (x.clone(), post)
-                hist.append(float(e))
+                x, e, g, parts, extra = xn, en, gn, partsn, extran
+                if not np.isfinite(extra["disp_max"]) or extra["disp_max"] > 20:  # in grid half-widths
+                    raise FloatingPointError("deformation exploded")
+                good = x.clone()
+                track.append(extra["z_track"])
                 records.append(
                     {
                         "level": li,
@@ -563,20 +702,31 @@ def lddmm(
                         "stage": kind,
                         "iteration": len(records),
                         "total": float(e),
-                        **{k: float(v.detach()) for k, v in parts.items()},
+                        **{k: float(v) for k, v in parts.items()},
+                        "step": t,
                     }
                 )
                 bar.update(1)
                 bar.set_postfix(level=f"{li}/{kind}", energy=f"{float(e):.4g}")
-                if it >= max(min_iter, window + 1):
-                    recent = hist[-window - 1] - hist[-1]
-                    total_gain = hist[0] - hist[-1]
-                    if recent <= tol * max(total_gain, 1e-12):
-                        conv = True
+                if it % em_every == 0:
+                    em_update(lvl, extra)
+                    e, g, parts, extra = prob.evaluate(lvl, x, mask)
+                    n_eval += 1
+                    if g is None:
+                        raise FloatingPointError("energy is not finite after the mixture update")
+                if len(track) > window:
+                    moved = float((track[-1] - track[-1 - window]).norm(dim=1).max())
+                    track = track[-window - 1 :]
+                    if it >= min_iter and moved < tol_move:
+                        reason = (
+                            f"converged: moved {moved:.3g} < {tol_move:.3g} {source_units} over the last "
+                            f"{window} iterations"
+                        )
                         break
-            bar.update(n_iter - it)
-            converged.append({"level": li, "stage": kind, "iterations": it, "converged": conv})
-            post_final = (lvl, good[1])
+            bar.update(max(n_iter - it, 0))
+            stage_log.append({"level": li, "scale": scales[li], "stage": kind, "iterations": it, "reason": reason,
+                              "converged": reason.startswith(("converged", "no descent"))})  # fmt: skip
+            colours = (lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi)
     except FloatingPointError as err:
         diverged = True
         warnings.warn(
@@ -584,25 +734,30 @@ def lddmm(
             RegistrationDivergedWarning,
             stacklevel=2,
         )
-        x = good[0] if "good" in locals() else x
-        if "good" in locals():
-            post_final = (lvl, good[1])
+        if good is not None:
+            x = good
     finally:
         bar.close()
+    if lvl is not None:
+        _, _, _, extra = prob.evaluate(lvl, x, None, want_post=True)
+        if extra["post"] is not None and bool(torch.isfinite(extra["post"]).all()):
+            post_final = (lvl, extra["post"])
 
     with torch.no_grad():
         b, w = prob.unpack(x)
-        A = prob.affine(b).cpu().numpy().astype(np.float64)
-        v = prob.velocity(w).cpu().numpy().astype(np.float64)
+        A = prob.affine(b).double().cpu().numpy()
+        v = prob.velocity(w).double().cpu().numpy()
     match_weight = None
-    if post_final is not None:
+    if post_final is not None and post_final[1] is not None:
         lvl, post = post_final
-        mw = post[:, 0].reshape(lvl.target.data.shape[1:]).cpu().numpy().astype(np.float64)
+        mw = post[0].reshape(lvl.target.data.shape[1:]).double().cpu().numpy()
         match_weight = xr.DataArray(
             mw, dims=("y", "x"), coords={"y": lvl.target.y, "x": lvl.target.x}, name="match_weight"
         )
     params = {
         "a": a,
+        "kernel_scales": list(kernel_scales),
+        "kernel_weights": list(kernel_weights),
         "p": p,
         "nt": nt,
         "dv": dv,
@@ -614,6 +769,7 @@ def lddmm(
         "contrast_degree": contrast_degree,
         "background": background,
         "artifact": artifact,
+        "update_priors": update_priors,
         "scales": list(scales),
         "max_iter": list(max_iter),
         "affine_iter": affine_iter,
@@ -621,26 +777,35 @@ def lddmm(
         "tol": tol,
         "window": window,
         "min_iter": min_iter,
+        "em_every": em_every,
         "target_pixel": target_pixel,
         "source_pixel": dxI,
+        "source_channels": int(I_img.data.shape[0]),
+        "spot_features": 0 if prob.spots is None else int(prob.spots.term.G),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "seed": seed,
         "initial_affine": A0.tolist(),
         "n_landmarks": 0 if lm_src is None else int(lm_src.shape[0]),
         "diverged": diverged,
-        "levels": converged,
+        "levels": stage_log,
+        "evaluations": n_eval,
         "runtime_s": time.perf_counter() - t_start,
-        "source_intensity_scale": scale_i,
+        "source_intensity_scale": [float(s) for s in scale_i],
     }
     contrast = {}
-    if prob.theta is not None:
+    if lvl is not None and lvl.mixture.theta is not None:
         contrast = {
-            "theta": prob.theta.cpu().numpy(),
-            "mu_background": prob.mu_b.cpu().numpy(),
-            "mu_artifact": prob.mu_a.cpu().numpy(),
-            "priors": prob.log_pi.exp().cpu().numpy(),
+            "theta": lvl.mixture.theta.double().cpu().numpy(),
+            "mu_background": lvl.mixture.mu_b.double().cpu().numpy(),
+            "mu_artifact": lvl.mixture.mu_a.double().cpu().numpy(),
+            "priors": lvl.mixture.log_pi.exp().cpu().numpy(),
         }
+        if prob.spots is not None:
+            term = prob.spots.term
+            contrast["spot_sigma"] = term.sigma.double().cpu().numpy()
+            if term.calib is not None:
+                contrast["spot_gain"] = term.calib[0].double().cpu().numpy()
     return Registration(
         affine=A,
         velocity_values=v,
