@@ -28,16 +28,26 @@ CLASSES = ("match", "background", "artifact")
 def _solve_wls(phi: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted least squares ``argmin_theta sum_n w_n |y_n - theta^T phi_n|^2`` (``phi (F, N)``, ``y (C, N)``).
 
-    Returns ``theta`` (``(F, C)``) and the (ridge-regularised, float64) Gram matrix ``phi W phi^T``.
+    Returns ``theta`` (``(F, C)``) and the (ridge-regularised, float64) Gram matrix ``phi W phi^T``. The Gram
+    matrix and right-hand side come from one product of the stacked ``[phi; y]``, summed in chunks of 2^16 pixels
+    whose partial sums are accumulated in float64: a float32 sum over ~1e5-1e6 pixels makes theta (hence the
+    energy) jitter by more than the line search's predicted decrease near convergence.
     """
-    # float64 accumulation: a float32 Gram matrix over ~1e5-1e6 pixels makes theta (hence the energy) jitter by
-    # more than the line search's predicted decrease near convergence
-    phi64 = phi.double()
-    pw = phi64 * w.double()
-    gram = pw @ phi64.T
-    rhs = pw @ y.double().T
-    ridge = 1e-6 * torch.trace(gram) / gram.shape[0] + 1e-12
-    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    f = phi.shape[0]
+    m = torch.cat([phi, y], 0)
+    n = m.shape[1]
+    chunk = 1 << 16
+    if n > chunk:
+        pad = (-n) % chunk
+        mp = torch.nn.functional.pad(m, (0, pad)).reshape(m.shape[0], -1, chunk).transpose(0, 1)
+        wp = torch.nn.functional.pad(w, (0, pad)).reshape(-1, 1, chunk)
+        full = torch.bmm(mp * wp, mp.transpose(1, 2)).double().sum(0)
+    else:
+        m = m.double()
+        full = (m * w.double()) @ m.T
+    gram, rhs = full[:f, :f], full[:f, f:]
+    ridge = 1e-6 * torch.trace(gram) / f + 1e-12
+    gram = gram + ridge * torch.eye(f, dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram, rhs).to(phi.dtype), gram
 
 
@@ -72,6 +82,7 @@ class MixtureTerm:
         self.mu_b = self.mu_a = None
         self.w_fit = torch.ones(J.shape[1], dtype=J.dtype, device=J.device)
         self.theta = None
+        self.sigma0 = None
         self._fixed = None  # log-densities of the constant classes, (2, N)
 
     # ------------------------------------------------------------------ nuisance parameters
@@ -104,16 +115,33 @@ class MixtureTerm:
         # log-sum of the constant classes: the match class is then combined with it in one logaddexp
         self._fixed_lse = None if self._fixed is None else torch.logsumexp(self._fixed, 0)
 
-    def m_step(self, post: torch.Tensor, update_priors: bool):
-        """Update class colours (and priors) from ``post`` = ``(3, N)`` posteriors."""
+    def m_step(self, post: torch.Tensor, update_priors: bool, update_sigma: bool = False, mu_m=None):
+        """Update class colours (priors, noise levels) from ``post`` = ``(3, N)`` posteriors.
+
+        With ``update_sigma`` the matched and background classes' standard deviations are re-estimated by
+        maximum likelihood (``mu_m``: the matched class's current mean, ``(C_J, N)``), floored at a twentieth of
+        their initial values; the artifact class keeps its broad initial spread.
+        """
         J = self.J
         self.w_fit = post[0].clone()
+        sig = list(self.sigma)
         for k, name in ((1, "mu_b"), (2, "mu_a")):
             if self.active[k]:
                 wk = post[k]
                 tot = float(wk.sum())
                 if tot > 1e-6:
                     setattr(self, name, (J * wk).sum(1) / tot)
+        if update_sigma:
+            if self.sigma0 is None:
+                self.sigma0 = tuple(self.sigma)
+            for k, mu in ((0, mu_m), (1, None if self.mu_b is None else self.mu_b[:, None])):
+                wk = post[k].double()
+                if mu is None or not self.active[k] or float(wk.sum()) < 10:
+                    continue
+                r2 = ((J - mu) ** 2).sum(0).double()
+                s2 = float((wk * r2).sum() / (self.C * wk.sum()))
+                sig[k] = max(math.sqrt(s2), self.sigma0[k] / 20)
+            self.sigma = tuple(sig)
         if update_priors:
             pi = post.double().mean(1).clamp_min(1e-3) * torch.tensor(self.active, dtype=torch.float64)
             self.log_pi = torch.log(pi / pi.sum()).clamp_min(-1e4)
@@ -141,7 +169,9 @@ class MixtureTerm:
         phi = self.features(Iw)
         theta, gram = _solve_wls(phi, self.w_fit, J)
         self.theta = theta
-        diff = J - theta.T @ phi  # (C_J, N)
+        mu = theta.T @ phi
+        self.mu_m = mu
+        diff = J - mu  # (C_J, N)
         s_m = self.sigma[0]
         lm = self._log_norm(0) - (diff * diff).sum(0) * (0.5 / s_m**2)
         if self._fixed_lse is None:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from ._data import MixtureTerm, SpotTerm
@@ -252,25 +253,28 @@ class _Problem:
     def evaluate(self, lvl: _Level, x: torch.Tensor, mask: torch.Tensor | None, *, want_post: bool = False):
         """Total energy (float64), its gradient (masked; ``None`` when not finite), the parts and extras."""
         x = x.detach().requires_grad_(mask is not None)
-        b, ws = self.unpack(x)
-        A = self.affine(b)
-        v = self.velocity(ws)
-        disp_n = inverse_displacement_normalised(v * self.sv_t[:, None, None], self.nodes_n)
-        theta = (self.Nv @ torch.linalg.inv(A) @ lvl.Nt_inv)[:2]
-        # velocity-grid coordinates of A^{-1} y at every target pixel, (H, W, 2), as an outer sum
-        z0 = (lvl.gx[:, None] * theta[:, 0]) + (lvl.gy[:, None] * theta[:, 1] + theta[:, 2])[:, None, :]
-        zI = torch.addcmul(lvl.c, z0 + sample_grid(disp_n, z0).permute(1, 2, 0), lvl.R)  # source-image coords
-        Iw = sample_grid(lvl.I, zI, padding="zeros").reshape(lvl.I.shape[0], -1)  # (C_I, N)
-        with torch.no_grad():
+        with record_function("lddmm.flow"):
+            b, ws = self.unpack(x)
+            A = self.affine(b)
+            v = self.velocity(ws)
+            disp_n = inverse_displacement_normalised(v * self.sv_t[:, None, None], self.nodes_n)
+        with record_function("lddmm.deform"):
+            theta = (self.Nv @ torch.linalg.inv(A) @ lvl.Nt_inv)[:2]
+            # velocity-grid coordinates of A^{-1} y at every target pixel, (H, W, 2), as an outer sum
+            z0 = (lvl.gx[:, None] * theta[:, 0]) + (lvl.gy[:, None] * theta[:, 1] + theta[:, 2])[:, None, :]
+            zI = torch.addcmul(lvl.c, z0 + sample_grid(disp_n, z0).permute(1, 2, 0), lvl.R)  # source-image coords
+            Iw = sample_grid(lvl.I, zI, padding="zeros").reshape(lvl.I.shape[0], -1)  # (C_I, N)
+        with torch.no_grad(), record_function("lddmm.data_term"):
             e_match, g_I, post = lvl.mixture.evaluate(Iw.detach(), want_grad=mask is not None, want_post=want_post)
         outs, grads = [Iw], [g_I]
         parts = {"match": e_match}
         e_spot = r_spot = zs = None
         if self.spots is not None:
-            zs = self.pull_back(self.spots.q, A, disp_n)
-            Fs = interp(self.spots.F, self.spots.image.x, self.spots.image.y, zs, padding="zeros")  # (G, S)
-            with torch.no_grad():
-                e_spot, g_F, r_spot = self.spots.term.evaluate(Fs.detach(), want_grad=mask is not None)
+            with record_function("lddmm.spot_term"):
+                zs = self.pull_back(self.spots.q, A, disp_n)
+                Fs = interp(self.spots.F, self.spots.image.x, self.spots.image.y, zs, padding="zeros")  # (G, S)
+                with torch.no_grad():
+                    e_spot, g_F, r_spot = self.spots.term.evaluate(Fs.detach(), want_grad=mask is not None)
             outs.append(Fs)
             grads.append(g_F)
             parts["spots"] = e_spot
@@ -292,7 +296,8 @@ class _Problem:
             return total.detach(), None, parts, extra
         outs.append(e_reg + e_lm)
         grads.append(torch.ones((), dtype=torch.float64, device=self.device))
-        (g,) = torch.autograd.grad(outs, [x], grads)
+        with record_function("lddmm.backward"):
+            (g,) = torch.autograd.grad(outs, [x], grads)
         g = torch.where(mask, g, torch.zeros_like(g))
         return total.detach(), g, parts, extra
 
@@ -347,6 +352,7 @@ def lddmm(
     background: bool = True,
     artifact: bool = True,
     update_priors: bool = False,
+    update_sigma: bool = False,
     scales=(4, 2, 1),
     max_iter=(200, 100, 50),
     affine_iter: int = 100,
@@ -608,7 +614,7 @@ def lddmm(
     n_eval = 0
 
     def em_update(lvl, extra):
-        lvl.mixture.m_step(extra["post"], update_priors)
+        lvl.mixture.m_step(extra["post"], update_priors, update_sigma, lvl.mixture.mu_m)
         if prob.spots is not None:
             term = prob.spots.term
             occ = interp(lvl.I[:1], lvl.source.x, lvl.source.y, extra["z_spot"], padding="zeros")[0]
@@ -622,7 +628,9 @@ def lddmm(
                 levels[li] = make_level(scales[li])
             lvl = levels[li]
             if colours is not None:
-                lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi = colours
+                lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi, lvl.mixture.sigma0 = colours[:4]
+                if update_sigma:
+                    lvl.mixture.sigma = colours[4]
             lvl.mixture.init_colours(lvl.border)
             mask = torch.zeros(n_x, dtype=torch.bool, device=device)
             if kind in ("affine", "joint"):
@@ -726,7 +734,8 @@ def lddmm(
             bar.update(max(n_iter - it, 0))
             stage_log.append({"level": li, "scale": scales[li], "stage": kind, "iterations": it, "reason": reason,
                               "converged": reason.startswith(("converged", "no descent"))})  # fmt: skip
-            colours = (lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi)
+            m = lvl.mixture
+            colours = (m.mu_b, m.mu_a, m.log_pi, m.sigma0, m.sigma)
     except FloatingPointError as err:
         diverged = True
         warnings.warn(
@@ -770,6 +779,7 @@ def lddmm(
         "background": background,
         "artifact": artifact,
         "update_priors": update_priors,
+        "update_sigma": update_sigma,
         "scales": list(scales),
         "max_iter": list(max_iter),
         "affine_iter": affine_iter,
