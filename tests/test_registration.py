@@ -161,9 +161,9 @@ def test_lddmm_improves_on_affine_and_inverts(toy, toy_reg):
     assert np.abs(back - toy.src_pts).max() < 1e-6
     assert reg.has_velocity
     assert set(reg.energy.columns) >= {"level", "total", "match", "reg", "landmark"}
-    # energy decreases within every stage (monotone line search)
+    # energy decreases within every stage (monotone line search; float32 arrays: 1e-7 relative noise)
     for _, grp in reg.energy.groupby(["level", "stage"]):
-        assert np.all(np.diff(grp.total.values) <= 1e-9 * np.abs(grp.total.values[:-1]) + 1e-9)
+        assert np.all(np.diff(grp.total.values) <= 1e-7 * np.abs(grp.total.values[:-1]) + 1e-9)
 
 
 def test_lddmm_result_objects(toy_reg):

@@ -54,97 +54,108 @@ def _solve_wls(phi: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[tor
 class MixtureTerm:
     """Gaussian-mixture matching of a deformed source image against target pixels.
 
+    Each target pixel is explained by one of three classes: *match* (tissue with a source counterpart; mean
+    ``f_theta(I'(y))``), *background* (slide; constant colour) and *artifact* (tissue without a source
+    counterpart: outside the source's field of view, a fold, debris; constant colour, the tissue's spread).
+    The class priors depend on whether the deformed source has tissue at the pixel: with ``o(y) = tanh(I'_0(y) /
+    tau)`` the occupancy of the first source channel (the cell density), ``pi(y) = o pi_in + (1 - o) pi_out``.
+    Where the source has tissue the target should be matched tissue (``pi_in``, mostly match); elsewhere it is
+    background or tissue the source lacks (``pi_out``). So target tissue beyond the source's field of view costs
+    little (no pull to stretch the source over it), while source tissue over the target's background costs a lot.
+
     Parameters
     ----------
     J
         ``(C_J, N)`` target values at the observation pixels (channel-first).
     sigma
-        Standard deviations of the (match, background, artifact) classes, target intensity units.
+        Standard deviations of the (match, background, artifact) classes, target intensity units; the artifact's
+        may be ``None`` (then the spread of the target's tissue colours).
     degree
         Degree of the per-channel polynomial contrast map.
     active
         Which of (match, background, artifact) are modelled.
-    priors
-        Initial class priors (renormalised over the active classes).
+    prior_in, prior_out
+        Class priors where the deformed source has tissue and where it has none (renormalised over the active
+        classes).
+    tissue_level
+        ``tau``: source value (first channel) above which a pixel counts as tissue.
     area
         Weight of one pixel (its area in units of the finest source pixel), so the energy is an integral.
     """
 
-    def __init__(self, J, sigma, degree, active, priors=(0.6, 0.3, 0.1), area=1.0):
+    def __init__(
+        self,
+        J,
+        sigma,
+        degree,
+        active,
+        prior_in=(0.9, 0.05, 0.05),
+        prior_out=(0.05, 0.5, 0.45),
+        tissue_level=0.1,
+        area=1.0,
+    ):
         self.J = J
         self.C = J.shape[0]
-        self.sigma = tuple(float(s) for s in sigma)
+        self.sigma = list(sigma)
         self.degree = int(degree)
         self.active = tuple(bool(a) for a in active)
+        self.idx = [k for k in range(3) if self.active[k]]
         self.area = float(area)
-        pi = torch.tensor(priors, dtype=torch.float64) * torch.tensor(self.active, dtype=torch.float64)
-        self.log_pi = torch.log(pi / pi.sum()).clamp_min(-1e4)
+        self.tau = float(tissue_level)
+        act = torch.tensor(self.active, dtype=torch.float64)
+        self.pi_in = torch.tensor(prior_in, dtype=torch.float64) * act
+        self.pi_out = torch.tensor(prior_out, dtype=torch.float64) * act
+        self.pi_in, self.pi_out = self.pi_in / self.pi_in.sum(), self.pi_out / self.pi_out.sum()
         self.mu_b = self.mu_a = None
         self.w_fit = torch.ones(J.shape[1], dtype=J.dtype, device=J.device)
         self.theta = None
-        self.sigma0 = None
-        self._fixed = None  # log-densities of the constant classes, (2, N)
+        self.mu_m = None
+        self._ell = None  # log-densities of the constant classes, (2, N)
 
     # ------------------------------------------------------------------ nuisance parameters
     def init_colours(self, J_img_border: torch.Tensor):
-        """Background colour from the border pixels, artifact colour from the clearly non-background ones."""
+        """Background colour from the border pixels; artifact colour and spread from the clearly non-background ones."""
         J = self.J
         if self.mu_b is None:
             self.mu_b = J_img_border.median(dim=1).values
-        if self.mu_a is None:
-            # the artifact class starts at the typical tissue colour (median of the pixels clearly off the
-            # background), so target tissue with no source counterpart is explained by it
+        if self.mu_a is None or self.sigma[2] is None:
             dist = ((J - self.mu_b[:, None]) ** 2).sum(0)
             tissue = dist > (3 * self.sigma[0]) ** 2
             if int(tissue.sum()) < 10:
                 tissue = dist >= torch.quantile(dist.float(), 0.9).to(dist.dtype)
-            self.mu_a = J[:, tissue].median(dim=1).values
+            Jt = J[:, tissue]
+            if self.mu_a is None:
+                self.mu_a = Jt.median(dim=1).values
+            if self.sigma[2] is None:
+                spread = float(Jt.double().var(dim=1).mean().sqrt())
+                self.sigma[2] = max(spread, float(self.sigma[0]))
         self._update_fixed()
-
-    def _log_norm(self, k: int) -> float:
-        s = self.sigma[k]
-        return float(self.log_pi[k]) - self.C * math.log(s)
 
     def _update_fixed(self):
         rows = []
         for k, mu in ((1, self.mu_b), (2, self.mu_a)):
-            if self.active[k]:
-                d = self.J - mu[:, None]
-                rows.append(self._log_norm(k) - (d * d).sum(0) * (0.5 / self.sigma[k] ** 2))
-        self._fixed = torch.stack(rows) if rows else None
-        # log-sum of the constant classes: the match class is then combined with it in one logaddexp
-        self._fixed_lse = None if self._fixed is None else torch.logsumexp(self._fixed, 0)
+            d = self.J - mu[:, None]
+            rows.append(-self.C * math.log(self.sigma[k]) - (d * d).sum(0) * (0.5 / self.sigma[k] ** 2))
+        self._ell = torch.stack(rows)
 
-    def m_step(self, post: torch.Tensor, update_priors: bool, update_sigma: bool = False, mu_m=None):
-        """Update class colours (priors, noise levels) from ``post`` = ``(3, N)`` posteriors.
-
-        With ``update_sigma`` the matched and background classes' standard deviations are re-estimated by
-        maximum likelihood (``mu_m``: the matched class's current mean, ``(C_J, N)``), floored at a twentieth of
-        their initial values; the artifact class keeps its broad initial spread.
-        """
+    def m_step(self, post: torch.Tensor, occupancy: torch.Tensor, update_priors: bool):
+        """Update the constant classes' colours (and the priors) from ``post`` = ``(3, N)`` posteriors."""
         J = self.J
         self.w_fit = post[0].clone()
-        sig = list(self.sigma)
         for k, name in ((1, "mu_b"), (2, "mu_a")):
             if self.active[k]:
                 wk = post[k]
                 tot = float(wk.sum())
                 if tot > 1e-6:
                     setattr(self, name, (J * wk).sum(1) / tot)
-        if update_sigma:
-            if self.sigma0 is None:
-                self.sigma0 = tuple(self.sigma)
-            for k, mu in ((0, mu_m), (1, None if self.mu_b is None else self.mu_b[:, None])):
-                wk = post[k].double()
-                if mu is None or not self.active[k] or float(wk.sum()) < 10:
-                    continue
-                r2 = ((J - mu) ** 2).sum(0).double()
-                s2 = float((wk * r2).sum() / (self.C * wk.sum()))
-                sig[k] = max(math.sqrt(s2), self.sigma0[k] / 20)
-            self.sigma = tuple(sig)
         if update_priors:
-            pi = post.double().mean(1).clamp_min(1e-3) * torch.tensor(self.active, dtype=torch.float64)
-            self.log_pi = torch.log(pi / pi.sum()).clamp_min(-1e4)
+            o = occupancy.double()
+            pd = post.double()
+            for name, wt in (("pi_in", o), ("pi_out", 1.0 - o)):
+                tot = float(wt.sum())
+                if tot > 1e-6:
+                    pi = ((pd * wt).sum(1) / tot).clamp_min(1e-3) * torch.tensor(self.active, dtype=torch.float64)
+                    setattr(self, name, pi / pi.sum())
         self._update_fixed()
 
     # ------------------------------------------------------------------ energy
@@ -157,6 +168,10 @@ class MixtureTerm:
                 p = p * Iw
             rows.append(p)
         return torch.cat(rows, 0)
+
+    def occupancy(self, Iw: torch.Tensor) -> torch.Tensor:
+        """``o(y) = tanh(I'_0(y) / tau)``: whether the deformed source has tissue at each pixel."""
+        return torch.tanh(Iw[0].clamp_min(0.0) / self.tau)
 
     def evaluate(self, Iw: torch.Tensor, *, want_grad: bool = True, want_post: bool = False):
         """Energy (float64 scalar), gradient ``dE/dIw`` (``(C_I, N)``) and optionally the posteriors ``(3, N)``.
@@ -173,14 +188,20 @@ class MixtureTerm:
         self.mu_m = mu
         diff = J - mu  # (C_J, N)
         s_m = self.sigma[0]
-        lm = self._log_norm(0) - (diff * diff).sum(0) * (0.5 / s_m**2)
-        if self._fixed_lse is None:
-            lse = lm
-            p_m = torch.ones_like(lm)
-        else:
-            lse = torch.logaddexp(lm, self._fixed_lse)
-            p_m = torch.sigmoid(lm - self._fixed_lse)
+        o = self.occupancy(Iw)
+        logs = []
+        for k in self.idx:
+            pi_k = float(self.pi_out[k]) + float(self.pi_in[k] - self.pi_out[k]) * o
+            lp = torch.log(pi_k.clamp_min(1e-12))
+            if k == 0:
+                logs.append(lp - self.C * math.log(s_m) - (diff * diff).sum(0) * (0.5 / s_m**2))
+            else:
+                logs.append(lp + self._ell[k - 1])
+        logs = torch.stack(logs)
+        lse = torch.logsumexp(logs, 0)
         energy = -lse.sum(dtype=torch.float64) * self.area
+        post_a = torch.exp(logs - lse)  # posteriors of the active classes
+        p_m = post_a[0]
         grad = post = None
         if want_grad:
             g_mu = diff * (p_m * (-self.area / s_m**2))  # dE/dmu, (C_J, N)
@@ -193,12 +214,17 @@ class MixtureTerm:
             for d in range(self.degree, 0, -1):
                 term = d * g_phi[1 + (d - 1) * c_i : 1 + d * c_i]
                 grad = term if grad is None else term + Iw * grad
+            # through the priors: d(-lse)/do = -sum_k p_k (pi_in_k - pi_out_k) / pi_k(o)
+            g_o = torch.zeros_like(o)
+            for j, k in enumerate(self.idx):
+                dk = float(self.pi_in[k] - self.pi_out[k])
+                if dk != 0.0:
+                    pi_k = float(self.pi_out[k]) + dk * o
+                    g_o = g_o - post_a[j] * (dk / pi_k.clamp_min(1e-12))
+            grad[0] = grad[0] + g_o * ((1.0 - o * o) / self.tau) * (Iw[0] > 0) * self.area
         if want_post:
             post = torch.zeros(3, J.shape[1], dtype=J.dtype, device=J.device)
-            post[0] = p_m
-            if self._fixed is not None:
-                idx = [k for k in (1, 2) if self.active[k]]
-                post[idx] = torch.exp(self._fixed - lse)
+            post[self.idx] = post_a
         return energy, grad, post
 
 

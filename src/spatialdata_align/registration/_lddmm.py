@@ -202,6 +202,7 @@ class _Problem:
         self.Nv = torch.as_tensor(nv, dtype=dtype, device=device)
         self.nodes_n = self.fine_nodes.reshape(len(self.yv), len(self.xv), 2) * self.sv_t + self.ov_t
         self.sigma_r, self.sigma_p = sigma_r, sigma_p
+        self.affine_weight = 0.0  # set by lddmm(): n_tissue_px / (2 sigma_affine^2)
         self.lm_src = None if lm_src is None else torch.as_tensor(lm_src, dtype=dtype, device=device)
         self.lm_dst = None if lm_dst is None else torch.as_tensor(lm_dst, dtype=dtype, device=device)
         self.n_b = 6
@@ -266,6 +267,7 @@ class _Problem:
             Iw = sample_grid(lvl.I, zI, padding="zeros").reshape(lvl.I.shape[0], -1)  # (C_I, N)
         with torch.no_grad(), record_function("lddmm.data_term"):
             e_match, g_I, post = lvl.mixture.evaluate(Iw.detach(), want_grad=mask is not None, want_post=want_post)
+            occ = lvl.mixture.occupancy(Iw.detach()) if want_post else None
         outs, grads = [Iw], [g_I]
         parts = {"match": e_match}
         e_spot = r_spot = zs = None
@@ -279,6 +281,13 @@ class _Problem:
             grads.append(g_F)
             parts["spots"] = e_spot
         e_reg = self.reg_energy(ws)
+        if self.affine_weight > 0:
+            # prior on the change of the affine: the mean squared displacement it causes over the source (source
+            # units^2: translation^2 + |linear change|_F^2 / 3 in the normalised parametrisation), counted per
+            # source tissue pixel like the velocity's regulariser, with standard deviation sigma_affine
+            bd = b.double()
+            msd = bd[[2, 5]].pow(2).sum() + bd[[0, 1, 3, 4]].pow(2).sum() / 3
+            e_reg = e_reg + self.affine_weight * msd
         e_lm = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.lm_src is not None:
             q_lm = affine_torch(A, flow_forward(self.lm_src, v, self.xv, self.yv))
@@ -288,7 +297,7 @@ class _Problem:
         with torch.no_grad():
             zt = zI.reshape(-1, 2)[lvl.track]
             z_track = (zt - torch.as_tensor(lvl.o_I, dtype=zt.dtype)) / torch.as_tensor(lvl.s_I, dtype=zt.dtype)
-        extra = {"post": post, "disp_max": float(disp_n.detach().abs().max()), "z_track": z_track}
+        extra = {"post": post, "occupancy": occ, "disp_max": float(disp_n.detach().abs().max()), "z_track": z_track}
         if self.spots is not None:
             extra["r_spot"] = r_spot
             extra["z_spot"] = zs.detach()
@@ -348,11 +357,13 @@ def lddmm(
     sigma_a: float | None = None,
     sigma_r: float | None = None,
     sigma_p: float | None = None,
+    sigma_affine: float | None = None,
     contrast_degree: int = 3,
     background: bool = True,
     artifact: bool = True,
     update_priors: bool = False,
-    update_sigma: bool = False,
+    prior_in=(0.9, 0.05, 0.05),
+    prior_out=(0.05, 0.5, 0.45),
     scales=(4, 2, 1),
     max_iter=(200, 100, 50),
     affine_iter: int = 100,
@@ -497,14 +508,14 @@ def lddmm(
     sigma_r = float(10 * dxI if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
-    sigma_a = float(5 * sigma_m if sigma_a is None else sigma_a)
+    sigma_a = None if sigma_a is None else float(sigma_a)
     sigma_p = float(2 * dxI * scale_a if sigma_p is None else sigma_p)
     for name, val in (
         ("a", a),
         ("dv", dv),
         ("sigma_m", sigma_m),
         ("sigma_b", sigma_b),
-        ("sigma_a", sigma_a),
+        ("sigma_a", 1.0 if sigma_a is None else sigma_a),
         ("sigma_r", sigma_r),
         ("sigma_p", sigma_p),
         ("tol", tol if tol > 0 else 1.0),
@@ -550,7 +561,19 @@ def lddmm(
         prob.spots = _SpotInput(
             term, torch.as_tensor(q, dtype=dtype, device=device), F_img, torch.as_tensor(F_img.data, dtype=dtype)
         )
+    # prior on how far the affine may move from the initial one: a mean displacement of sigma_affine (default 5 %
+    # of the source's half-extent) costs as much as a velocity of sigma_r per source tissue pixel
+    half = 0.5 * max(I_img.extent[1] - I_img.extent[0], I_img.extent[3] - I_img.extent[2])
+    sigma_affine = float(0.05 * half if sigma_affine is None else sigma_affine)
+    if not np.isfinite(sigma_affine) or sigma_affine < 0:
+        raise ValueError(f"sigma_affine must be >= 0 (0: no prior), got {sigma_affine!r}.")
+    n_tissue = float((I_img.data[0] > 0.1 * I_img.data[0].max()).sum())
+    prob.affine_weight = n_tissue / (2 * sigma_affine**2) if sigma_affine > 0 else 0.0
     sigmas = (sigma_m, sigma_b, sigma_a)
+    # tissue level of the source's first channel (the cell density): a quarter of its typical value over tissue
+    d0 = I_img.data[0]
+    on = d0[d0 > 0.1 * d0.max()]
+    tissue_level = float(0.25 * np.median(on)) if on.size else 0.1
     active = (True, background, artifact)
 
     def make_level(f: int) -> _Level:
@@ -583,7 +606,7 @@ def lddmm(
             Jl,
             torch.as_tensor(Il.data, dtype=dtype, device=device),
             area,
-            MixtureTerm(Jt, sigmas, contrast_degree, active, area=area),
+            MixtureTerm(Jt, sigmas, contrast_degree, active, prior_in, prior_out, tissue_level, area=area),
             Jt[:, torch.as_tensor(border.ravel(), device=device)],
             torch.as_tensor(on, device=device),
             torch.as_tensor(nt_inv, dtype=dtype, device=device),
@@ -614,7 +637,7 @@ def lddmm(
     n_eval = 0
 
     def em_update(lvl, extra):
-        lvl.mixture.m_step(extra["post"], update_priors, update_sigma, lvl.mixture.mu_m)
+        lvl.mixture.m_step(extra["post"], extra["occupancy"], update_priors)
         if prob.spots is not None:
             term = prob.spots.term
             occ = interp(lvl.I[:1], lvl.source.x, lvl.source.y, extra["z_spot"], padding="zeros")[0]
@@ -628,9 +651,8 @@ def lddmm(
                 levels[li] = make_level(scales[li])
             lvl = levels[li]
             if colours is not None:
-                lvl.mixture.mu_b, lvl.mixture.mu_a, lvl.mixture.log_pi, lvl.mixture.sigma0 = colours[:4]
-                if update_sigma:
-                    lvl.mixture.sigma = colours[4]
+                m = lvl.mixture
+                m.mu_b, m.mu_a, m.pi_in, m.pi_out, m.sigma = colours
             lvl.mixture.init_colours(lvl.border)
             mask = torch.zeros(n_x, dtype=torch.bool, device=device)
             if kind in ("affine", "joint"):
@@ -735,7 +757,7 @@ def lddmm(
             stage_log.append({"level": li, "scale": scales[li], "stage": kind, "iterations": it, "reason": reason,
                               "converged": reason.startswith(("converged", "no descent"))})  # fmt: skip
             m = lvl.mixture
-            colours = (m.mu_b, m.mu_a, m.log_pi, m.sigma0, m.sigma)
+            colours = (m.mu_b, m.mu_a, m.pi_in, m.pi_out, list(m.sigma))
     except FloatingPointError as err:
         diverged = True
         warnings.warn(
@@ -772,14 +794,17 @@ def lddmm(
         "dv": dv,
         "sigma_m": sigma_m,
         "sigma_b": sigma_b,
-        "sigma_a": sigma_a,
+        "sigma_a": None if lvl is None else float(lvl.mixture.sigma[2]),
         "sigma_r": sigma_r,
         "sigma_p": sigma_p,
+        "sigma_affine": sigma_affine,
         "contrast_degree": contrast_degree,
         "background": background,
         "artifact": artifact,
         "update_priors": update_priors,
-        "update_sigma": update_sigma,
+        "prior_in": list(prior_in),
+        "prior_out": list(prior_out),
+        "tissue_level": tissue_level,
         "scales": list(scales),
         "max_iter": list(max_iter),
         "affine_iter": affine_iter,
@@ -809,7 +834,8 @@ def lddmm(
             "theta": lvl.mixture.theta.double().cpu().numpy(),
             "mu_background": lvl.mixture.mu_b.double().cpu().numpy(),
             "mu_artifact": lvl.mixture.mu_a.double().cpu().numpy(),
-            "priors": lvl.mixture.log_pi.exp().cpu().numpy(),
+            "priors_in": lvl.mixture.pi_in.cpu().numpy(),
+            "priors_out": lvl.mixture.pi_out.cpu().numpy(),
         }
         if prob.spots is not None:
             term = prob.spots.term

@@ -1,0 +1,140 @@
+"""Source channels beyond the cell density: cell-type densities and shared-gene expression fields.
+
+Pure numpy/scipy (no SpatialData): the accessor hands over arrays.
+
+* :func:`celltype_channels`: clusters the source cells by expression and rasterises one density per cluster,
+  so the contrast model can learn that different cell types look different in the H&E.
+* :func:`expression_features`: the expression of the genes both platforms measure, as a smoothed field over the
+  source (e.g. Xenium cells) and as values at the target's spots (e.g. Visium), in common coordinates: per-location
+  composition over the shared genes (so each platform's sensitivity and the spot's cell count cancel), log-scaled,
+  projected on the leading principal components of the source field. The engine compares them spot by spot
+  (:class:`~spatialdata_align.registration._data.SpotTerm`) with a per-component affine calibration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import xarray as xr
+
+from ._rasterize import rasterize
+
+
+def _log_composition(counts, scale: float) -> np.ndarray:
+    """``log1p(scale * counts / total)`` per row (rows with no counts stay 0)."""
+    c = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=float)
+    tot = c.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(tot > 0, c / np.maximum(tot, 1e-12), 0.0)
+    return np.log1p(scale * frac)
+
+
+def expression_features(
+    cell_xy,
+    cell_counts,
+    spot_counts,
+    grid: xr.DataArray,
+    *,
+    n_components: int = 6,
+    blur: float = 25.0,
+    min_cells: float = 2.0,
+) -> tuple[xr.DataArray, np.ndarray, dict]:
+    """Shared-gene expression as a source feature image and matching values at target spots.
+
+    Parameters
+    ----------
+    cell_xy
+        ``(N, 2)`` source cell positions ``(x, y)`` (source units, e.g. µm).
+    cell_counts
+        ``(N, G)`` counts of the ``G`` shared genes per cell (dense or sparse).
+    spot_counts
+        ``(S, G)`` counts of the same genes, same order, per target spot.
+    grid
+        Image whose ``x``/``y`` pixel-centre coordinates define the source feature grid (e.g. the density raster).
+    n_components
+        Principal components kept.
+    blur
+        Standard deviation (source units) of the Gaussian that turns cells into a field; about a Visium spot's
+        footprint (a 55 µm disc has a standard deviation of 19 µm per axis) plus some capture diffusion.
+    min_cells
+        Locations of the field with fewer cells under the blur than this are left at 0 (no tissue).
+
+    Returns
+    -------
+    ``(features, spot_values, info)``: the ``(k, y, x)`` source feature image (0 outside tissue), the ``(S, k)``
+    spot values, and ``info`` (explained variance ratios, loadings, genes kept).
+    """
+    xy = np.asarray(cell_xy, dtype=float)
+    counts = sp.csr_matrix(cell_counts, dtype=np.float64)
+    spots = sp.csr_matrix(spot_counts, dtype=np.float64)
+    if counts.shape[0] != xy.shape[0] or counts.shape[1] != spots.shape[1]:
+        raise ValueError(
+            f"cell_counts {counts.shape} must have one row per cell ({xy.shape[0]}) and the columns of spot_counts "
+            f"{spots.shape}."
+        )
+    x, y = np.asarray(grid.x.values, float), np.asarray(grid.y.values, float)
+    dx = float(x[1] - x[0])
+    extent = (x[0] - dx / 2, x[-1] + dx / 2, y[0] - dx / 2, y[-1] + dx / 2)
+    g = counts.shape[1]
+    # genes detected on both sides
+    keep = np.flatnonzero((np.asarray(counts.sum(0)).ravel() > 0) & (np.asarray(spots.sum(0)).ravel() > 0))
+    if keep.size < 2:
+        raise ValueError("fewer than 2 shared genes are detected on both platforms; no expression features.")
+    counts, spots = counts[:, keep], spots[:, keep]
+    field = rasterize(xy, weights=counts, dx=dx, blur=blur, extent=extent).values  # (G, ny, nx)
+    ncell = rasterize(xy, dx=dx, blur=blur, extent=extent).values[0]
+    tissue = ncell * (2 * np.pi * (blur / dx) ** 2) >= min_cells  # cells under the blur footprint
+    scale = float(keep.size)
+    flat = np.moveaxis(field, 0, -1)[tissue]  # (P, G)
+    src = _log_composition(flat, scale)
+    spot = _log_composition(spots, scale)
+    mean = src.mean(axis=0)
+    _, sv, vt = np.linalg.svd(src - mean, full_matrices=False)
+    k = int(min(n_components, vt.shape[0]))
+    load = vt[:k].T  # (G, k)
+    feat = np.zeros((k, *tissue.shape))
+    feat[:, tissue] = ((src - mean) @ load).T
+    spot_vals = (spot - mean) @ load
+    ratio = (sv**2 / np.sum(sv**2))[:k]
+    out = xr.DataArray(feat, dims=("c", "y", "x"), coords={"c": np.arange(k), "y": y, "x": x}, name="expression")
+    return out, spot_vals, {"explained_variance_ratio": ratio, "loadings": load, "genes": keep, "n_genes": g}
+
+
+def celltype_channels(
+    cell_xy, cell_counts, grid: xr.DataArray, *, n_types: int = 6, blur: float | None = None, seed: int = 0
+) -> tuple[xr.DataArray, np.ndarray]:
+    """The total cell density followed by one density channel per expression cluster.
+
+    Cells are clustered by k-means on the leading principal components of their normalised log expression
+    (``n_types`` clusters); each cluster is rasterised on ``grid``'s pixels (mass-conserving, blurred like the
+    density). Channel 0 is the total density (the engine's tissue occupancy uses it).
+
+    Returns
+    -------
+    ``(channels, labels)``: the ``(1 + n_types, y, x)`` image and the cluster label of every cell.
+    """
+    from sklearn.cluster import KMeans
+
+    xy = np.asarray(cell_xy, dtype=float)
+    counts = sp.csr_matrix(cell_counts, dtype=np.float64)
+    x, y = np.asarray(grid.x.values, float), np.asarray(grid.y.values, float)
+    dx = float(x[1] - x[0])
+    extent = (x[0] - dx / 2, x[-1] + dx / 2, y[0] - dx / 2, y[-1] + dx / 2)
+    tot = np.asarray(counts.sum(1)).ravel()
+    norm = sp.diags(np.where(tot > 0, np.median(tot[tot > 0]) / np.maximum(tot, 1e-12), 0.0)) @ counts
+    logx = norm.log1p().toarray()
+    logx -= logx.mean(axis=0)
+    u, s, _ = np.linalg.svd(logx, full_matrices=False)
+    pcs = u[:, :15] * s[:15]
+    labels = KMeans(n_clusters=n_types, n_init=4, random_state=seed).fit_predict(pcs)
+    onehot = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)), shape=(len(labels), n_types))
+    dens = rasterize(xy, dx=dx, blur=blur, extent=extent).values
+    types = rasterize(xy, weights=onehot, dx=dx, blur=blur, extent=extent).values
+    img = np.concatenate([dens, types])
+    out = xr.DataArray(
+        img,
+        dims=("c", "y", "x"),
+        coords={"c": ["density", *[f"type_{i}" for i in range(n_types)]], "y": y, "x": x},
+        name="density",
+    )
+    return out, labels
