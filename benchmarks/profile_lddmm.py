@@ -76,7 +76,8 @@ def main(argv=None):
             scoped += ms
             print(f"  {s[6:]:10s} {ms / it:8.1f} ms/iteration  {100 * ms / total_ms:5.1f} %")
         print(
-            f"  {'other':10s} {(total_ms - scoped) / it:8.1f} ms/iteration  {100 * (total_ms - scoped) / total_ms:5.1f} %"
+            f"  {'other':10s} {(total_ms - scoped) / it:8.1f} ms/iteration  "
+            f"{100 * (total_ms - scoped) / total_ms:5.1f} %"
             "  (optimiser, EM, Python)"
         )
         ops = [e for e in prof.key_averages() if not e.key.startswith("lddmm.")]

@@ -226,6 +226,44 @@ def test_apply_image_warps_onto_the_target_grid(fitted):
     assert np.median(under) < 220  # tissue, not the white glass (~240+)
 
 
+def test_apply_image_follows_the_lddmm_not_just_its_affine(fitted):
+    """The pulled-back H&E equals an independent bilinear sampling at the full (affine + velocity) map.
+
+    Fails when ``apply`` on an image uses the affine alone: the fitted displacement moves the H&E by several
+    pixels, so sampling at the affine-only positions differs from the reference by much more than the warp does.
+    """
+    from scipy import ndimage
+
+    sd, _, reg = fitted
+    assert reg.has_velocity or reg.is_sampled
+    name = sd.align.apply(VISIUM_HIRES, inverse=True, pixel_size=10.0, name="he_pulled_back_check")
+    back = image_in_cs(sd, name, XENIUM_CS)
+    he = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS)
+    gx, gy = np.meshgrid(back.x.values, back.y.values)
+    p = np.column_stack([gx.ravel(), gy.ravel()])
+    hx, hy = he.x.values, he.y.values
+
+    def sample(q):  # bilinear at physical positions q (visium units), on the H&E's pixel-centre grid
+        col = (q[:, 0] - hx[0]) / (hx[1] - hx[0])
+        row = (q[:, 1] - hy[0]) / (hy[1] - hy[0])
+        ok = (col >= 0) & (col <= len(hx) - 1) & (row >= 0) & (row <= len(hy) - 1)
+        v = np.stack([ndimage.map_coordinates(he.values[c].astype(float), [row, col], order=1) for c in range(3)])
+        return v, ok
+
+    full, ok_full = sample(reg.transform_points(p))
+    A = reg.affine
+    aff, ok_aff = sample(p @ A[:2, :2].T + A[:2, 2])
+    got = back.values.reshape(3, -1).astype(float)
+    # only pixels well inside the H&E and the warped tissue (where the velocity acts)
+    disp = np.linalg.norm(reg.transform_points(p) - (p @ A[:2, :2].T + A[:2, 2]), axis=1)
+    sel = ok_full & ok_aff & (disp > 0.5 * np.percentile(disp, 90))
+    assert sel.sum() > 200
+    err = np.abs(got[:, sel] - full[:, sel]).mean()
+    err_affine_only = np.abs(aff[:, sel] - full[:, sel]).mean()
+    assert err_affine_only > 2.0  # the velocity visibly moves the image (grey levels 0-255)
+    assert err < 0.25 * err_affine_only
+
+
 def test_apply_errors_and_no_mutation(sdata):
     with pytest.raises(ValueError, match="no transform is stored yet"):
         sdata.align.apply(XENIUM_CELLS)

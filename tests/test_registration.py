@@ -223,6 +223,25 @@ def test_warp_image_both_directions(toy, toy_reg):
     assert r2 > 0.6
 
 
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_warp_image_moves_pixels_by_the_velocity(direction):
+    """A constant velocity (identity affine) translates by exactly its value: a warp that ignores it fails."""
+    xv = np.linspace(-50.0, 250.0, 31)
+    shift = np.array([7.0, -4.0])  # source units over unit time
+    v = np.zeros((5, 2, xv.size, xv.size))
+    v[:, 0], v[:, 1] = shift
+    reg = Registration(affine=np.eye(3), velocity_values=v, xv=xv, yv=xv)
+    x = np.arange(200) + 0.5
+    img = np.zeros((1, 200, 200))
+    img[0, 90:110, 80:100] = 1.0  # a square centred at (90, 100)
+    out = reg.warp_image(img, x, x, out_x=x, out_y=x, direction=direction).values[0]
+    w = out / out.sum()
+    centre = np.array([(w.sum(0) * x).sum(), (w.sum(1) * x).sum()])
+    sign = 1.0 if direction == "forward" else -1.0
+    np.testing.assert_allclose(centre, np.array([90.0, 100.0]) + sign * shift, atol=0.1)
+    np.testing.assert_allclose(reg.transform_points([[90.0, 100.0]], direction)[0], centre, atol=0.1)
+
+
 def test_affine_only_registration():
     m = np.array([[2.0, 0, 10], [0, 2.0, -5], [0, 0, 1]])
     reg = Registration.from_affine(m)

@@ -418,20 +418,32 @@ def lddmm(
         Velocity grid spacing (source units). Default ``a / 2``.
     sigma_m, sigma_b, sigma_a
         Noise standard deviations of the matched, background and artifact classes (target
-        intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, ``5 * sigma_m``.
+        intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, and the spread of the target's
+        tissue colours (at least ``sigma_m``): the artifact class explains target tissue that the source lacks.
     sigma_r
         Regularisation scale: larger allows larger deformations (source units). Default ``10 * dx`` of
         the source image.
     sigma_p
         Landmark tolerance (target units). Default: two source pixels mapped to target units.
+    sigma_affine
+        Prior on how far the affine may move from ``affine`` during the fit: a mean displacement of
+        ``sigma_affine`` (source units) over the source tissue costs as much as the regulariser's unit.
+        Default 5 % of the source's half-extent; ``0`` removes the prior. Without it, low-texture sections
+        can shrink or slide onto the part of the target that the contrast model explains best.
     contrast_degree
         Degree of the per-channel polynomial mapping source intensities to target colours.
     background, artifact
         Whether to model background / artifact classes.
     update_priors
-        Re-estimate the class priors by EM. Off by default: the priors stay at 0.6 / 0.3 / 0.1 (match /
-        background / artifact); re-estimated, the artifact prior collapses when little of the target lacks
-        a source counterpart, and the source's cut edges are then stretched over that tissue.
+        Re-estimate the class priors by EM. Off by default: re-estimated, the artifact prior collapses when
+        little of the target lacks a source counterpart, and the source's cut edges are then stretched over
+        that tissue.
+    prior_in, prior_out
+        Class priors (match, background, artifact) where the deformed source has tissue and where it has
+        none; in between they are mixed by the source's occupancy ``tanh(I / tau)`` (``tau`` a quarter of the
+        source's typical tissue level). Target pixels under source tissue are then expected to match, and the
+        rest to be glass or tissue the source lacks; the prior moves with the deformation (its gradient is
+        part of the fit).
     scales
         Coarse-to-fine image downsampling factors (relative to the working resolution).
     max_iter
