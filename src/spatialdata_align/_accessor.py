@@ -28,7 +28,7 @@ from ._elements import (
     image_in_cs,
     with_obs_column,
 )
-from .io import registration_target
+from .io import registration_target, visium_scalefactors
 from .registration import (
     AffineFit,
     InitResult,
@@ -336,7 +336,9 @@ class AlignAccessor:
             ``True`` uses the landmark set ``"landmarks"``, a string names another set.
         auto
             Find the affine without landmarks (:func:`~spatialdata_align.registration.auto_init`
-            on the rasterised source and the target image).
+            on the rasterised source and the target image). From Xenium µm to the Visium frame the scale is
+            known from the Visium scale factors, and the search then lets the Xenium section cover only part
+            of the Visium tissue.
         kind
             ``"affine"``, ``"similarity"`` or ``"rigid"`` (landmark fits).
         key
@@ -365,8 +367,11 @@ class AlignAccessor:
         if auto:
             src_img = rasterize(element_xy(sd, source, scs), dx=dx)
             tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
-            fit: AffineFit | InitResult = auto_init(src_img, tgt_img, reflection=None if flip is not False else False)
-            extra = {"method": "auto", "score": float(fit.score)}
+            scale = _known_scale(sd, scs, tcs)
+            fit: AffineFit | InitResult = auto_init(
+                src_img, tgt_img, reflection=None if flip is not False else False, scale=scale
+            )
+            extra = {"method": "auto", "score": float(fit.score), "known_scale": scale}
         else:
             if landmarks is False:
                 raise ValueError("pass landmarks=True (or a landmark set name) or auto=True.")
@@ -604,3 +609,14 @@ def register(name: str = "align") -> None:
 
 
 logger.debug("sdata.align accessor module loaded")
+
+
+def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
+    """Visium full-resolution px per Xenium µm from the scale factors (None when not the Xenium → Visium pair)."""
+    if scs != XENIUM_CS or tcs != VISIUM_CS:
+        return None
+    try:
+        um_per_px = float(visium_scalefactors(sd).get("um_per_px", np.nan))
+    except (KeyError, ValueError, TypeError):
+        return None
+    return 1.0 / um_per_px if np.isfinite(um_per_px) and um_per_px > 0 else None

@@ -149,6 +149,7 @@ def auto_init(
     resolution: int = 96,
     n_refine: int = 4,
     refine_iter: int = 60,
+    scale: float | None = None,
 ) -> InitResult:
     """Find a source→target affine without landmarks.
 
@@ -170,6 +171,14 @@ def auto_init(
         Number of best coarse candidates refined to a full affine.
     refine_iter
         L-BFGS iterations per refinement.
+    scale
+        Known scale (target units per source unit, e.g. Visium full-resolution pixels per µm from the scale
+        factors). When given, the search allows partial overlap: the source may cover only part of the target
+        tissue (a Xenium region inside a larger section). Each rotation's translation is the best of all shifts
+        (one FFT cross-correlation), scored by how much of the source lands on target tissue and how the
+        intensities correlate there; the refinement keeps that score, in the source frame, with the scale held
+        near ``scale``. Without it, scale and translation come from the tissue masks' moments and the masks are
+        matched whole (the two sections show the same tissue).
 
     Returns
     -------
@@ -184,7 +193,6 @@ def auto_init(
     j_int, j_mask = foreground(J, "target")
     c_i, cov_i = _moments(i_mask, I.x, I.y)
     c_j, cov_j = _moments(j_mask, J.x, J.y)
-    scale = (np.linalg.det(cov_j) / np.linalg.det(cov_i)) ** 0.25
     i_feat = np.stack([gaussian_filter(i_mask, 1.5), gaussian_filter(i_int, 1.0)])
     j_feat = torch.as_tensor(
         np.stack([gaussian_filter(j_mask, 1.5), gaussian_filter(j_int, 1.0)]).reshape(2, -1), dtype=torch.float64
@@ -193,6 +201,15 @@ def auto_init(
 
     flips = [False, True] if reflection is None else [bool(reflection)]
     angles = np.arange(0.0, 360.0, angle_step)
+    if scale is not None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive number (target units per source unit), got {scale!r}.")
+        # the whole-tissue search's answer competes too (it wins where the target's tissue mask is poor, e.g. fat)
+        whole = auto_init(I, J, angle_step=angle_step, reflection=reflection, resolution=resolution,
+                          n_refine=n_refine, refine_iter=refine_iter).matrix  # fmt: skip
+        return _partial_overlap_init(I, J, (i_int, i_mask), j_mask, float(scale), flips, angles, n_refine,
+                                     refine_iter, angle_step, extra=whole)  # fmt: skip
+    scale = (np.linalg.det(cov_j) / np.linalg.det(cov_i)) ** 0.25
     cands = [(f, ang, _similarity(c_i, c_j, scale, np.radians(ang), f)) for f in flips for ang in angles]
     inv = torch.as_tensor(np.stack([np.linalg.inv(m) for _, _, m in cands]), dtype=torch.float64)
     with torch.no_grad():
@@ -263,4 +280,146 @@ def _refine(warper: _Warper, j_feat: torch.Tensor, m0: np.ndarray, I: Image, n_i
     with torch.no_grad():
         a = matrix(p)
         final = float(_ncc(warper.sample(torch.linalg.inv(a)[None])[0], j_feat).mean())
+    return a.detach().numpy(), final
+
+
+# ---------------------------------------------------------------------------------------------- partial overlap
+#: weight of the intensity correlation against the tissue-containment score
+_INTENSITY_WEIGHT = 1.0
+#: standard deviation of log(scale / known scale) allowed by the refinement
+_LOG_SCALE_SD = 0.1
+
+
+def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine, refine_iter, angle_step, extra=None):
+    """:func:`auto_init` with a known scale: rotations x all shifts by FFT, then a rigid + scale refinement."""
+    i_int, i_mask = i_feats
+    w_src = gaussian_filter(i_mask, 1.0)
+    dJ = (J.x[1] - J.x[0]) if J.x.size > 1 else 1.0
+    dJy = (J.y[1] - J.y[0]) if J.y.size > 1 else dJ
+    ny, nx = j_mask.shape
+    # a padded target frame, so that every shift keeps the source on the grid
+    ext = int(np.ceil(max(np.ptp(I.x) + I.dx, np.ptp(I.y) + I.dx) * scale / min(dJ, dJy))) + 2
+    py, px = ext, ext
+    gy = J.y[0] + (np.arange(ny + 2 * py) - py) * dJy
+    gx = J.x[0] + (np.arange(nx + 2 * px) - px) * dJ
+    cy, cx = float(gy.mean()), float(gx.mean())
+    tmask = -np.ones((gy.size, gx.size))  # glass, or off the image: -1 (a source there is penalised)
+    tmask[py : py + ny, px : px + nx] = 2 * gaussian_filter(j_mask, 1.0) - 1
+    tint = np.zeros_like(tmask)
+    # target intensity: darkness (haematoxylin-dense nuclei are darker than eosin stroma), not the distance from
+    # the glass colour (both stains are far from it)
+    dark = J.data.max() - J.data.mean(axis=0)
+    jz = gaussian_filter(dark / max(float(dark.max()), 1e-12), 1.0)
+    on = j_mask > 0.5
+    jz = (jz - (jz[on].mean() if on.any() else 0.0)) * (j_mask > 0.5)
+    tint[py : py + ny, px : px + nx] = jz
+    t_rms = float(np.sqrt((jz[on] ** 2).mean())) if on.any() else 1.0
+    f_tmask, f_tint = np.fft.rfft2(tmask), np.fft.rfft2(tint)
+    feats = np.stack([w_src, gaussian_filter(i_int, 1.0) * (i_mask > 0)])
+    warper = _Warper(I, feats, Image(np.zeros((1, gy.size, gx.size)), gx, gy))
+    c_i, _ = _moments(i_mask, I.x, I.y)
+    rows, cands = [], []
+    with torch.no_grad():
+        for f in flips:
+            for ang in angles:
+                m = _similarity(c_i, np.array([cx, cy]), scale, np.radians(ang), f)
+                w = warper.sample(torch.as_tensor(np.linalg.inv(m)[None], dtype=torch.float64))[0].numpy()
+                sm, si = w[0].reshape(gy.size, gx.size), w[1].reshape(gy.size, gx.size)
+                mass = sm.sum()
+                if mass <= 0:
+                    continue
+                sc = (si - (si * sm).sum() / mass) * sm
+                norm = np.sqrt((sc**2).sum()) * t_rms * np.sqrt(mass) + 1e-12
+                # correlation for every shift t (in padded-frame pixels): sum_x s(x) t(x + t)
+                contain = np.fft.irfft2(np.conj(np.fft.rfft2(sm)) * f_tmask, s=sm.shape) / mass
+                inten = np.fft.irfft2(np.conj(np.fft.rfft2(sc)) * f_tint, s=sm.shape) / norm
+                total = contain + _INTENSITY_WEIGHT * inten
+                k = int(np.argmax(total))
+                ky, kx = np.unravel_index(k, total.shape)
+                ky = ky - gy.size if ky > gy.size // 2 else ky
+                kx = kx - gx.size if kx > gx.size // 2 else kx
+                shift = np.eye(3)
+                shift[:2, 2] = [kx * dJ, ky * dJy]
+                cands.append((f, ang, shift @ m))
+                rows.append({"reflection": f, "angle_deg": ang, "score": float(total.flat[k])})
+    if not cands:
+        raise ValueError("the source has no tissue on the search grid; cannot initialise.")
+    table = pd.DataFrame(rows)
+    score = table["score"].to_numpy()
+    order = np.argsort(-score)
+    picked: list[int] = []
+    for idx in order:
+        if all(cands[idx][0] != cands[j][0] or _angdist(cands[idx][1], cands[j][1]) > 3 * angle_step for j in picked):
+            picked.append(int(idx))
+        if len(picked) >= n_refine:
+            break
+    j_feat = np.stack([2 * gaussian_filter(j_mask, 1.0) - 1, jz / max(t_rms, 1e-12)])
+    starts = [cands[idx][2] for idx in picked] + ([] if extra is None else [np.asarray(extra, dtype=float)])
+    best = None
+    for m0 in starts:
+        m, sc = _refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter)
+        if best is None or sc > best[1]:
+            best = (m, sc)
+    matrix, sc = best
+    dec = decompose_affine(matrix)
+    return InitResult(
+        matrix=matrix,
+        score=float(sc),
+        rotation_deg=dec["rotation_deg"],
+        reflection=dec["reflection"],
+        scale=dec["scale"],
+        candidates=table,
+    )
+
+
+def _refine_rigid(I, feats, J, j_feat, m0, scale, n_iter):
+    """Refine rotation, translation and scale (held near ``scale``) by the containment + intensity score.
+
+    The score is computed in the source frame: the target's features sampled at every source pixel mapped by the
+    affine, weighted by the source tissue, so target tissue the source lacks costs nothing.
+    """
+    gx, gy = np.meshgrid(I.x, I.y)
+    pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float64)
+    w = torch.as_tensor(feats[0].ravel(), dtype=torch.float64)
+    si = torch.as_tensor(feats[1].ravel(), dtype=torch.float64)
+    mass = w.sum()
+    si_c = (si - (si * w).sum() / mass) * w
+    si_n = si_c / (si_c.pow(2).sum().sqrt() + 1e-12)
+    jf = torch.as_tensor(j_feat, dtype=torch.float64)[None]
+    c = torch.as_tensor(((gx * feats[0]).sum() / feats[0].sum(), (gy * feats[0]).sum() / feats[0].sum()))
+    m0_t = torch.as_tensor(m0, dtype=torch.float64)
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)  # angle, log-scale, tx, ty (target units / 100)
+    opt = torch.optim.LBFGS([p], lr=1, max_iter=n_iter, line_search_fn="strong_wolfe")
+    s0 = float(np.sqrt(abs(np.linalg.det(m0[:2, :2]))))
+    span = float(max(np.ptp(J.x), np.ptp(J.y)))
+
+    def matrix(pp):
+        ca, sa, es = torch.cos(pp[0]), torch.sin(pp[0]), torch.exp(pp[1])
+        rot = torch.stack([torch.stack([ca, -sa]), torch.stack([sa, ca])]) * es
+        # rotate and scale about the source tissue centre's image, then shift
+        lin = rot @ m0_t[:2, :2]
+        ctr = m0_t[:2, :2] @ c + m0_t[:2, 2]
+        t = ctr - lin @ c + pp[2:] * span / 100
+        top = torch.cat([lin, t[:, None]], 1)
+        return torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
+
+    def score(a):
+        q = pts @ a[:2, :2].T + a[:2, 2]
+        g = normalised_grid(q, float(J.x[0]), float(J.x[-1]), float(J.y[0]), float(J.y[-1]))
+        v = grid_sample(jf, g[None, None], mode="bilinear", padding_mode="border", align_corners=True)[0, :, 0]
+        contain = (w * v[0]).sum() / mass
+        inten = (si_n * v[1]).sum() / mass.sqrt()
+        log_ratio = torch.log(torch.exp(p[1]) * s0 / scale)
+        return contain + _INTENSITY_WEIGHT * inten - 0.5 * (log_ratio / _LOG_SCALE_SD) ** 2
+
+    def loss_fn():
+        opt.zero_grad()
+        loss = -score(matrix(p))
+        loss.backward()
+        return loss
+
+    opt.step(loss_fn)
+    with torch.no_grad():
+        a = matrix(p)
+        final = float(score(a))
     return a.detach().numpy(), final
