@@ -371,7 +371,16 @@ class AlignAccessor:
             fit: AffineFit | InitResult = auto_init(
                 src_img, tgt_img, reflection=None if flip is not False else False, scale=scale
             )
-            extra = {"method": "auto", "score": float(fit.score), "known_scale": scale}
+            extra = {"method": "auto", "score": float(fit.score), "known_scale": scale, "margin": fit.margin}
+            if fit.margin < AMBIGUOUS_MARGIN:  # nan (nothing to compare) is not ambiguous
+                warnings.warn(
+                    f"the automatic initialisation is ambiguous: another orientation (mirrored, or rotated by more "
+                    f"than 20°) scores within {fit.margin:.3f} of the chosen one ({fit.score:.3f}), so the tissue "
+                    "outlines and densities cannot tell them apart. Fix: place 3-6 landmarks (--landmarks; Python: "
+                    "sdata.align.set_landmarks(...) then sdata.align.affine()), or check the overlay in the report.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         else:
             if landmarks is False:
                 raise ValueError("pass landmarks=True (or a landmark set name) or auto=True.")
@@ -609,6 +618,10 @@ def register(name: str = "align") -> None:
 
 
 logger.debug("sdata.align accessor module loaded")
+
+
+#: below this score margin over the best other orientation, an automatic initialisation is reported as ambiguous
+AMBIGUOUS_MARGIN = 0.05
 
 
 def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:

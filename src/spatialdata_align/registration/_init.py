@@ -36,6 +36,11 @@ class InitResult:
         Decomposition of ``matrix`` (see :func:`~spatialdata_align.registration.decompose_affine`).
     candidates
         The coarse search: one row per (reflection, angle) with its score.
+    margin
+        How much better the chosen affine scores than the best refined alternative of another orientation (the
+        other mirror state, or a rotation more than 20° away); ``nan`` when none was refined. A margin near 0 means
+        the tissue outlines and densities cannot tell the orientations apart (e.g. a symmetric section): place a few
+        landmarks.
     """
 
     matrix: np.ndarray
@@ -44,6 +49,7 @@ class InitResult:
     reflection: bool
     scale: float
     candidates: pd.DataFrame = field(repr=False)
+    margin: float = float("nan")
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -146,7 +152,7 @@ def auto_init(
     *,
     angle_step: float = 5.0,
     reflection: bool | None = None,
-    resolution: int = 96,
+    resolution: int | None = None,
     n_refine: int = 4,
     refine_iter: int = 60,
     scale: float | None = None,
@@ -166,7 +172,7 @@ def auto_init(
         ``None`` searches both mirror states, ``False`` only proper rotations, ``True`` only
         reflected ones.
     resolution
-        Longest side (pixels) of the images used for the search.
+        Longest side (pixels) of the images used for the search (default 96, or 160 with a known ``scale``).
     n_refine
         Number of best coarse candidates refined to a full affine.
     refine_iter
@@ -187,6 +193,8 @@ def auto_init(
     I_full = as_image(source, name="source")
     J_full = as_image(target, name="target")
     # work at a coarse, blurred resolution
+    if resolution is None:
+        resolution = 96 if scale is None else 160
     I = _coarsen(I_full, resolution)
     J = _coarsen(J_full, resolution)
     i_int, i_mask = foreground(I, "source")
@@ -355,13 +363,14 @@ def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine,
             break
     j_feat = np.stack([2 * gaussian_filter(j_mask, 1.0) - 1, jz / max(t_rms, 1e-12)])
     starts = [cands[idx][2] for idx in picked] + ([] if extra is None else [np.asarray(extra, dtype=float)])
-    best = None
-    for m0 in starts:
-        m, sc = _refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter)
-        if best is None or sc > best[1]:
-            best = (m, sc)
-    matrix, sc = best
+    refined = [_refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter) for m0 in starts]
+    matrix, sc = max(refined, key=lambda r: r[1])
     dec = decompose_affine(matrix)
+    others = []
+    for m, s_ in refined:
+        o = decompose_affine(m)
+        if o["reflection"] != dec["reflection"] or _angdist(o["rotation_deg"], dec["rotation_deg"]) > 20:
+            others.append(s_)
     return InitResult(
         matrix=matrix,
         score=float(sc),
@@ -369,6 +378,7 @@ def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine,
         reflection=dec["reflection"],
         scale=dec["scale"],
         candidates=table,
+        margin=float(sc - max(others)) if others else float("nan"),
     )
 
 
