@@ -409,9 +409,25 @@ def test_read_visium_counts_and_positions(vdirs, vin, pf, mf):
     sf = sda.io.visium_scalefactors(sdata)
     assert sf["tissue_hires_scalef"] == 0.2 and sf["tissue_lowres_scalef"] == 0.05
     assert sf["spot_diameter_fullres"] == 80.0
-    assert sf["um_per_px"] == pytest.approx(55.0 / 80.0)
+    assert sf["um_per_px"] == pytest.approx(55.0 / 80.0, rel=1e-3)  # from the 100 µm pitch of whole-pixel positions
+    assert table.uns[UNS_VISIUM_KEY]["um_per_px_from"] == "spot grid (100 µm pitch)"
     assert table.uns[UNS_VISIUM_KEY]["positions_file"] == pf
     assert set(sdata.coordinate_systems) == {VISIUM_CS}
+
+
+def test_pixel_size_comes_from_the_spot_grid_not_the_spot_diameter(vdirs, tmp_path):
+    """Real Space Ranger runs write a spot_diameter_fullres spanning ~65 µm, not 55: the 100 µm grid decides."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(vdirs[("tissue_positions.csv", "h5")], tmp_path / "outs")
+    sf_file = next(folder.rglob("scalefactors_json.json"))
+    sf = json.loads(sf_file.read_text())
+    sf["spot_diameter_fullres"] = 80.0 * 65.0 / 55.0
+    sf_file.write_text(json.dumps(sf))
+    got = sda.io.visium_scalefactors(sda.io.read_visium(folder))
+    assert got["spot_diameter_fullres"] == pytest.approx(80.0 * 65.0 / 55.0)
+    assert got["um_per_px"] == pytest.approx(55.0 / 80.0, rel=1e-3)  # not 55 / 94.5 (18 % off)
 
 
 def test_known_spot_lands_on_its_hires_pixel(vdirs, vin):

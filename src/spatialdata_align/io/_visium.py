@@ -395,8 +395,9 @@ def read_visium(
       ``-1``, ``-2`` only when duplicated; ``var['gene_symbols']`` un-suffixed, ``var['gene_ids']``,
       ``var['feature_types']``); obs = the six tissue-position columns plus ``region`` / ``instance_id``
       (= barcode) annotating ``visium_spots``; ``obsm['spatial']`` = (x, y) full-res px;
-      ``uns['visium']`` = ``{'scalefactors': {...}, 'um_per_px': 55 / spot_diameter_fullres, ...}`` (see
-      :func:`visium_scalefactors`); ``uns['spatial']`` in the scanpy layout (library id, hires/lowres images,
+      ``uns['visium']`` = ``{'scalefactors': {...}, 'um_per_px': ..., 'um_per_px_from': ..., ...}`` (µm per
+      full-resolution pixel from the spot grid's 100 µm pitch, or 55 / ``spot_diameter_fullres`` without a
+      grid; see :func:`visium_scalefactors`); ``uns['spatial']`` in the scanpy layout (library id, hires/lowres images,
       scale factors), so :func:`scanpy.pl.spatial` draws the spots on the H&E with no extra arguments;
     * whichever images exist: ``visium_hires_image`` / ``visium_lowres_image`` / ``visium_cytassist_image``, uint8
       (c, y, x) RGB mapped to ``visium`` by ``Scale(1 / scalef)`` (hires pixel (i, j) covers full-res x in
@@ -503,7 +504,14 @@ def read_visium(
     shown = {spatial / SPATIAL_IMAGES[n][0]: (imgs[n], SPATIAL_IMAGES[n][1]) for n in image_arrays}
     if full_file is not None:
         shown[full_file] = (imgs[VISIUM_FULLRES], None)
-    check_visium_geometry(positions, pos_file, scalefactors, sf_file, shown)
+    geometry = check_visium_geometry(positions, pos_file, scalefactors, sf_file, shown)
+    if geometry.get("um_per_px_grid"):
+        # the spot grid's 100 µm pitch fixes the pixel size; spot_diameter_fullres does not (Space Ranger's value
+        # spans ~65 µm of tissue in real runs, not the 55 µm of the spot, an ~18 % error)
+        table.uns[UNS_VISIUM_KEY]["um_per_px"] = float(geometry["um_per_px_grid"])
+        table.uns[UNS_VISIUM_KEY]["um_per_px_from"] = "spot grid (100 µm pitch)"
+    else:
+        table.uns[UNS_VISIUM_KEY]["um_per_px_from"] = "spot_diameter_fullres (55 µm)"
     return SpatialData(images=imgs, shapes={VISIUM_SPOTS: spots}, tables={VISIUM_TABLE: table})
 
 
