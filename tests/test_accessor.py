@@ -132,6 +132,23 @@ def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
 
 
 # --------------------------------------------------------------------------------------------- lddmm
+def test_lddmm_with_cell_type_channels(twin):
+    """channels="celltypes": the density plus one channel per expression cluster reaches the truth too."""
+    sd = sda.io.read_pair(twin.xenium_path, twin.visium_path, transcripts=False)
+    sd.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:4])
+    fit = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    reg = sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="celltypes", n_types=4, **LDDMM_KW)
+    assert len(np.atleast_1d(reg.params["source_intensity_scale"])) == 5  # density + 4 types
+    cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
+    truth = twin.truth.forward(cells)
+    e_aff = _tre_um(fit.transform_points(cells), truth, twin.truth.um_per_px)
+    e_reg = _tre_um(reg.transform_points(cells), truth, twin.truth.um_per_px)
+    assert np.median(e_reg) <= 8.0 and np.percentile(e_reg, 95) <= 20.0
+    assert np.median(e_reg) < 0.7 * np.median(e_aff)
+    with pytest.raises(ValueError, match="channels must be"):
+        sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="rgb", **LDDMM_KW)
+
+
 def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twin):
     sd, fit, reg = fitted
     cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)

@@ -15,6 +15,7 @@ from spatialdata_align.registration import (
     Registration,
     RegistrationDivergedWarning,
     auto_init,
+    celltype_channels,
     decompose_affine,
     fit_affine,
     lddmm,
@@ -171,6 +172,21 @@ def test_auto_init_with_a_known_scale_places_a_partial_section(flip):
     assert res.margin > 0.05  # the other orientations score clearly lower: not ambiguous
     with pytest.raises(ValueError, match="scale must be a positive"):
         auto_init(src, toy.target, scale=-1.0)
+
+
+def test_celltype_channels_partition_the_density():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 500, size=(4000, 2))
+    labels = np.where(xy[:, 0] < 200, "a", np.where(xy[:, 1] < 250, "b", "c"))
+    grid = rasterize(xy, dx=10.0)
+    img = celltype_channels(xy, labels, grid, blur=0.0)
+    assert list(img.c.values) == ["density", "type_a", "type_b", "type_c"]
+    np.testing.assert_allclose(img.values[1:].sum(0), img.values[0], rtol=1e-6, atol=1e-9)
+    # each type's channel holds its own cells only (no blur): type a lives left of x = 200 µm
+    left = img.x.values < 210  # one pixel of bilinear spread past 200 µm
+    assert img.sel(c="type_a").values[:, ~left].max() == 0 and img.sel(c="type_a").values[:, left].sum() > 0
+    with pytest.raises(ValueError, match="one entry per cell"):
+        celltype_channels(xy, labels[:-1], grid)
 
 
 # --------------------------------------------------------------------------- lddmm

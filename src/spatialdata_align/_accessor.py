@@ -34,6 +34,7 @@ from .registration import (
     InitResult,
     Registration,
     auto_init,
+    celltype_channels,
     fit_affine,
     lddmm,
     rasterize,
@@ -41,6 +42,10 @@ from .registration import (
 from .registration._utils import check_points
 
 logger = logging.getLogger(__name__)
+
+#: source channels of sdata.align.lddmm (and so of `spatialdata-align run`): see its docstring
+DEFAULT_CHANNELS = "density"
+DEFAULT_N_TYPES = 6
 
 #: default source raster pixel size (µm) for LDDMM and automatic initialisation
 DEFAULT_DX = 20.0
@@ -419,6 +424,8 @@ class AlignAccessor:
         dx: float = DEFAULT_DX,
         blur: float | None = None,
         match_weight_key: str = MATCH_WEIGHT_KEY,
+        channels: str = DEFAULT_CHANNELS,
+        n_types: int = DEFAULT_N_TYPES,
         **params: Any,
     ) -> Registration:
         """Refine the affine with a diffeomorphic (LDDMM) registration and store the result.
@@ -446,6 +453,12 @@ class AlignAccessor:
         match_weight_key
             ``obs`` column receiving each source cell's match weight in the tables annotating
             ``source``.
+        channels
+            Source image: ``"density"`` (all cells in one channel) or ``"celltypes"`` (the density plus one
+            density per cell type: k-means clusters of the expression in the table annotating ``source``,
+            :func:`~spatialdata_align.tl.cell_type_labels`; each type gets its own colour in the contrast model).
+        n_types
+            Number of cell types for ``channels="celltypes"``.
         **params
             Passed to :func:`~spatialdata_align.registration.lddmm` (``a``, ``sigma_r``,
             ``scales``, ``max_iter``, ``progress``, ...).
@@ -479,6 +492,13 @@ class AlignAccessor:
             A0 = np.asarray(init, dtype=float)
         xy = element_xy(sd, source, scs)
         src_img = rasterize(xy, dx=dx, blur=blur)
+        if channels == "celltypes":
+            from .tl._data import cell_type_labels, modality
+
+            mod = modality(sd, source, None, scs)  # positions row-aligned with the table annotating the cells
+            src_img = celltype_channels(mod.xy, cell_type_labels(mod.table, n_types), src_img, blur=blur)
+        elif channels != "density":
+            raise ValueError(f"channels must be 'density' or 'celltypes', got {channels!r}.")
         tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
         kw = {"contrast_degree": 3, "source_units": "um", "target_units": "px"}
         kw.update(params)

@@ -7,11 +7,13 @@ Points are ``(N, 2)`` arrays of ``(x, y)`` in physical units; images are ``(c, y
 * :func:`fit_affine` – affine / similarity / rigid transform from matched landmarks.
 * :func:`auto_init` – affine initialisation without landmarks (rotation/reflection/scale search).
 * :func:`lddmm` – affine + diffeomorphic registration with mixture matching.
+* :func:`celltype_channels`, :func:`expression_features` – source channels beyond the density.
 * :class:`Registration` – the result: applies the transform to points and images, both ways.
 * :class:`DisplacementField` – a displacement field on a regular grid (the stored, OME-NGFF form of a map).
 """
 
 from ._displacement import DisplacementField
+from ._features import celltype_channels, expression_features
 from ._init import InitResult, auto_init
 from ._landmarks import AffineFit, decompose_affine, fit_affine
 from ._lddmm import RegistrationDivergedWarning, lddmm
@@ -27,7 +29,9 @@ __all__ = [
     "Registration",
     "RegistrationDivergedWarning",
     "auto_init",
+    "celltype_channels",
     "decompose_affine",
+    "expression_features",
     "fit_affine",
     "lddmm",
     "rasterize",

@@ -2,8 +2,8 @@
 
 Pure numpy/scipy (no SpatialData): the accessor hands over arrays.
 
-* :func:`celltype_channels`: clusters the source cells by expression and rasterises one density per cluster,
-  so the contrast model can learn that different cell types look different in the H&E.
+* :func:`celltype_channels`: one density per cell type (e.g. expression clusters), so the contrast model can
+  learn that different cell types look different in the H&E.
 * :func:`expression_features`: the expression of the genes both platforms measure, as a smoothed field over the
   source (e.g. Xenium cells) and as values at the target's spots (e.g. Visium), in common coordinates: per-location
   composition over the shared genes (so each platform's sensitivity and the spot's cell count cancel), log-scaled,
@@ -100,41 +100,42 @@ def expression_features(
     return out, spot_vals, {"explained_variance_ratio": ratio, "loadings": load, "genes": keep, "n_genes": g}
 
 
-def celltype_channels(
-    cell_xy, cell_counts, grid: xr.DataArray, *, n_types: int = 6, blur: float | None = None, seed: int = 0
-) -> tuple[xr.DataArray, np.ndarray]:
-    """The total cell density followed by one density channel per expression cluster.
+def celltype_channels(cell_xy, labels, grid: xr.DataArray, *, blur: float | None = None) -> xr.DataArray:
+    """The total cell density followed by one density channel per cell type (or cluster).
 
-    Cells are clustered by k-means on the leading principal components of their normalised log expression
-    (``n_types`` clusters); each cluster is rasterised on ``grid``'s pixels (mass-conserving, blurred like the
-    density). Channel 0 is the total density (the engine's tissue occupancy uses it).
+    Every label's cells are rasterised on ``grid``'s pixels (mass-conserving, blurred like the density), so the
+    engine's contrast model can learn that different cell types look different in the H&E. Channel 0 is the
+    total density (the engine's tissue occupancy uses it).
+
+    Parameters
+    ----------
+    cell_xy
+        ``(N, 2)`` cell positions ``(x, y)`` (source units).
+    labels
+        ``(N,)`` cell-type labels (any hashable values; e.g. k-means clusters of the expression).
+    grid
+        Image whose ``x``/``y`` pixel-centre coordinates define the raster (e.g. the density raster).
+    blur
+        As :func:`~spatialdata_align.registration.rasterize`.
 
     Returns
     -------
-    ``(channels, labels)``: the ``(1 + n_types, y, x)`` image and the cluster label of every cell.
+    The ``(1 + n_types, y, x)`` image, channels ``["density", "type_<label>", ...]``.
     """
-    from sklearn.cluster import KMeans
-
     xy = np.asarray(cell_xy, dtype=float)
-    counts = sp.csr_matrix(cell_counts, dtype=np.float64)
+    lab = np.asarray(labels)
+    if lab.shape != (xy.shape[0],):
+        raise ValueError(f"labels must have one entry per cell ({xy.shape[0]}), got shape {lab.shape}.")
+    types, codes = np.unique(lab, return_inverse=True)
     x, y = np.asarray(grid.x.values, float), np.asarray(grid.y.values, float)
     dx = float(x[1] - x[0])
     extent = (x[0] - dx / 2, x[-1] + dx / 2, y[0] - dx / 2, y[-1] + dx / 2)
-    tot = np.asarray(counts.sum(1)).ravel()
-    norm = sp.diags(np.where(tot > 0, np.median(tot[tot > 0]) / np.maximum(tot, 1e-12), 0.0)) @ counts
-    logx = norm.log1p().toarray()
-    logx -= logx.mean(axis=0)
-    u, s, _ = np.linalg.svd(logx, full_matrices=False)
-    pcs = u[:, :15] * s[:15]
-    labels = KMeans(n_clusters=n_types, n_init=4, random_state=seed).fit_predict(pcs)
-    onehot = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)), shape=(len(labels), n_types))
+    onehot = sp.csr_matrix((np.ones(len(codes)), (np.arange(len(codes)), codes)), shape=(len(codes), len(types)))
     dens = rasterize(xy, dx=dx, blur=blur, extent=extent).values
-    types = rasterize(xy, weights=onehot, dx=dx, blur=blur, extent=extent).values
-    img = np.concatenate([dens, types])
-    out = xr.DataArray(
-        img,
+    per_type = rasterize(xy, weights=onehot, dx=dx, blur=blur, extent=extent).values
+    return xr.DataArray(
+        np.concatenate([dens, per_type]),
         dims=("c", "y", "x"),
-        coords={"c": ["density", *[f"type_{i}" for i in range(n_types)]], "y": y, "x": x},
+        coords={"c": ["density", *[f"type_{t}" for t in types]], "y": y, "x": x},
         name="density",
     )
-    return out, labels

@@ -359,3 +359,25 @@ def lognorm(X, library: np.ndarray, target_sum: float | None = None) -> np.ndarr
     sc.pp.normalize_total(a, target_sum=target_sum)
     sc.pp.log1p(a)
     return np.asarray(a.X[:, :-1], dtype=np.float64)
+
+
+def cell_type_labels(table: ad.AnnData, n_types: int = 6, *, n_pcs: int = 15, seed: int = 0) -> np.ndarray:
+    """Coarse cell types: k-means clusters of the cells' expression (one label per table row).
+
+    :func:`scanpy.pp.normalize_total`, :func:`scanpy.pp.log1p` and :func:`scanpy.pp.pca` on the non-control
+    genes, then :class:`sklearn.cluster.KMeans` on the leading components. Used as density channels for the
+    alignment (:func:`~spatialdata_align.registration.celltype_channels`); the table is not modified.
+    """
+    import scanpy as sc
+    from sklearn.cluster import KMeans
+
+    keep = _non_control(table)
+    X = counts(table)[:, np.flatnonzero(keep)]
+    a = ad.AnnData(X.astype(np.float32))
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    k = int(min(n_pcs, a.n_vars - 1, a.n_obs - 1))
+    if k < 1 or a.n_obs < n_types:
+        return np.zeros(table.n_obs, dtype=int)
+    sc.pp.pca(a, n_comps=k, random_state=seed)
+    return KMeans(n_clusters=int(n_types), n_init=4, random_state=seed).fit_predict(a.obsm["X_pca"])
