@@ -162,8 +162,14 @@ def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twi
     # forward then inverse returns every cell to within 1 µm
     back = reg.transform_points(reg.transform_points(cells), "inverse")
     assert np.abs(back - cells).max() < 1.0
-    # same inputs straight through the engine: the same result
-    src = rasterize(cells, dx=20.0)
+    # same inputs straight through the engine (the default source: density + 3 cell-type densities): the same result
+    from spatialdata_align import _store
+    from spatialdata_align.registration import celltype_channels
+    from spatialdata_align.tl._data import modality
+
+    assert _store.get_entry(sd, "xenium_to_visium_lddmm")["channels"] == "celltypes"
+    mod = modality(sd, XENIUM_CELLS, None, XENIUM_CS)
+    src = celltype_channels(mod.xy, sda.tl.cell_type_labels(mod.table, 3), rasterize(cells, dx=20.0))
     tgt = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
     direct = lddmm(src, tgt, affine=fit.matrix, **LDDMM_KW)
     # ... up to the sampling of the stored form (displacement fields, linear interpolation): << 1 µm
