@@ -187,6 +187,16 @@ def test_celltype_channels_partition_the_density():
     assert img.sel(c="type_a").values[:, ~left].max() == 0 and img.sel(c="type_a").values[:, left].sum() > 0
     with pytest.raises(ValueError, match="one entry per cell"):
         celltype_channels(xy, labels[:-1], grid)
+    # grids whose extent, rebuilt from the pixel centres, is n pixels only up to rounding: still n pixels
+    dx, hits = 20.0, 0
+    for x0, n in [(2756.9118810182836, 293), (3009.1703660860903, 289), (2551.1810656012703, 296), (100.0, 50)]:
+        xs = x0 + (np.arange(n) + 0.5) * dx
+        d = xs[1] - xs[0]  # the pixel size as read back from the coordinates
+        hits += np.ceil(((xs[-1] + d / 2) - (xs[0] - d / 2)) / d) != n
+        pts = np.column_stack([xs, xs])
+        g = xr.DataArray(np.zeros((1, n, n)), dims=("c", "y", "x"), coords={"c": [0], "y": xs, "x": xs})
+        assert celltype_channels(pts, np.arange(n) % 2, g).shape == (3, n, n)
+    assert hits == 3  # the first three are such grids
 
 
 # --------------------------------------------------------------------------- lddmm

@@ -89,8 +89,9 @@ def rasterize(
         xmin, xmax, ymin, ymax = (float(v) for v in extent)
         if not (xmax > xmin and ymax > ymin):
             raise ValueError(f"extent must be (xmin, xmax, ymin, ymax) with xmax > xmin, ymax > ymin: {extent}.")
-    nx = max(int(np.ceil((xmax - xmin) / dx)), 1)
-    ny = max(int(np.ceil((ymax - ymin) / dx)), 1)
+    # a whole number of pixels up to rounding (an extent rebuilt from a grid's pixel centres) is that number
+    nx = max(int(np.ceil((xmax - xmin) / dx - 1e-6)), 1)
+    ny = max(int(np.ceil((ymax - ymin) / dx - 1e-6)), 1)
     xs = xmin + (np.arange(nx) + 0.5) * dx
     ys = ymin + (np.arange(ny) + 0.5) * dx
 
