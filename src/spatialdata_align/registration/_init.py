@@ -229,20 +229,35 @@ def auto_init(
     table = pd.DataFrame({"reflection": [c[0] for c in cands], "angle_deg": [c[1] for c in cands], "score": score})
 
     # refine the best few (distinct) candidates to full affines
-    order = np.argsort(-score)
+    picked = _distinct_best(cands, score, angle_step, n_refine)
+    return _result([_refine(warper, j_feat, cands[idx][2], I, refine_iter) for idx in picked], table)
+
+
+def _angdist(a: float, b: float) -> float:
+    d = abs(a - b) % 360
+    return min(d, 360 - d)
+
+
+def _distinct_best(cands, score, angle_step: float, n: int) -> list[int]:
+    """Indices of the ``n`` best-scoring candidates, skipping any within 3 angle steps of a better one (same mirror)."""
     picked: list[int] = []
-    for idx in order:
+    for idx in np.argsort(-np.asarray(score)):
         if all(cands[idx][0] != cands[j][0] or _angdist(cands[idx][1], cands[j][1]) > 3 * angle_step for j in picked):
             picked.append(int(idx))
-        if len(picked) >= n_refine:
+        if len(picked) >= n:
             break
-    best = None
-    for idx in picked:
-        m, sc = _refine(warper, j_feat, cands[idx][2], I, refine_iter)
-        if best is None or sc > best[1]:
-            best = (m, sc)
-    matrix, sc = best
+    return picked
+
+
+def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame) -> InitResult:
+    """The best refined ``(matrix, score)``, with its margin over the best one of another orientation."""
+    matrix, sc = max(refined, key=lambda r: r[1])
     dec = decompose_affine(matrix)
+    others = []
+    for m, s_ in refined:
+        o = decompose_affine(m)
+        if o["reflection"] != dec["reflection"] or _angdist(o["rotation_deg"], dec["rotation_deg"]) > 20:
+            others.append(s_)
     return InitResult(
         matrix=matrix,
         score=float(sc),
@@ -250,12 +265,8 @@ def auto_init(
         reflection=dec["reflection"],
         scale=dec["scale"],
         candidates=table,
+        margin=float(sc - max(others)) if others else float("nan"),
     )
-
-
-def _angdist(a: float, b: float) -> float:
-    d = abs(a - b) % 360
-    return min(d, 360 - d)
 
 
 def _refine(warper: _Warper, j_feat: torch.Tensor, m0: np.ndarray, I: Image, n_iter: int):
@@ -354,32 +365,10 @@ def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine,
         raise ValueError("the source has no tissue on the search grid; cannot initialise.")
     table = pd.DataFrame(rows)
     score = table["score"].to_numpy()
-    order = np.argsort(-score)
-    picked: list[int] = []
-    for idx in order:
-        if all(cands[idx][0] != cands[j][0] or _angdist(cands[idx][1], cands[j][1]) > 3 * angle_step for j in picked):
-            picked.append(int(idx))
-        if len(picked) >= n_refine:
-            break
+    picked = _distinct_best(cands, score, angle_step, n_refine)
     j_feat = np.stack([2 * gaussian_filter(j_mask, 1.0) - 1, jz / max(t_rms, 1e-12)])
     starts = [cands[idx][2] for idx in picked] + ([] if extra is None else [np.asarray(extra, dtype=float)])
-    refined = [_refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter) for m0 in starts]
-    matrix, sc = max(refined, key=lambda r: r[1])
-    dec = decompose_affine(matrix)
-    others = []
-    for m, s_ in refined:
-        o = decompose_affine(m)
-        if o["reflection"] != dec["reflection"] or _angdist(o["rotation_deg"], dec["rotation_deg"]) > 20:
-            others.append(s_)
-    return InitResult(
-        matrix=matrix,
-        score=float(sc),
-        rotation_deg=dec["rotation_deg"],
-        reflection=dec["reflection"],
-        scale=dec["scale"],
-        candidates=table,
-        margin=float(sc - max(others)) if others else float("nan"),
-    )
+    return _result([_refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter) for m0 in starts], table)
 
 
 def _refine_rigid(I, feats, J, j_feat, m0, scale, n_iter):
