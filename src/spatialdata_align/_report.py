@@ -276,7 +276,7 @@ def export_cells(sdata, shared, path, *, key: str | None = None) -> Path:
             "y_um": xy[:, 1],
             "x_px": px[:, 0],
             "y_px": px[:, 1],
-            "in_shared": np.isin(np.asarray(ids), list(shared_ids)),
+            "in_shared": pd.Index(np.asarray(ids)).isin(shared_ids),  # hashed: np.isin on strings is O(n m)
             "match_weight": weight if len(weight) == len(xy) else np.nan,
         }
     )
@@ -314,7 +314,7 @@ def export_spots(sdata, shared, path, *, key: str | None = None) -> Path:
             "y_px": xy[:, 1],
             "x_um": um[:, 0],
             "y_um": um[:, 1],
-            "in_shared": np.isin(table.obs_names.astype(str), list(shared_ids)),
+            "in_shared": pd.Index(table.obs_names.astype(str)).isin(shared_ids),
             "n_cells": n_cells,
         }
     )
