@@ -527,3 +527,22 @@ def test_tools_follow_scanpy_conventions_and_write_copy_on_write():
     for f in (sda.tl.shared_region, sda.tl.pseudo_spots, sda.tl.compare_genes):
         with pytest.raises(ValueError, match="key_added"):
             f(o, key_added=None)
+
+
+def test_cell_type_labels_find_the_populations_and_survive_degenerate_tables():
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    lam = np.full((600, 30), 0.3)
+    lam[:300, :10] = 6.0  # population A expresses genes 0-9
+    lam[300:, 10:20] = 6.0  # population B genes 10-19
+    X = rng.poisson(lam).astype(float)
+    X[::50] = 0  # a few empty cells
+    labels = sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X)), 2)
+    a, b = labels[1:300][np.any(X[1:300] > 0, 1)], labels[301:][np.any(X[301:] > 0, 1)]
+    assert len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0]
+    # nothing to cluster: a single type, no error
+    for Y in (np.zeros((100, 5)), rng.poisson(1.0, (100, 1)), rng.poisson(1.0, (2, 5))):
+        lab = sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(Y.astype(float))), 3)
+        assert lab.shape == (Y.shape[0],) and len(set(lab)) == 1

@@ -371,13 +371,18 @@ def cell_type_labels(table: ad.AnnData, n_types: int = 6, *, n_pcs: int = 15, se
     import scanpy as sc
     from sklearn.cluster import KMeans
 
-    keep = _non_control(table)
-    X = counts(table)[:, np.flatnonzero(keep)]
-    a = ad.AnnData(X.astype(np.float32))
-    sc.pp.normalize_total(a)
+    X = counts(table)[:, np.flatnonzero(_non_control(table))]
+    detected = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel() > 0)
+    n_expressing = int((np.asarray(X.sum(axis=1)).ravel() > 0).sum())
+    if detected.size < 2 or n_expressing < max(int(n_types), 2):
+        return np.zeros(table.n_obs, dtype=int)  # nothing to cluster: one type
+    a = ad.AnnData(X[:, detected].astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells with no counts stay 0
+        sc.pp.normalize_total(a)
     sc.pp.log1p(a)
     k = int(min(n_pcs, a.n_vars - 1, a.n_obs - 1))
-    if k < 1 or a.n_obs < n_types:
+    if k < 1:
         return np.zeros(table.n_obs, dtype=int)
     sc.pp.pca(a, n_comps=k, random_state=seed)
     return KMeans(n_clusters=int(n_types), n_init=4, random_state=seed).fit_predict(a.obsm["X_pca"])
