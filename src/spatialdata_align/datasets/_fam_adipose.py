@@ -58,18 +58,8 @@ class AdiposeModel(FamilyModel):
         inside = np.flatnonzero((sd > 200).ravel())
         for _ in range(int(rng.integers(3, 6))):
             k = inside[rng.integers(inside.size)]
-            p = np.array([X.flat[k], Y.flat[k]])
-            ang = rng.uniform(0, 2 * np.pi)
-            half = rng.uniform(8, 18)
-            path = [p.copy()]
-            for _ in range(int(rng.integers(40, 80))):
-                ang += rng.normal(0, 0.12)
-                p = p + 20.0 * np.array([np.cos(ang), np.sin(ang)])
-                path.append(p.copy())
-            path = np.asarray(path)
+            path, _ = _shapes.paint_walk(rng, septa, X, Y, (X.flat[k], Y.flat[k]), (8, 18), (40, 80), 20.0, 0.12)
             self.septa_paths.append(path)
-            for q in path:
-                _shapes.paint_ellipse(septa, X, Y, q, (half, half), 0.0)
         # follicles
         follicle = np.zeros(X.shape, bool)
         self.follicles = []

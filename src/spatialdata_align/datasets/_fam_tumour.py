@@ -59,18 +59,8 @@ class TumourModel(FamilyModel):
         free = np.flatnonzero((sd > 100).ravel())
         for _ in range(int(rng.integers(5, 10))):
             k = free[rng.integers(free.size)]
-            p = np.array([X.flat[k], Y.flat[k]])
-            ang = rng.uniform(0, 2 * np.pi)
-            rad = rng.uniform(6, 14)
-            path = [p.copy()]
-            for _ in range(int(rng.integers(20, 45))):
-                ang += rng.normal(0, 0.25)
-                p = p + 12.0 * np.array([np.cos(ang), np.sin(ang)])
-                path.append(p.copy())
-            path = np.asarray(path)
+            path, rad = _shapes.paint_walk(rng, vessel, X, Y, (X.flat[k], Y.flat[k]), (6, 14), (20, 45), 12.0, 0.25)
             self.vessel_paths.append((path, rad))
-            for q in path[::1]:
-                _shapes.paint_ellipse(vessel, X, Y, q, (rad, rad), 0.0)
         vessel &= tissue & ~necrosis
         self.necrosis, self.vessel = necrosis, vessel
         t = tissue.astype(np.float32)

@@ -116,6 +116,19 @@ class GeneSets:
     rate: np.ndarray
     visium_rate: np.ndarray
 
+    def to_csv(self, path) -> None:
+        """Write ``gene, gene_id, in_xenium, in_visium`` (the truth folder's ``genes.csv``)."""
+        import pandas as pd
+
+        pd.DataFrame(
+            {
+                "gene": self.symbols,
+                "gene_id": self.ids,
+                "in_xenium": np.isin(np.arange(len(self.symbols)), self.xenium),
+                "in_visium": np.isin(np.arange(len(self.symbols)), self.visium),
+            }
+        ).to_csv(path, index=False)
+
     def index(self, symbol: str) -> int:
         """Universe index of a gene symbol."""
         hit = np.flatnonzero(self.symbols == symbol)

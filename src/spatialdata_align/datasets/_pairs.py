@@ -761,15 +761,7 @@ def build_pair(
             "n_cells": n_cells_spot,
         }
     ).to_parquet(truth_path / "visium_spots.parquet", index=False)
-    sym = genes.symbols
-    pd.DataFrame(
-        {
-            "gene": sym,
-            "gene_id": genes.ids,
-            "in_xenium": np.isin(np.arange(len(sym)), genes.xenium),
-            "in_visium": np.isin(np.arange(len(sym)), genes.visium),
-        }
-    ).to_csv(truth_path / "genes.csv", index=False)
+    genes.to_csv(truth_path / "genes.csv")
     done("write")
     bar.close()
     params["timings_s"] = timings
@@ -786,7 +778,7 @@ def build_pair(
         n_cells_visium=len(xy_v),
         n_spots=len(pxl),
         n_spots_in_tissue=int(in_tissue.sum()),
-        shared_genes=sorted(str(x) for x in sym[genes.shared]),
+        shared_genes=sorted(str(x) for x in genes.symbols[genes.shared]),
         params=params,
     )
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from ._truth import _as_points, _json_default
 
 #: files of a family's ``truth/`` folder
 PAIR_TRUTH_NPZ = "pair_truth.npz"
@@ -42,15 +43,6 @@ STATUS = {
 }
 VALID_CODES = (1, 5, 6)
 _CHUNK = 50_000
-
-
-def _as_points(xy, what: str) -> np.ndarray:
-    a = np.asarray(xy, dtype=np.float64)
-    if a.ndim == 1 and a.size == 2:
-        a = a[None]
-    if a.ndim != 2 or a.shape[1] != 2:
-        raise ValueError(f"{what} must be an (N, 2) array of (x, y) points, got shape {a.shape}.")
-    return a
 
 
 # ---------------------------------------------------------------------------------------------- smooth warp
@@ -600,15 +592,3 @@ def write_landmark_files(directory: Path, truth: PairTruth) -> None:
     write_landmarks_csv(
         directory / LANDMARKS_CLEAN_CSV, truth.landmarks_source, truth.landmarks_target, truth.landmark_names
     )
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, pd.Timestamp):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

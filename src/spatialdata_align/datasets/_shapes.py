@@ -41,6 +41,26 @@ def paint_ellipse(mask: np.ndarray, X, Y, centre, axes, angle: float, value=True
     return inside
 
 
+def paint_walk(rng, mask, X, Y, start, radius_range, steps_range, step_um: float, turn_sd: float):
+    """Paint a tube along a smooth random walk from ``start`` (vessels, septa); returns ``(path, radius)``.
+
+    Draws, in this order: the initial heading, the tube radius (µm, uniform in ``radius_range``), the number of
+    steps (``steps_range``), then one heading change (normal, ``turn_sd`` rad) per step of ``step_um`` µm.
+    """
+    p = np.array(start, dtype=float)
+    ang = rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(*radius_range)
+    path = [p.copy()]
+    for _ in range(int(rng.integers(*steps_range))):
+        ang += rng.normal(0, turn_sd)
+        p = p + step_um * np.array([np.cos(ang), np.sin(ang)])
+        path.append(p.copy())
+    path = np.asarray(path)
+    for q in path:
+        paint_ellipse(mask, X, Y, q, (radius, radius), 0.0)
+    return path, radius
+
+
 def ellipse(X, Y, centre, axes, angle: float) -> np.ndarray:
     """Mask of an ellipse (semi-axes ``axes``, rotated by ``angle``)."""
     c, s = np.cos(angle), np.sin(angle)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ._tissue import TissueModel
 
@@ -298,7 +299,7 @@ def _json_default(o):
         return o.tolist()
     if isinstance(o, np.generic):
         return o.item()
-    if isinstance(o, Path):
+    if isinstance(o, (Path, pd.Timestamp)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 

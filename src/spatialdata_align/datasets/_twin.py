@@ -411,15 +411,7 @@ def twin_sections(
     )
     truth.save(truth_path, extra={"params": params, "sizes": sizes, "scalefactors": geo["scalefactors"]})
     write_landmarks_csv(truth_path / LANDMARKS_CSV, truth.landmarks_source, truth.landmarks_target, lm_names)
-    sym = genes.symbols
-    pd.DataFrame(
-        {
-            "gene": sym,
-            "gene_id": genes.ids,
-            "in_xenium": np.isin(np.arange(len(sym)), genes.xenium),
-            "in_visium": np.isin(np.arange(len(sym)), genes.visium),
-        }
-    ).to_csv(truth_path / "genes.csv", index=False)
+    genes.to_csv(truth_path / "genes.csv")
     pd.DataFrame(
         {
             "cell_id": xen["cells"]["cell_id"].to_numpy(),
@@ -450,9 +442,9 @@ def twin_sections(
         truth_path=truth_path,
         truth=truth,
         seed=int(seed),
-        xenium_genes=[str(s) for s in sym[genes.xenium]],
-        visium_genes=[str(s) for s in sym[genes.visium]],
-        shared_genes=sorted(str(s) for s in sym[genes.shared]),
+        xenium_genes=[str(s) for s in genes.symbols[genes.xenium]],
+        visium_genes=[str(s) for s in genes.symbols[genes.visium]],
+        shared_genes=sorted(str(s) for s in genes.symbols[genes.shared]),
         scalefactors=dict(geo["scalefactors"]),
         params=params,
         **sizes,
