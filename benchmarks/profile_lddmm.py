@@ -15,6 +15,7 @@ It also prints evaluations per iteration (line-search re-evaluations) and the to
 Usage::
 
     python benchmarks/profile_lddmm.py [--sizes 200 400 1000] [--iters 10] [--threads 2] [--dtype float32]
+                                       [--channels 4] [--data-term]
 """
 
 from __future__ import annotations
@@ -32,11 +33,29 @@ from spatialdata_align.registration import lddmm
 SCOPES = ("lddmm.flow", "lddmm.deform", "lddmm.data_term", "lddmm.backward")
 
 
-def problem(n: int, seed: int = 0):
+def problem(n: int, seed: int = 0, channels: int = 1):
     rng = np.random.default_rng(seed)
-    src = gaussian_filter(rng.random((n, n)), 3)[None]
+    src = np.stack([gaussian_filter(rng.random((n, n)), 3) for _ in range(channels)])
     tgt = np.stack([gaussian_filter(rng.random((n, n)), 3) for _ in range(3)])
     return src, tgt
+
+
+def data_term_ms(src: np.ndarray, tgt: np.ndarray, dtype) -> float:
+    """Best-of-8 time (ms) of one evaluation of the mixture term (energy and gradient) on these pixels."""
+    from spatialdata_align.registration._data import MixtureTerm
+
+    J = torch.as_tensor(tgt.reshape(tgt.shape[0], -1), dtype=dtype)
+    Iw = torch.as_tensor(src.reshape(src.shape[0], -1), dtype=dtype)
+    term = MixtureTerm(J, (0.5 * float(J.std()), float(J.std()), None), 3, (True, True, True))
+    term.init_colours(J[:, :1000])
+    _, _, post = term.evaluate(Iw, want_post=True)
+    term.m_step(post, term.occupancy(Iw), update_priors=False)
+    best = float("inf")
+    for _ in range(8):
+        t = time.perf_counter()
+        term.evaluate(Iw)
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
 
 
 def main(argv=None):
@@ -46,6 +65,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--top", type=int, default=12, help="operators listed per size")
+    ap.add_argument(
+        "--channels", type=int, default=1, help="source channels (the default cell-type source has 4: density + 3)"
+    )
+    ap.add_argument(
+        "--data-term", action="store_true", help="also time one evaluation of the mixture term alone (best of 8)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +81,9 @@ def main(argv=None):
     )
     lddmm(*problem(64), **dict(kw, max_iter=(2,)))  # warm-up
     for n in args.sizes:
-        src, tgt = problem(n)
+        src, tgt = problem(n, channels=args.channels)
+        if args.data_term:
+            print(f"\n{n} x {n}, {args.channels} source channels: mixture term {data_term_ms(src, tgt, dtype):.1f} ms")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
             reg = lddmm(src, tgt, **kw)

@@ -49,7 +49,7 @@ class Registration:
         Velocity grid node coordinates (source units).
     energy
         One row per iteration: ``level``, ``iteration``, ``total``, ``match``, ``reg``,
-        ``landmark``.
+        ``landmark``, and the line search's accepted ``step`` and number of ``trials`` (energy evaluations).
     match_weight
         ``(ny, nx)`` posterior probability that each target pixel is matched tissue (not background
         or artifact), on the finest target grid used, as a DataArray with physical coordinates.
