@@ -171,7 +171,15 @@ def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twi
     mod = modality(sd, XENIUM_CELLS, None, XENIUM_CS)
     src = celltype_channels(mod.xy, sda.tl.cell_type_labels(mod.table, 3), rasterize(cells, dx=20.0))
     tgt = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
-    direct = lddmm(src, tgt, affine=fit.matrix, **LDDMM_KW)
+    # ... and the landmark term with the landmarks the affine came from (sigma_p: LANDMARK_SIGMA_UM in target units)
+    from spatialdata_align._accessor import LANDMARK_SIGMA_UM
+
+    lm_src, lm_dst = sd.align.landmarks()
+    sigma_p = LANDMARK_SIGMA_UM * np.sqrt(abs(np.linalg.det(fit.matrix[:2, :2])))
+    assert reg.params["n_landmarks"] == len(lm_src) and reg.params["sigma_p"] == pytest.approx(sigma_p)
+    direct = lddmm(
+        src, tgt, affine=fit.matrix, source_landmarks=lm_src, target_landmarks=lm_dst, sigma_p=sigma_p, **LDDMM_KW
+    )
     # ... up to the sampling of the stored form (displacement fields, linear interpolation): << 1 µm
     assert reg.is_sampled and not direct.is_sampled
     upp = twin.truth.um_per_px
@@ -348,3 +356,16 @@ def test_spatialdata_plot_renders_aligned_cells_on_the_he(fitted, tmp_path):
     assert out.stat().st_size > 5_000
     img = plt.imread(out)
     assert img.std() > 0.05  # not a blank canvas
+
+
+def test_lddmm_landmark_term_follows_the_initial_affine():
+    """``landmarks="auto"`` pulls the map through the landmark set the affine was fitted from, and only then."""
+    from spatialdata_align._accessor import _landmark_set
+
+    assert _landmark_set("landmarks:landmarks", "auto") == "landmarks"
+    assert _landmark_set("landmarks:clicks", "auto") == "clicks"
+    assert _landmark_set("auto", "auto") is None  # automatic initialisation: no landmarks to use
+    assert _landmark_set(None, "auto") is None  # a matrix given as init
+    assert _landmark_set("landmarks:landmarks", False) is None
+    assert _landmark_set("auto", True) == "landmarks"
+    assert _landmark_set(None, "clicks") == "clicks"

@@ -197,3 +197,31 @@ def test_report_renders_in_a_headless_browser(run, tmp_path):
     top = page[: min(600, height)]
     green = (np.abs(top - np.array([0xE3, 0xF5, 0xE1])).sum(axis=2) < 6).mean()
     assert green > 0.01
+
+
+def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
+    """The accuracy estimate refits the pipeline that ran: the same source channels (density + cell types) and
+    the landmark term."""
+    from spatialdata_align import _report
+    from spatialdata_align._landmark_files import read_landmarks
+    from spatialdata_align.registration import _quality
+
+    back = spatialdata.read_zarr(run["out"])
+    final = back.align.get("xenium_to_visium_lddmm")
+    seen = {}
+
+    def fake_loo(source, image, src, dst, **kw):
+        seen["channels"] = int(source.shape[0])
+        seen["landmark_term"] = kw.get("landmark_term")
+        seen["sigma_p"] = kw.get("sigma_p")
+        n = len(src)
+        return _quality.LooResult(errors=np.zeros(n), affine_errors=np.zeros(n), folds=[], runtime_s=0.0)
+
+    monkeypatch.setattr(_quality, "lddmm_loo", fake_loo)
+    src, dst, names = read_landmarks(run["twin"].landmarks_path)
+    _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm")
+    assert final.params["source_channels"] == 4  # the default: density + 3 cell types
+    assert seen["channels"] == final.params["source_channels"], seen
+    # the fit pulled the map through the landmarks it was initialised from; so do the refits (with their own)
+    assert final.params["n_landmarks"] == len(src) and seen["landmark_term"] is True
+    assert seen["sigma_p"] == pytest.approx(final.params["sigma_p"])

@@ -152,10 +152,11 @@ def assess_alignment(
     """
     import inspect
 
-    from ._accessor import MAX_TARGET_PIXELS
+    from . import _store
+    from ._accessor import DEFAULT_N_TYPES, MAX_TARGET_PIXELS, source_image
     from ._elements import element_xy, image_in_cs
     from .io import registration_target, visium_scalefactors
-    from .registration import lddmm, rasterize
+    from .registration import lddmm
 
     if loo not in ("lddmm", "affine", "none"):
         raise ValueError(f"loo must be 'lddmm', 'affine' or 'none', got {loo!r}.")
@@ -183,7 +184,18 @@ def assess_alignment(
         table["fit_residual_um"] = np.linalg.norm(reg.transform_points(src) - dst, axis=1) * upp
         if loo == "lddmm" and not reg.is_affine and len(src) >= 3:
             t0 = time.perf_counter()
-            source = rasterize(xy, dx=dx)
+            # the refits start from the source the fit used (density, or density + cell types)
+            entry = _store.get_entry(sdata, sdata.align._key(key))
+            source, _ = source_image(
+                sdata,
+                XENIUM_CELLS,
+                XENIUM_CS,
+                dx=dx,
+                blur=entry.get("blur"),
+                channels=entry.get("channels", "density"),
+                n_types=int(entry.get("n_types", DEFAULT_N_TYPES)),
+                xy=xy,
+            )
             image = image_in_cs(sdata, target or registration_target(sdata), VISIUM_CS, max_pixels=MAX_TARGET_PIXELS)
             accepted = set(inspect.signature(lddmm).parameters) - {
                 "source",
@@ -198,7 +210,10 @@ def assess_alignment(
             params = {k: v for k, v in reg.params.items() if k in accepted}
             params.update(lddmm_params or {})
             params["progress"] = progress
-            res = _quality.lddmm_loo(source, image, src, dst, use=use, max_refits=max_refits, **params)
+            landmark_term = int(reg.params.get("n_landmarks") or 0) > 0  # the fit pulled the map through landmarks
+            res = _quality.lddmm_loo(
+                source, image, src, dst, use=use, max_refits=max_refits, landmark_term=landmark_term, **params
+            )
             table["loo_lddmm_um"] = res.errors * upp
             metrics["loo_refits"] = len(res.folds)
             metrics["loo_runtime_s"] = round(time.perf_counter() - t0, 2)

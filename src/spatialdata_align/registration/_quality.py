@@ -275,6 +275,7 @@ def lddmm_loo(
     kind: str = "affine",
     max_refits: int | None = DEFAULT_MAX_REFITS,
     use=None,
+    landmark_term: bool = False,
     **lddmm_kwargs,
 ) -> LooResult:
     """Leave-landmarks-out accuracy of affine + LDDMM: refit without them, measure at them.
@@ -296,6 +297,8 @@ def lddmm_loo(
         Largest number of LDDMM refits (``None``: one per landmark).
     use
         Optional boolean mask of landmarks the refits may use (e.g. inliers); the others are still measured.
+    landmark_term
+        The refits also use the landmark term with their training landmarks (as the assessed fit did with all).
     **lddmm_kwargs
         Passed to :func:`~spatialdata_align.registration.lddmm` (e.g. ``progress=False``).
 
@@ -313,7 +316,10 @@ def lddmm_loo(
 
     def fit(train: np.ndarray):
         train = train & use
-        reg = lddmm(source, target, affine=fit_matrix(s[train], d[train], kind), **lddmm_kwargs)
+        kw = dict(lddmm_kwargs)
+        if landmark_term:
+            kw.update(source_landmarks=s[train], target_landmarks=d[train])
+        reg = lddmm(source, target, affine=fit_matrix(s[train], d[train], kind), **kw)
         return reg.transform_points
 
     errors = cross_validate(fit, s, d, folds)
