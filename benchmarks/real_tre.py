@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from spatialdata_align._accessor import LANDMARK_SIGMA_UM
 from spatialdata_align.registration import fit_affine, lddmm
 
 
@@ -41,10 +42,19 @@ def spread_subsets(pts: np.ndarray, k: int, n: int, seed: int = 0) -> list[tuple
     return [top[i] for i in sorted(rng.choice(len(top), size=min(n, len(top)), replace=False))]
 
 
-def run(source, target, src_pts, dst_pts, fit_idx, kind, **kw):
+def run(source, target, src_pts, dst_pts, fit_idx, kind, landmark_term: bool = True, **kw):
+    """Affine from the ``fit_idx`` landmarks, then LDDMM; errors at the others.
+
+    With ``landmark_term`` (the pipeline's default, ``sdata.align.lddmm(landmarks="auto")``) the LDDMM is also
+    pulled through the fitting landmarks, with ``sigma_p`` = ``LANDMARK_SIGMA_UM`` µm (never the held-out ones).
+    """
     held = [i for i in range(len(src_pts)) if i not in fit_idx]
     fit = fit_affine(src_pts[list(fit_idx)], dst_pts[list(fit_idx)], kind=kind)
     e_aff = np.linalg.norm(fit.transform_points(src_pts[held]) - dst_pts[held], axis=1)
+    if landmark_term:
+        kw.setdefault("source_landmarks", src_pts[list(fit_idx)])
+        kw.setdefault("target_landmarks", dst_pts[list(fit_idx)])
+        kw.setdefault("sigma_p", LANDMARK_SIGMA_UM * float(np.sqrt(abs(np.linalg.det(fit.matrix[:2, :2])))))
     t = time.perf_counter()
     reg = lddmm(source, target, affine=fit.matrix, progress=False, source_units="um", target_units="um", **kw)
     dt = time.perf_counter() - t
