@@ -129,7 +129,12 @@ def scaling_problem(n: int, seed: int = 0):
 
 
 def per_iteration_ms(run, niter: int) -> float:
-    """ms per iteration of ``run(n)`` (n iterations), set-up excluded: ``(t(niter) - t(2)) / (niter - 2)``."""
+    """ms per iteration of ``run(n)`` (n iterations), set-up excluded: ``(t(niter) - t(2)) / (niter - 2)``.
+
+    A warm-up ``run(2)`` comes first: first-call costs at a new size (allocations, FFT plans) would otherwise
+    inflate ``t(2)`` and make the difference, hence the per-iteration figure, too small.
+    """
+    run(2)
     t = time.perf_counter()
     run(2)
     t2 = time.perf_counter() - t

@@ -662,6 +662,17 @@ def lddmm(
             ref = torch.quantile(lvl.I[0][lvl.I[0] > 0.05].float(), 0.5).to(dtype) if (lvl.I[0] > 0.05).any() else 1
             term.m_step(extra["r_spot"], occ / ref)
 
+    def fresh_mixture(lvl, x, mask, when):
+        """E-step at ``x``, M-step, then energy and gradient under the updated mixture (two evaluations)."""
+        nonlocal n_eval
+        _, _, _, ex = prob.evaluate(lvl, x, None, want_post=True)
+        em_update(lvl, ex)
+        out = prob.evaluate(lvl, x, mask)
+        n_eval += 2
+        if out[1] is None:
+            raise FloatingPointError(f"energy is not finite {when}")
+        return out
+
     try:
         for li, kind, n_iter in stages:
             if li not in levels:
@@ -679,13 +690,7 @@ def lddmm(
                 mask[prob.n_b :] = True
 
             # prime the EM state at this level
-            e, _, _, extra = prob.evaluate(lvl, x, None, want_post=True)
-            n_eval += 1
-            em_update(lvl, extra)
-            e, g, parts, extra = prob.evaluate(lvl, x, mask)
-            n_eval += 1
-            if g is None:
-                raise FloatingPointError("energy is not finite at the start of a level")
+            e, g, parts, extra = fresh_mixture(lvl, x, mask, "at the start of a level")
             S, Y = [], []
             track = [extra["z_track"]]
             good = x.clone()
@@ -733,12 +738,7 @@ def lddmm(
                     if not fresh_em:
                         # stalled on a stale mixture (colours, contrast weights): update it and go on, rather
                         # than spend evaluations on vanishing steps until the scheduled update
-                        _, _, _, extra_p = prob.evaluate(lvl, x, None, want_post=True)
-                        em_update(lvl, extra_p)
-                        e, g, parts, extra = prob.evaluate(lvl, x, mask)
-                        n_eval += 2
-                        if g is None:
-                            raise FloatingPointError("energy is not finite after the mixture update")
+                        e, g, parts, extra = fresh_mixture(lvl, x, mask, "after the mixture update")
                         S, Y = [], []
                         fresh_em = True
                         continue
