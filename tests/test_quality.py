@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from spatialdata_align.registration import Registration
@@ -203,3 +204,26 @@ def test_lddmm_leave_one_out_on_a_toy_pair():
     # each refit (without the held-out landmarks) finds the shift from the images: the held-out error is the
     # landmark's own placement noise, not the affine's extrapolation error
     np.testing.assert_allclose(res.errors, np.linalg.norm(noise, axis=1), atol=0.6)
+
+
+def test_refits_in_threads_give_the_sequential_result():
+    """Refits run two at once (threads, one torch thread each) give what one-thread refits in a row give."""
+    n = 48
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    blob = lambda cx, cy: np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 18.0)
+    src_img = blob(18, 20) + 0.7 * blob(32, 30) + 0.5 * blob(14, 34)
+    tgt_img = blob(21, 22) + 0.7 * blob(35, 32) + 0.5 * blob(17, 36)
+    src = np.array([[18, 20], [32, 30], [14, 34], [25, 12], [30, 40.0]])
+    dst = src + np.array([3.0, 2.0]) + np.array([[1.5, 0], [0, -1.5], [-1, 1], [1, 1], [0, 1.5]])
+    kw = dict(max_refits=3, progress=False, scales=(2, 1), max_iter=(20, 10), sigma_affine=0, landmark_term=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = q.lddmm_loo(src_img, tgt_img, src, dst, workers=2, **kw)
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        sequential = q.lddmm_loo(src_img, tgt_img, src, dst, workers=1, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.all(np.isfinite(parallel.errors))
+    np.testing.assert_array_equal(parallel.errors, sequential.errors)
