@@ -55,6 +55,21 @@ DEFAULT_DX = 20.0
 MAX_TARGET_PIXELS = 4_000_000
 
 
+#: below this score margin over the best other orientation, an automatic initialisation is reported as ambiguous
+AMBIGUOUS_MARGIN = 0.05
+
+
+def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
+    """Visium full-resolution px per Xenium µm from the scale factors (None when not the Xenium → Visium pair)."""
+    if scs != XENIUM_CS or tcs != VISIUM_CS:
+        return None
+    try:
+        um_per_px = float(visium_scalefactors(sd).get("um_per_px", np.nan))
+    except (KeyError, ValueError, TypeError):
+        return None
+    return 1.0 / um_per_px if np.isfinite(um_per_px) and um_per_px > 0 else None
+
+
 #: tolerance (µm) of the landmark term: the map passes within a few µm of each landmark pair the affine came from.
 #: Smaller than the clicks' own noise (8-15 µm in the validation corpus) on purpose: on the corpus the median error
 #: fell on 15 of 25 pairs with 3 µm (mean median 46.5 -> 44.1 µm), less with 8 µm, not at all with 15 µm
@@ -704,18 +719,3 @@ def register(name: str = "align") -> None:
 
 
 logger.debug("sdata.align accessor module loaded")
-
-
-#: below this score margin over the best other orientation, an automatic initialisation is reported as ambiguous
-AMBIGUOUS_MARGIN = 0.05
-
-
-def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
-    """Visium full-resolution px per Xenium µm from the scale factors (None when not the Xenium → Visium pair)."""
-    if scs != XENIUM_CS or tcs != VISIUM_CS:
-        return None
-    try:
-        um_per_px = float(visium_scalefactors(sd).get("um_per_px", np.nan))
-    except (KeyError, ValueError, TypeError):
-        return None
-    return 1.0 / um_per_px if np.isfinite(um_per_px) and um_per_px > 0 else None

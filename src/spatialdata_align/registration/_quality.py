@@ -334,6 +334,14 @@ def lddmm_loo(
     folds = landmark_folds(s, max_refits)
     t0 = time.perf_counter()
 
+    n_threads = torch.get_num_threads()
+    if workers is None:
+        on_cpu = str(lddmm_kwargs.get("device", "cpu")) == "cpu"
+        workers = 2 if (on_cpu and n_threads >= 2 and len(folds) > 1) else 1
+    workers = max(1, int(workers))
+    if workers > 1:
+        lddmm_kwargs = {**lddmm_kwargs, "progress": False}
+
     def fit(train: np.ndarray):
         train = train & use
         kw = dict(lddmm_kwargs)
@@ -342,13 +350,7 @@ def lddmm_loo(
         reg = lddmm(source, target, affine=fit_matrix(s[train], d[train], kind), **kw)
         return reg.transform_points
 
-    device = str(lddmm_kwargs.get("device", "cpu"))
-    n_threads = torch.get_num_threads()
-    if workers is None:
-        workers = 2 if (device == "cpu" and n_threads >= 2 and len(folds) > 1) else 1
-    workers = max(1, int(workers))
     if workers > 1:
-        lddmm_kwargs = {**lddmm_kwargs, "progress": False}
         torch.set_num_threads(max(1, n_threads // workers))
     try:
         errors = cross_validate(fit, s, d, folds, workers=workers)
