@@ -367,10 +367,17 @@ def test_visium_counts(twin):
 
 
 def test_transcripts_match_counts(twin):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(twin.xenium_path / "transcripts.parquet")  # plain strings, as XOA writes them
+    assert schema.field("feature_name").type == pa.string() and schema.field("cell_id").type == pa.string()
     tx = pd.read_parquet(twin.xenium_path / "transcripts.parquet")
-    mat, _, _ = _xenium_matrix(twin)
+    mat, names, _ = _xenium_matrix(twin)
     assigned = tx["cell_id"] != "UNASSIGNED"
     assert assigned.sum() == mat.sum()
+    per_feature = tx.loc[assigned, "feature_name"].value_counts().reindex(names, fill_value=0)
+    np.testing.assert_array_equal(per_feature.to_numpy(), np.asarray(mat.sum(axis=0)).ravel())
     assert 0.02 < (~assigned).mean() < 0.08
     per_cell = tx.loc[assigned, "cell_id"].value_counts()
     cells = _xenium_cells(twin).set_index("cell_id")

@@ -50,13 +50,13 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from spatialdata import SpatialData, get_extent
+from spatialdata import SpatialData
 from spatialdata.models import TableModel
 from spatialdata.transformations import Affine, Scale, Sequence, Translation, get_transformation
 
 from . import ngff
 from ._constants import ATTRS_KEY
-from ._elements import element_kind, with_transformations
+from ._elements import apply_matrix, element_kind, image_levels, to_cs_matrix, with_transformations
 from .registration import DisplacementField, Registration
 
 #: the table carrying the field arrays of every stored transform
@@ -303,12 +303,38 @@ def _section_extent(sdata: SpatialData, cs: str, skip: set[str]) -> tuple[float,
             continue
         if kind == "shapes" and len(el) == 0:
             continue
-        e = get_extent(el, coordinate_system=cs)
-        boxes.append((e["x"][0], e["x"][1], e["y"][0], e["y"][1]))
+        boxes.append(_box_in_cs(kind, el, cs))
     if not boxes:
         return None
     b = np.asarray(boxes, dtype=np.float64)
     return float(b[:, 0].min()), float(b[:, 1].max()), float(b[:, 2].min()), float(b[:, 3].max())
+
+
+def _box_in_cs(kind: str, el, cs: str) -> tuple[float, float, float, float]:
+    """The extent ``(xmin, xmax, ymin, ymax)`` in ``cs`` of the image, labels or shapes element ``el``.
+
+    Circles with their radii (a circle maps to an ellipse: exact, where :func:`spatialdata.get_extent` approximates
+    it under a skew), polygons by their vertices, images by their pixel edges; from vectorised coordinates, a few
+    ms on the demo where ``get_extent`` took 0.7-1.5 s per fit (centroids of 20k circles through geopandas; the
+    image), measured in one session.
+    """
+    import shapely
+
+    m = to_cs_matrix(el, cs)  # (every spatialdata transformation is an affine)
+    half = np.zeros(2)
+    if kind == "shapes" and "radius" in el.columns:  # circles: a circle of radius r spans r * |row i of m| along i
+        xy = shapely.get_coordinates(el.geometry.to_numpy())
+        r = el["radius"].to_numpy(dtype=np.float64)
+        half = r[:, None] * np.linalg.norm(m[:2, :2], axis=1)[None, :]
+    elif kind == "shapes":  # polygons: their vertices
+        xy = shapely.get_coordinates(el.geometry.to_numpy())
+    else:  # images and labels: pixel (i, j) covers [j, j + 1) x [i, i + 1)
+        arr = image_levels(el)[0]
+        w, h = float(arr.sizes["x"]), float(arr.sizes["y"])
+        xy = np.array([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h]])
+    mapped = apply_matrix(m, xy)
+    lo, hi = (mapped - half).min(axis=0), (mapped + half).max(axis=0)
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 
 def _union(*extents):

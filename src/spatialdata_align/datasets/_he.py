@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom
-from scipy.signal import fftconvolve
 
 from ._pairtruth import PairTruth, _apply_h
 
@@ -227,6 +226,8 @@ def nuclei_image(
     density, a Gaussian of 12 µm: nuclei not resolved), ``"rings"`` (a dark rim of chromatin around a
     paler centre).
     """
+    from scipy.signal import fftconvolve  # (here: scipy.signal costs 0.4 s to import, only the families use it)
+
     area_px = np.pi * (radius_um / um_per_img_px) ** 2
     r_mean = float(np.mean(radius_um)) / um_per_img_px if len(radius_um) else 1.0
     if style == "dots":
