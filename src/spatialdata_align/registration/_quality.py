@@ -46,8 +46,10 @@ __all__ = [
 ]
 
 #: at most this many refits for a leave-out estimate of an expensive registration (LDDMM); with more
-#: landmarks they are held out in this many interleaved groups
-DEFAULT_MAX_REFITS = 6
+#: landmarks they are held out in this many interleaved groups. Four: two rounds of two refits at once (the
+#: default workers); on the demo (10 landmarks) the estimate is 4.30 µm in 5.4 s with 4 groups, 3.97 µm in 8.0 s
+#: with 6, against 3.31 µm true over every cell: each refit keeps 7-8 landmarks instead of 8-9
+DEFAULT_MAX_REFITS = 4
 
 
 def _nearly_collinear(pts: np.ndarray) -> bool:
