@@ -67,7 +67,6 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     assert all((report / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     summary = json.loads((report / "summary.json").read_text())
     assert summary["n_cells"] == 8000 and summary["n_shared_genes"] > 50
-    # (the store is written in the background, alongside the report: its time is in the summary all the same)
     assert set(summary["time_per_stage_s"]) >= {"LDDMM", "read Xenium + Visium", f"write {out}", f"report {report}"}
     corr = pd.read_csv(report / "gene_correlations.csv")
     assert corr.set_index("gene").loc["EGFR", "pearson"] > 0.3
@@ -159,23 +158,3 @@ def test_console_script_is_installed():
     res = subprocess.run([*exe.split(), "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0
     assert "run" in res.stdout and "demo" in res.stdout
-
-
-def test_a_background_stage_waits_for_its_work_and_raises_its_error():
-    import threading
-    import time
-
-    from spatialdata_align._pipeline import _Stages
-
-    stages, done = _Stages(2, verbose=False), threading.Event()
-    with stages.background("write", lambda: (time.sleep(0.2), done.set())):
-        assert not done.is_set()  # the body runs while the work does
-    assert done.is_set() and stages.times["write"] >= 0.2
-
-    def fail():
-        raise OSError("no space left on the device")
-
-    with pytest.raises(OSError, match="no space left"), stages.background("write again", fail):
-        pass
-    with pytest.raises(KeyError, match="body"), stages.background("write once more", fail):  # the body's error wins
-        raise KeyError("body")

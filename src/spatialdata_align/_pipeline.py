@@ -6,7 +6,6 @@ same order, so the command line reproduces the Python API's result.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from contextlib import contextmanager
@@ -75,38 +74,6 @@ class _Stages:
         self.times[name] = round(dt, 3)
         if self.verbose:
             print(f"[{self.i}/{self.n}] {name} done ({dt:.1f} s)", flush=True)
-
-    @contextmanager
-    def background(self, name: str, work):
-        """Run ``work()`` as stage ``name`` in a thread while the ``with`` body runs; wait for it on exit.
-
-        The body's exception wins; otherwise ``work``'s is raised on exit.
-        """
-        import threading
-
-        self.i += 1
-        i, failed = self.i, []
-        if self.verbose:
-            print(f"[{i}/{self.n}] {name} ... (in the background)", flush=True)
-        t = time.perf_counter()
-
-        def run():
-            try:
-                work()
-            except BaseException as err:  # re-raised in the caller's thread
-                failed.append(err)
-            self.times[name] = round(time.perf_counter() - t, 3)
-
-        thread = threading.Thread(target=run, name=f"sda-{name}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            thread.join()
-        if failed:
-            raise failed[0]
-        if self.verbose:
-            print(f"[{i}/{self.n}] {name} done ({self.times[name]:.1f} s)", flush=True)
 
 
 def run_pipeline(
@@ -323,31 +290,26 @@ def run_pipeline(
             }
         if _before_report is not None:
             summary.update(_before_report(sdata))
+        if out is not None:
+            # (not in the background, alongside the report: 1.5 s less on the demo, but at 168k cells 6 s more and
+            # 1.7 GB more memory, both CPU-bound on 2 cores)
+            with stages(f"write {out}"):
+                _write(sdata, staged.path("out"))
         files: dict[str, Path] = {}
-        # the store is written while the report is drawn: neither changes sdata, the write is mostly parquet and
-        # zarr I/O, the report matplotlib (demo: 6.2 s + 3.8 s in a row; 1.5 s less at once)
-        writing = (
-            stages.background(f"write {out}", lambda: sdata.write(staged.path("out")))
-            if out is not None
-            else contextlib.nullcontext()
-        )
-        # (warning filters are process-wide: set here, in this thread, around both)
-        with _quiet_write(), writing:
-            if report is not None:
-                with stages(f"report {report}"):
-                    summary["time_per_stage_s"] = stages.times
-                    files = write_report(
-                        sdata,
-                        shared,
-                        comparison,
-                        summary,
-                        staged.path("report"),
-                        gene=gene,
-                        assessment=assessment,
-                        dx=dx,
-                        stage_times=stages.times,
-                    )
         if report is not None:
+            with stages(f"report {report}"):
+                summary["time_per_stage_s"] = stages.times
+                files = write_report(
+                    sdata,
+                    shared,
+                    comparison,
+                    summary,
+                    staged.path("report"),
+                    gene=gene,
+                    assessment=assessment,
+                    dx=dx,
+                    stage_times=stages.times,
+                )
             summary["time_per_stage_s"] = stages.times
             (staged.path("report") / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
         staged.commit()
@@ -371,18 +333,11 @@ def _check_out(out) -> Path:
     return out
 
 
-@contextmanager
-def _quiet_write():
-    """Silence zarr's notice about sharding, which says nothing to a user of the written store."""
+def _write(sdata, path: Path) -> None:
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*")
-        yield
-
-
-def _write(sdata, path: Path) -> None:
-    with _quiet_write():
         sdata.write(path)
 
 
