@@ -76,7 +76,17 @@ def child(path: str, out: str) -> None:
     gx, gy = np.meshgrid(xv, yv)
     v = np.stack([30 * np.sin(gx / 700) * np.cos(gy / 500), 25 * np.cos(gx / 600)])[None].repeat(5, 0)
     aff = np.array([[0.9, -0.3, 500.0], [0.3, 0.9, 200.0], [0, 0, 1]]) * [[2.3], [2.3], [1]]
-    reg = Registration(affine=aff, velocity_values=v, xv=xv, yv=yv)
+    # the sections' extents (the store samples the fields over them; a points-only object cannot give them)
+    box = np.array([[0.0, 0.0], [4000.0, 0.0], [0.0, 3000.0], [4000.0, 3000.0]])
+    mapped = box @ aff[:2, :2].T + aff[:2, 2]
+    reg = Registration(
+        affine=aff,
+        velocity_values=v,
+        xv=xv,
+        yv=yv,
+        source_extent=(0.0, 4000.0, 0.0, 3000.0),
+        target_extent=(*np.sort(mapped[:, 0])[[0, -1]], *np.sort(mapped[:, 1])[[0, -1]]),
+    )
     _store.store_registration(
         sdata,
         reg,
