@@ -81,12 +81,13 @@ def main(argv=None) -> int:
     region = sdata.shapes["shared_region"].geometry.iloc[0]
     rows.append(("shared_region", t_region, None, None))
     # element positions in a coordinate system: ours (vectorised geometry access) vs spatialdata.get_centroids
-    t_xy, xy = best(lambda: element_xy(sdata, XENIUM_CELLS, VISIUM_CS), args.repeat)
+    aligned = f"{XENIUM_CELLS}_aligned"  # (the cells in the Visium frame; read_pair maps xenium_cells to "xenium" only)
+    t_xy, xy = best(lambda: element_xy(sdata, aligned, VISIUM_CS), args.repeat)
     peer_xy = None
     if not args.no_peers:
         import spatialdata
 
-        t_c, c = best(lambda: spatialdata.get_centroids(sdata[XENIUM_CELLS], coordinate_system=VISIUM_CS).compute(), 1)
+        t_c, c = best(lambda: spatialdata.get_centroids(sdata[aligned], coordinate_system=VISIUM_CS).compute(), 1)
         assert np.allclose(c[["x", "y"]].to_numpy(), xy)
         peer_xy = t_c
     rows.append(("element_xy (cells in visium)", t_xy, None, peer_xy))
