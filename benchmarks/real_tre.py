@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from spatialdata_align._accessor import LANDMARK_SIGMA_UM
+from spatialdata_align._accessor import landmark_sigma
 from spatialdata_align.registration import fit_affine, lddmm
 
 
@@ -54,7 +54,7 @@ def run(source, target, src_pts, dst_pts, fit_idx, kind, landmark_term: bool = T
     if landmark_term:
         kw.setdefault("source_landmarks", src_pts[list(fit_idx)])
         kw.setdefault("target_landmarks", dst_pts[list(fit_idx)])
-        kw.setdefault("sigma_p", LANDMARK_SIGMA_UM * float(np.sqrt(abs(np.linalg.det(fit.matrix[:2, :2])))))
+        kw.setdefault("sigma_p", landmark_sigma(fit.matrix))
     t = time.perf_counter()
     reg = lddmm(source, target, affine=fit.matrix, progress=False, source_units="um", target_units="um", **kw)
     dt = time.perf_counter() - t

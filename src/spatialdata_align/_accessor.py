@@ -76,6 +76,11 @@ def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
 LANDMARK_SIGMA_UM = 3.0
 
 
+def landmark_sigma(affine) -> float:
+    """The landmark term's tolerance in target units: :data:`LANDMARK_SIGMA_UM` µm through ``affine``'s scale."""
+    return LANDMARK_SIGMA_UM * float(np.sqrt(abs(np.linalg.det(np.asarray(affine)[:2, :2]))))
+
+
 def _landmark_set(init_method: str | None, landmarks: bool | str) -> str | None:
     """Which landmark set the LDDMM's landmark term uses (``None``: no term)."""
     if landmarks is False or landmarks is None:
@@ -578,7 +583,7 @@ class AlignAccessor:
             src_lm, dst_lm = self.landmarks(lm_key)
             kw.update(source_landmarks=src_lm, target_landmarks=dst_lm)
             # the tolerance in µm on the source side, in target units through the initial affine's scale
-            kw.setdefault("sigma_p", LANDMARK_SIGMA_UM * float(np.sqrt(abs(np.linalg.det(A0[:2, :2])))))
+            kw.setdefault("sigma_p", landmark_sigma(A0))
         fitted = lddmm(src_img, tgt_img, affine=A0, **kw)
         key = key or f"{scs}_to_{tcs}_lddmm"
         _, reg = _store.store_registration(
