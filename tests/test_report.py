@@ -203,6 +203,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     """The accuracy estimate refits the pipeline that ran: the same source channels (density + cell types) and
     the landmark term."""
     from spatialdata_align import _report
+    from spatialdata_align import _store as sda_store
     from spatialdata_align._landmark_files import read_landmarks
     from spatialdata_align.registration import _quality
 
@@ -212,6 +213,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
 
     def fake_loo(source, image, src, dst, **kw):
         seen["channels"] = int(source.shape[0])
+        seen["dx"] = float(source.x[1] - source.x[0])
         seen["landmark_term"] = kw.get("landmark_term")
         seen["sigma_p"] = kw.get("sigma_p")
         n = len(src)
@@ -219,7 +221,9 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
 
     monkeypatch.setattr(_quality, "lddmm_loo", fake_loo)
     src, dst, names = read_landmarks(run["twin"].landmarks_path)
-    _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm")
+    # (a different tissue-grid dx: the refits still repeat the fit's raster)
+    _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm", dx=35.0)
+    assert seen["dx"] == pytest.approx(sda_store.get_entry(back, "xenium_to_visium_lddmm")["dx"])
     assert final.params["source_channels"] == 4  # the default: density + 3 cell types
     assert seen["channels"] == final.params["source_channels"], seen
     # the fit pulled the map through the landmarks it was initialised from; so do the refits (with their own)

@@ -136,7 +136,8 @@ def assess_alignment(
     max_refits
         Largest number of LDDMM refits.
     dx
-        Raster pixel size (µm) the LDDMM fit used (the refits use the same).
+        Raster pixel size (µm) of the tissue grid (Jacobian, confidence), and of the refits when the stored fit does
+        not record its own (the refits repeat the fit's raster: its ``dx``, ``blur``, channels).
     lddmm_params
         Extra LDDMM parameters (e.g. ``device``); the refits otherwise repeat the stored fit's parameters.
     findings, warnings_
@@ -190,7 +191,7 @@ def assess_alignment(
                 sdata,
                 XENIUM_CELLS,
                 XENIUM_CS,
-                dx=dx,
+                dx=float(entry.get("dx", dx)),
                 blur=entry.get("blur"),
                 channels=entry.get("channels", "density"),
                 n_types=int(entry.get("n_types", DEFAULT_N_TYPES)),
