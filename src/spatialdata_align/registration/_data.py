@@ -114,7 +114,6 @@ class MixtureTerm:
         self.mu_b = self.mu_a = None
         self.w_fit = torch.ones(J.shape[1], dtype=J.dtype, device=J.device)
         self.theta = None
-        self.mu_m = None
         self._ell = None  # log-densities of the constant classes, (2, N)
         self._phi_j = self._z = None  # work buffers: [phi; J] and [dE/dmu; w phi; w J], (., N)
 
@@ -211,9 +210,7 @@ class MixtureTerm:
         theta64, gram = _solve_gram(_weighted_gram(self._phi_j, z[c_j:]), f)
         theta = theta64.to(phi.dtype)
         self.theta = theta
-        mu = theta.T @ phi
-        self.mu_m = mu
-        diff = J - mu  # (C_J, N)
+        diff = J - theta.T @ phi  # J - mu, (C_J, N)
         s_m = self.sigma[0]
         o = self.occupancy(Iw)
         logs = torch.empty(len(self.idx), n, dtype=J.dtype, device=J.device)
