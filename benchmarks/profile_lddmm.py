@@ -10,7 +10,8 @@ evaluation is split into the engine's labelled scopes:
 * ``backward``: autograd through the interpolations, the flow and the FFTs;
 * the rest: the optimiser (L-BFGS two-loop, line search bookkeeping, EM updates) and Python overhead.
 
-It also prints evaluations per iteration (line-search re-evaluations) and the top operators.
+It also prints energy evaluations per iteration (line-search trials; the gradient is taken for accepted ones
+and after each M-step) and the top operators.
 
 Usage::
 
@@ -89,11 +90,12 @@ def main(argv=None):
             reg = lddmm(src, tgt, **kw)
             wall = time.perf_counter() - t
         it = len(reg.energy)
-        ev = reg.params["evaluations"]
+        ev, ng = reg.params["evaluations"], reg.params.get("gradients", reg.params["evaluations"])
         events = {e.key: e for e in prof.key_averages()}
         total_ms = wall * 1000
         print(
-            f"\n== {n} x {n}: {wall / it * 1000:.1f} ms per iteration, {ev / it:.2f} evaluations per iteration, "
+            f"\n== {n} x {n}: {wall / it * 1000:.1f} ms per iteration, {ev / it:.2f} evaluations and "
+            f"{ng / it:.2f} gradients per iteration, "
             f"velocity grid {reg.velocity_values.shape[2]} x {reg.velocity_values.shape[3]} "
             f"(+{len(reg.params['kernel_scales']) - 1} coarser scales)"
         )

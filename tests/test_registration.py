@@ -342,17 +342,17 @@ def test_lddmm_input_errors(toy):
 
 def test_lddmm_divergence_returns_last_good_state(toy, monkeypatch):
     fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
-    real = lddmm_mod._Problem.evaluate
+    real = lddmm_mod._Evaluation._score
     calls = {"n": 0}
 
-    def flaky(self, lvl, x, mask, **kw):
+    def flaky(self, want_post):
         calls["n"] += 1
-        total, g, parts, extra = real(self, lvl, x, mask, **kw)
+        real(self, want_post)
         if calls["n"] > 12:
-            return total * torch.tensor(float("nan"), dtype=total.dtype), None, parts, extra
-        return total, g, parts, extra
+            self.total = self.total * torch.tensor(float("nan"), dtype=self.total.dtype)
+            self.finite = False
 
-    monkeypatch.setattr(lddmm_mod._Problem, "evaluate", flaky)
+    monkeypatch.setattr(lddmm_mod._Evaluation, "_score", flaky)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         reg = lddmm(toy.source, toy.target, affine=fit.matrix, **dict(FAST, scales=(2,), max_iter=(40,)))
@@ -360,6 +360,45 @@ def test_lddmm_divergence_returns_last_good_state(toy, monkeypatch):
     assert reg.params["diverged"] or len(reg.energy) < 40
     assert np.all(np.isfinite(reg.affine)) and np.all(np.isfinite(reg.velocity_values))
     assert np.all(np.isfinite(reg.transform_points(toy.src_pts[:10])))
+
+
+def test_lddmm_lazy_gradient_and_refresh_follow_the_same_path(toy, monkeypatch):
+    """The optimiser takes gradients of accepted trials only and, after an M-step, re-scores the kept deformed
+    source instead of integrating the flow again. Both are savings, not changes: the energies of every step equal
+    those of the plain path (a full evaluation after each M-step), and there is one backward pass per accepted step
+    and per M-step, fewer than the line-search trials."""
+    from spatialdata_align.registration._data import MixtureTerm
+
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    kw = dict(FAST, scales=(2, 1), max_iter=(25, 10), affine_iter=10, em_every=2, dtype=torch.float64)
+    counts = {"backward": 0, "m_step": 0}
+    grad, m_step = torch.autograd.grad, MixtureTerm.m_step
+
+    def counted_grad(*a, **k):
+        counts["backward"] += 1
+        return grad(*a, **k)
+
+    def counted_m_step(self, *a, **k):
+        counts["m_step"] += 1
+        return m_step(self, *a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.autograd, "grad", counted_grad)
+        mp.setattr(MixtureTerm, "m_step", counted_m_step)
+        lazy = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    trials = int(lazy.energy["trials"].sum())
+    assert trials > len(lazy.energy)  # some trials were rejected, so laziness is tested
+    assert counts["backward"] == len(lazy.energy) + counts["m_step"]
+
+    def full_refresh(self):  # the plain path: evaluate the point afresh with the updated mixture
+        fresh = self.prob.evaluate(self.lvl, self.x, self.mask)
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    monkeypatch.setattr(lddmm_mod._Evaluation, "refresh", full_refresh)
+    plain = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    assert lazy.energy["total"].tolist() == plain.energy["total"].tolist()
+    np.testing.assert_array_equal(lazy.velocity_values, plain.velocity_values)
 
 
 def test_lddmm_float32_path(toy):

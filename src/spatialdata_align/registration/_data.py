@@ -115,6 +115,7 @@ class MixtureTerm:
         self.w_fit = torch.ones(J.shape[1], dtype=J.dtype, device=J.device)
         self.theta = None
         self._ell = None  # log-densities of the constant classes, (2, N)
+        self._state = None  # what gradient() needs from the last energy() call
         self._phi_j = self._z = None  # work buffers: [phi; J] and [dE/dmu; w phi; w J], (., N)
 
     # ------------------------------------------------------------------ nuisance parameters
@@ -199,6 +200,17 @@ class MixtureTerm:
         implicit gradient parts are one matrix product. One evaluation (energy and gradient, 1e6 pixels, two
         cores, best of 8) went from 83 to 43 ms with one source channel and from 287 to 88 ms with four (the
         default cell-type source); ``benchmarks/profile_lddmm.py --data-term --channels 4``.
+
+        ``evaluate(Iw, want_grad=True)`` is :meth:`energy` followed by :meth:`gradient`; the optimiser calls the two
+        apart, so a line-search trial that is rejected never pays for its gradient.
+        """
+        energy, post = self.energy(Iw, want_post=want_post)
+        return energy, self.gradient() if want_grad else None, post
+
+    def energy(self, Iw: torch.Tensor, *, want_post: bool = False):
+        """Energy (float64 scalar) and optionally the posteriors ``(3, N)``; :meth:`gradient` may follow.
+
+        The intermediates the gradient needs are kept until the next call (which also overwrites the buffers).
         """
         J = self.J
         n = J.shape[1]
@@ -228,38 +240,50 @@ class MixtureTerm:
         lse = torch.logsumexp(logs, 0)
         energy = -lse.sum(dtype=torch.float64) * self.area
         post_a = torch.softmax(logs, 0)  # posteriors of the active classes
-        grad = post = None
-        if want_grad:
-            g_mu = torch.mul(diff, post_a[0] * (-self.area / s_m**2), out=z[:c_j])  # dE/dmu, (C_J, N)
-            # through theta: dE/dtheta = phi g_mu^T; with Lam = G^-1 dE/dtheta, the normal equations give
-            # dE/dphi += w * (Lam (J - mu) - theta Lam^T phi) = Lam (w J) - (Lam theta^T + theta Lam^T)(w phi).
-            # Direct and implicit parts in one product with z = [g_mu; w phi; w J] (the constant feature's row,
-            # which has no derivative, dropped)
-            lam = torch.linalg.solve(gram, (phi @ g_mu.T).double())  # (F, C_J)
-            sym = lam @ theta64.T
-            m = torch.cat([theta64, -(sym + sym.T), lam], 1)[1:].to(phi.dtype)  # (F - 1, 2 C_J + F)
-            g_phi = m @ z  # (F - 1, N): rows of [I, I^2, ..., I^degree] per source channel
-            c_i = Iw.shape[0]
-            # dphi_(i,d)/dIw_i = d * Iw_i^(d-1): Horner over the degree
-            for d in range(self.degree, 0, -1):
-                term = g_phi[(d - 1) * c_i : d * c_i]
-                term = term * d if d > 1 else term
-                grad = term if grad is None else term.addcmul_(Iw, grad)
-            # through the priors: d(-lse)/do = -sum_k p_k (pi_in_k - pi_out_k) / pi_k(o)
-            g_o = None
-            for j, k in enumerate(self.idx):
-                dk = pi_in[k] - pi_out[k]
-                if dk != 0.0:
-                    t = post_a[j] / pis[j]
-                    g_o = t.mul_(-dk) if g_o is None else g_o.sub_(t, alpha=dk)
-            if g_o is not None:
-                # do/dIw_0 = (1 - o^2) / tau where Iw_0 > 0 (the clamp), per unit pixel area
-                g_o.mul_((1.0 - o * o).mul_((Iw[0] > 0) * (self.area / self.tau)))
-                grad[0] += g_o
+        self._state = (Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out)
+        post = None
         if want_post:
             post = torch.zeros(3, J.shape[1], dtype=J.dtype, device=J.device)
             post[self.idx] = post_a
-        return energy, grad, post
+        return energy, post
+
+    def gradient(self) -> torch.Tensor:
+        """``dE/dIw`` (``(C_I, N)``) at the last :meth:`energy` call's ``Iw``."""
+        if self._state is None:
+            raise RuntimeError("MixtureTerm.gradient() needs a preceding energy() call")
+        Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out = self._state
+        self._state = None
+        z = self._z
+        c_j = self.C
+        s_m = self.sigma[0]
+        grad = None
+        g_mu = torch.mul(diff, post_a[0] * (-self.area / s_m**2), out=z[:c_j])  # dE/dmu, (C_J, N)
+        # through theta: dE/dtheta = phi g_mu^T; with Lam = G^-1 dE/dtheta, the normal equations give
+        # dE/dphi += w * (Lam (J - mu) - theta Lam^T phi) = Lam (w J) - (Lam theta^T + theta Lam^T)(w phi).
+        # Direct and implicit parts in one product with z = [g_mu; w phi; w J] (the constant feature's row,
+        # which has no derivative, dropped)
+        lam = torch.linalg.solve(gram, (phi @ g_mu.T).double())  # (F, C_J)
+        sym = lam @ theta64.T
+        m = torch.cat([theta64, -(sym + sym.T), lam], 1)[1:].to(phi.dtype)  # (F - 1, 2 C_J + F)
+        g_phi = m @ z  # (F - 1, N): rows of [I, I^2, ..., I^degree] per source channel
+        c_i = Iw.shape[0]
+        # dphi_(i,d)/dIw_i = d * Iw_i^(d-1): Horner over the degree
+        for d in range(self.degree, 0, -1):
+            term = g_phi[(d - 1) * c_i : d * c_i]
+            term = term * d if d > 1 else term
+            grad = term if grad is None else term.addcmul_(Iw, grad)
+        # through the priors: d(-lse)/do = -sum_k p_k (pi_in_k - pi_out_k) / pi_k(o)
+        g_o = None
+        for j, k in enumerate(self.idx):
+            dk = pi_in[k] - pi_out[k]
+            if dk != 0.0:
+                t = post_a[j] / pis[j]
+                g_o = t.mul_(-dk) if g_o is None else g_o.sub_(t, alpha=dk)
+        if g_o is not None:
+            # do/dIw_0 = (1 - o^2) / tau where Iw_0 > 0 (the clamp), per unit pixel area
+            g_o.mul_((1.0 - o * o).mul_((Iw[0] > 0) * (self.area / self.tau)))
+            grad[0] += g_o
+        return grad
 
 
 class SpotTerm:
