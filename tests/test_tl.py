@@ -546,3 +546,40 @@ def test_cell_type_labels_find_the_populations_and_survive_degenerate_tables():
     for Y in (np.zeros((100, 5)), rng.poisson(1.0, (100, 1)), rng.poisson(1.0, (2, 5))):
         lab = sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(Y.astype(float))), 3)
         assert lab.shape == (Y.shape[0],) and len(set(lab)) == 1
+
+
+def test_cell_type_labels_are_reused_for_the_same_counts_only(monkeypatch):
+    """The accuracy estimate's refits reuse the fit's labels: a second call on equal counts does not cluster again,
+    a changed count or argument does, and the caller's copy can be modified without changing the kept one."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from spatialdata_align.tl import _data
+
+    calls = {"n": 0}
+    cluster = _data._cluster
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return cluster(*a, **k)
+
+    monkeypatch.setattr(_data, "_cluster", counted)
+    monkeypatch.setattr(_data, "_LABELS_CACHE", type(_data._LABELS_CACHE)())
+    rng = np.random.default_rng(1)
+    lam = np.full((400, 20), 0.3)
+    lam[:200, :10] = 6.0
+    X = rng.poisson(lam).astype(float)
+    first = sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X)), 2)
+    again = sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X.copy())), 2)  # another table, equal counts
+    assert calls["n"] == 1
+    np.testing.assert_array_equal(again, first)
+    again[:] = 7  # the caller's copy
+    np.testing.assert_array_equal(sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X)), 2), first)
+    Y = X.copy()
+    Y[5, 3] += 1  # one count more
+    sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(Y)), 2)
+    assert calls["n"] == 2
+    sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X)), 3)  # another number of types
+    assert calls["n"] == 3
+    sda.tl.cell_type_labels(ad.AnnData(X), 2)  # dense counts: a dense digest, clustered once more
+    assert calls["n"] == 4
