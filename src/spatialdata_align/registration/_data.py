@@ -212,6 +212,7 @@ class MixtureTerm:
 
         The intermediates the gradient needs are kept until the next call (which also overwrites the buffers).
         """
+        self._state = None  # the last call's intermediates go before this call's are made
         J = self.J
         n = J.shape[1]
         c_j = self.C

@@ -777,6 +777,7 @@ def lddmm(
                 t, accepted, non_finite = 1.0, False, 0
                 for trial in range(_MAX_TRIALS):
                     xn = x + t * d
+                    ev = None  # a rejected trial's graph goes before the next is built
                     ev = prob.evaluate(lvl, xn, mask, want_post=it % em_every == 0)
                     en = ev.total
                     n_eval += 1
