@@ -395,3 +395,29 @@ def test_peer_protocol_picks_fastest_run_at_least_as_accurate():
     assert _peers.pick_run(runs, 5.0, 10.0)["niter"] == 400
     best = _peers.pick_run(runs, 1.0, 5.0)
     assert best["niter"] == 400 and not best["matched"]  # none is as good: STalign's best run
+
+
+def test_accuracy_cache_reuses_pairs_of_the_same_generators_only(tmp_path, monkeypatch):
+    """benchmarks/accuracy.py --cache: a cached pair is reused while the generators' source is unchanged and
+    generated again when it changed (a table once mixed stale cached pairs with fresh ones)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    calls = {"n": 0}
+
+    def fake_generate(family, folder, seed, density):
+        calls["n"] += 1
+        (Path(folder) / "truth").mkdir(parents=True)
+
+    monkeypatch.setattr(accuracy.sda.datasets, "pair_family", fake_generate)
+    monkeypatch.setattr(accuracy.sda.datasets, "load_pair", lambda folder: Path(folder))
+    assert accuracy.make_pair("stroma", "own", 0, tmp_path)[0] == tmp_path / "stroma-own-s0"
+    accuracy.make_pair("stroma", "own", 0, tmp_path)
+    assert calls["n"] == 1  # reused
+    monkeypatch.setattr(accuracy, "generator_digest", lambda: "other")
+    accuracy.make_pair("stroma", "own", 0, tmp_path)
+    assert calls["n"] == 2  # other generators: generated again
+    accuracy.make_pair("stroma", "own", 0, tmp_path)
+    assert calls["n"] == 2
