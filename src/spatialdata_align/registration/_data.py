@@ -248,10 +248,13 @@ class MixtureTerm:
             post[self.idx] = post_a
         return energy, post
 
-    def gradient(self) -> torch.Tensor:
-        """``dE/dIw`` (``(C_I, N)``) at the last :meth:`energy` call's ``Iw``."""
-        if self._state is None:
-            raise RuntimeError("MixtureTerm.gradient() needs a preceding energy() call")
+    def gradient(self, Iw: torch.Tensor | None = None) -> torch.Tensor:
+        """``dE/dIw`` (``(C_I, N)``) at the last :meth:`energy` call's ``Iw``.
+
+        With ``Iw``, that call must have been on this very tensor (else the term was evaluated elsewhere since).
+        """
+        if self._state is None or (Iw is not None and self._state[0] is not Iw):
+            raise RuntimeError("MixtureTerm.gradient() needs a preceding energy() call on the same input")
         Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out = self._state
         self._state = None
         z = self._z

@@ -355,11 +355,8 @@ class _Evaluation:
         if self.mask is None or not self.finite:
             return None
         if self._g is None:
-            state = self.lvl.mixture._state
-            if state is None or state[0] is not self._Iw_d:
-                raise RuntimeError("the mixture term was evaluated elsewhere since this evaluation")
             with record_function("lddmm.data_term"), torch.no_grad():
-                g_I = self.lvl.mixture.gradient()
+                g_I = self.lvl.mixture.gradient(self._Iw_d)  # (raises if the term was evaluated elsewhere since)
             outs, grads = [self.Iw], [g_I]
             if self.Fs is not None:
                 outs.append(self.Fs)
