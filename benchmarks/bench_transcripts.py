@@ -11,10 +11,17 @@ stays bounded as the table grows (a table held in memory would need ~24 bytes pe
 package's lazy reader (feature names coded in arrow, strings kept as arrow strings) against
 ``dask.dataframe.read_parquet`` followed by the same categorical ``feature_name``, and prints the ratio.
 
+``--write FILE`` times writing a SpatialData object that holds the transcripts of ``FILE`` and their aligned copy
+(an affine + LDDMM registration, as ``spatialdata-align run`` leaves them) to zarr: ``SpatialData.write`` against
+this package's writer (:func:`spatialdata_align._write.write_sdata`: the points elements' parquet in one dask pass,
+dictionaries only for categorical and string columns), alternating, best of ``--repeat``; it prints the ratio and
+checks that both stores read back as the same frames.
+
 Usage::
 
     python benchmarks/bench_transcripts.py [--rows 1e6 1e7 1e8] [--workdir /tmp/bench_tx]
     python benchmarks/bench_transcripts.py --read demo_out/data/xenium/transcripts.parquet
+    python benchmarks/bench_transcripts.py --write demo_out/data/xenium/transcripts.parquet
 """
 
 from __future__ import annotations
@@ -58,17 +65,15 @@ def write_parquet(path: Path, n: int, seed: int = 0) -> None:
     writer.close()
 
 
-def child(path: str, out: str) -> None:
+def aligned_sdata(path: Path):
+    """A SpatialData object with the transcripts of ``path`` and their aligned copy (lazy, not computed)."""
     import spatialdata
-    import torch
 
     from spatialdata_align import _store
     from spatialdata_align._constants import VISIUM_CS, XENIUM_CS, XENIUM_TRANSCRIPTS
     from spatialdata_align.io._xenium import _read_transcripts
     from spatialdata_align.registration import Registration
 
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
     points = _read_transcripts(Path(path))
     sdata = spatialdata.SpatialData(points={XENIUM_TRANSCRIPTS: points})
     # an affine + a smooth velocity field (nt=5) over the tissue: the cost of a real LDDMM result
@@ -99,6 +104,15 @@ def child(path: str, out: str) -> None:
         native=False,
     )
     name = sdata.align.apply(XENIUM_TRANSCRIPTS)
+    return sdata, name
+
+
+def child(path: str, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    sdata, name = aligned_sdata(Path(path))
     t1 = time.perf_counter()
     sdata.write(out, overwrite=True)  # streams the aligned partitions to disk
     t2 = time.perf_counter()
@@ -151,12 +165,62 @@ def bench_read(path: Path, repeat: int = 3) -> None:
     )
 
 
+def bench_write(path: Path, workdir: Path, repeat: int = 2) -> None:
+    """Time writing the transcripts and their aligned copy: ``SpatialData.write`` against ``write_sdata``."""
+    import warnings
+
+    import spatialdata
+
+    from spatialdata_align._write import write_sdata
+
+    sdata, name = aligned_sdata(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stores = {"spatialdata": workdir / "peer.zarr", "this package": workdir / "ours.zarr"}
+
+    def peer(out):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*autosharding.*")
+            sdata.write(out, update_sdata_path=False)
+
+    writers = {"spatialdata": peer, "this package": lambda out: write_sdata(sdata, out)}
+    times: dict[str, list[float]] = {k: [] for k in writers}
+    for _ in range(repeat):
+        for label, fn in writers.items():
+            shutil.rmtree(stores[label], ignore_errors=True)
+            t = time.perf_counter()
+            fn(stores[label])
+            times[label].append(time.perf_counter() - t)
+    a, b = (spatialdata.read_zarr(stores[k]) for k in writers)
+    same = True
+    for el in sorted(a.points):
+        pa_, pb = a.points[el], b.points[el]
+        same &= pa_.npartitions == pb.npartitions
+        for i in sorted({0, pa_.npartitions - 1}):
+            x, y = pa_.partitions[i].compute(), pb.partitions[i].compute()
+            same &= x.sort_index(axis=1).equals(y.sort_index(axis=1))
+    size = {k: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) / 1e6 for k, v in stores.items()}
+    t_peer, t_ours = min(times["spatialdata"]), min(times["this package"])
+    print(
+        f"{len(sdata[name]):,d} transcripts + aligned copy: "
+        f"SpatialData.write {t_peer:.1f} s ({size['spatialdata']:.0f} MB), "
+        f"write_sdata {t_ours:.1f} s ({size['this package']:.0f} MB), ratio {t_peer / t_ours:.2f}x; "
+        f"same frames read back: {same}"
+    )
+    for v in stores.values():
+        shutil.rmtree(v, ignore_errors=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e6, 1e7])
     ap.add_argument("--workdir", default="/tmp/bench_transcripts")
     ap.add_argument("--read", type=Path, default=None, help="time reading this transcripts.parquet instead")
+    ap.add_argument("--write", type=Path, default=None, help="time writing this transcripts.parquet + aligned copy")
+    ap.add_argument("--repeat", type=int, default=2, help="--write: alternating runs of each writer (best counts)")
     args = ap.parse_args(argv)
+    if args.write is not None:
+        bench_write(args.write, Path(args.workdir), args.repeat)
+        return
     if args.read is not None:
         bench_read(args.read)
         return

@@ -209,6 +209,77 @@ def test_transcripts_have_a_unique_lazy_index(xcopy, xin, tmp_path, monkeypatch)
     pd.testing.assert_frame_equal(back_df.sort_index(), df.astype({"feature_name": back_df["feature_name"].dtype}))
 
 
+def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, tmp_path, monkeypatch):
+    """The pipeline's writer: spatialdata's store, every points partition read once for both copies."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import spatialdata as sd
+
+    from spatialdata_align import _store
+    from spatialdata_align._write import write_sdata
+    from spatialdata_align.io import _transcripts
+    from spatialdata_align.registration import Registration
+
+    pq.write_table(
+        pa.Table.from_pandas(xin.transcripts, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50
+    )
+    monkeypatch.setattr(_transcripts, "TRANSCRIPT_BLOCKSIZE", 1)  # one partition per row group
+    reads = []
+    read = _transcripts._read_row_groups
+    monkeypatch.setattr(
+        _transcripts, "_read_row_groups", lambda part, *a, **k: reads.append(part) or read(part, *a, **k)
+    )
+    sdata = sda.io.read_xenium(xcopy, images=False)
+    df = sdata.points[XENIUM_TRANSCRIPTS].compute()
+    lo, hi = df[["x", "y"]].min().to_numpy() - 20, df[["x", "y"]].max().to_numpy() + 20
+    xv, yv = np.linspace(lo[0], hi[0], 12), np.linspace(lo[1], hi[1], 10)
+    gx, gy = np.meshgrid(xv, yv)
+    v = np.stack([6 * np.sin(gx / 40), 5 * np.cos(gy / 30)])[None].repeat(4, 0)
+    reg = Registration(
+        affine=np.array([[0.0, -2.0, 300.0], [2.0, 0.0, 10.0], [0.0, 0.0, 1.0]]),
+        velocity_values=v,
+        xv=xv,
+        yv=yv,
+        source_extent=(lo[0], hi[0], lo[1], hi[1]),
+        target_extent=(-200.0, 600.0, -200.0, 600.0),
+    )
+    _store.store_registration(
+        sdata,
+        reg,
+        key="t",
+        kind="lddmm",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_TRANSCRIPTS,
+        target_element=None,
+        native=False,
+    )
+    aligned = sdata.align.apply(XENIUM_TRANSCRIPTS)
+    n_parts = sdata.points[XENIUM_TRANSCRIPTS].npartitions
+    assert n_parts == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reads.clear()
+        sdata.write(tmp_path / "peer.zarr", update_sdata_path=False)
+        assert len(reads) == 2 * n_parts  # spatialdata: one element after the other, each reads the file
+        reads.clear()
+        write_sdata(sdata, tmp_path / "ours.zarr")
+    assert len(reads) == n_parts  # here: one pass for both
+    assert sdata.path is None  # the object is not re-pointed at the store
+    peer, ours = sd.read_zarr(tmp_path / "peer.zarr"), sd.read_zarr(tmp_path / "ours.zarr")
+    for kind in ("points", "shapes", "tables", "images"):
+        assert sorted(getattr(ours, kind)) == sorted(getattr(peer, kind))
+    for name in (XENIUM_TRANSCRIPTS, aligned):
+        a, b = peer.points[name], ours.points[name]
+        assert a.npartitions == b.npartitions == n_parts and b.attrs == a.attrs
+        pd.testing.assert_frame_equal(b.compute(), a.compute(), check_like=True)
+    back = ours.points[aligned].compute().sort_index()
+    assert len(back) == len(df)
+    np.testing.assert_allclose(
+        back[["x", "y"]].to_numpy(), sdata.align.get("t").transform_points(df[["x", "y"]].to_numpy()), rtol=0, atol=1e-3
+    )
+
+
 def test_xenium_morphology_maps_pixels_to_um(xread, xin):
     for layout in ("minimal_csv_h5", "full"):
         img = xread[layout].images["xenium_morphology_focus"]

@@ -334,11 +334,9 @@ def _check_out(out) -> Path:
 
 
 def _write(sdata, path: Path) -> None:
-    import warnings
+    from ._write import write_sdata
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        sdata.write(path)
+    write_sdata(sdata, path)
 
 
 def write_zarr(sdata, out) -> Path:

@@ -110,8 +110,14 @@ class DisplacementField:
 
     def apply(self, xy) -> np.ndarray:
         """``x + d(x)`` for ``(N, 2)`` points."""
-        pts = check_points(xy, "xy")
-        return pts + self(pts)
+        return self._displace(check_points(xy, "xy"))
+
+    def _displace(self, pts: np.ndarray) -> np.ndarray:
+        """``x + d(x)`` for ``(N, 2)`` float64 points already checked (no second pass over them)."""
+        out = pts.copy()
+        for s in range(0, pts.shape[0], CHUNK):
+            out[s : s + CHUNK] += self._interp(pts[s : s + CHUNK])
+        return out
 
     def _interp(self, pts: np.ndarray) -> np.ndarray:
         ny, nx = self.shape

@@ -218,8 +218,8 @@ class Registration:
             return pts.copy()
         if self.is_sampled:
             if direction == "forward":
-                return apply_affine(self.affine, self.forward_field.apply(pts))
-            return self.inverse_field.apply(apply_affine(np.linalg.inv(self.affine), pts))
+                return apply_affine(self.affine, self.forward_field._displace(pts))
+            return self.inverse_field._displace(apply_affine(np.linalg.inv(self.affine), pts))
         if not self.has_velocity:
             m = self.affine if direction == "forward" else np.linalg.inv(self.affine)
             return apply_affine(m, pts)
