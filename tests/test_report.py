@@ -6,6 +6,7 @@ against the truth, the self-contained ``index.html`` (also rendered in headless 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -107,6 +108,37 @@ def test_exports_for_r(run):
     truth = twin.visium_spots_truth().set_index("barcode").loc[spots["barcode"]]
     err = np.linalg.norm(spots[["x_um", "y_um"]].to_numpy() - truth[["x_um", "y_um"]].to_numpy(), axis=1)
     assert np.median(err[spots["in_shared"].to_numpy()]) < 15.0
+
+
+def test_csv_export_prints_what_pandas_percent_6g_prints(tmp_path):
+    """The fast CSV writer: 6 significant digits, TRUE/FALSE, empty for NaN, quoted only via its fallback."""
+    import gzip
+
+    from spatialdata_align._report import _write_csv
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-2e4, 2e4, 500), rng.uniform(0, 1, 500) * 10.0 ** rng.integers(-9, 9, 500)])
+    x[[3, 17]] = np.nan
+    x[5] = 0.0
+    df = pd.DataFrame(
+        {
+            "cell_id": [f"c{i}-1" for i in range(len(x))],
+            "x": x,
+            "flag": rng.random(len(x)) > 0.5,
+            "n": rng.integers(-5, 500, len(x)),
+        }
+    )
+    ref = df.assign(flag=np.where(df["flag"], "TRUE", "FALSE")).to_csv(index=False, float_format="%.6g")
+    for frame in (df, df.assign(cell_id=df["cell_id"].str.replace("-", ", "))):  # the second needs quoting
+        path = _write_csv(frame, tmp_path / "t.csv.gz")
+        text = gzip.decompress(path.read_bytes()).decode()
+        assert text.splitlines()[0] == "cell_id,x,flag,n"
+        a = pd.read_csv(tmp_path / "t.csv.gz", keep_default_na=False, na_values=[""])
+        b = pd.read_csv(io.StringIO(ref), keep_default_na=False, na_values=[""])
+        b["cell_id"] = frame["cell_id"]
+        pd.testing.assert_frame_equal(a, b, check_exact=True)  # the numbers %.6g prints, exactly
+        assert a["flag"].dtype == bool and "True" not in text and "TRUE" in text
+        assert "nan" not in text.lower() and text.count(",,") >= 2  # NaN: an empty field
 
 
 def test_r_snippet_reads_the_exports(run, tmp_path):

@@ -34,9 +34,7 @@ POINTS_PARQUET = "points.parquet"
 def _dictionary_columns(ddf) -> list[str]:
     """Columns worth a parquet dictionary: categoricals (kept as such on reading) and strings."""
     return [
-        str(c)
-        for c, t in ddf.dtypes.items()
-        if isinstance(t, pd.CategoricalDtype) or pd.api.types.is_string_dtype(t)
+        str(c) for c, t in ddf.dtypes.items() if isinstance(t, pd.CategoricalDtype) or pd.api.types.is_string_dtype(t)
     ]
 
 
