@@ -209,6 +209,41 @@ def test_transcripts_have_a_unique_lazy_index(xcopy, xin, tmp_path, monkeypatch)
     pd.testing.assert_frame_equal(back_df.sort_index(), df.astype({"feature_name": back_df["feature_name"].dtype}))
 
 
+def test_transcript_gene_names_coded_from_dictionaries_plain_pages_and_nulls(xcopy, xin, monkeypatch):
+    """Gene names: first-appearance order over row groups, dictionary or plain pages alike, null -> missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spatialdata_align.io import _transcripts
+
+    df = xin.transcripts.iloc[:300].reset_index(drop=True)
+    names = df["feature_name"].astype(object).to_numpy().copy()
+    names[150] = "LATE_GENE"  # first seen in the second row group
+    names[10] = None
+    df = df.assign(feature_name=names)
+    schema = pa.Table.from_pandas(df, preserve_index=False).schema
+    path = xcopy / "transcripts.parquet"
+    with pq.ParquetWriter(path, schema, use_dictionary=True) as w:  # dictionary-encoded pages
+        w.write_table(pa.Table.from_pandas(df.iloc[:100], schema=schema, preserve_index=False))
+    first = pq.read_table(path)
+    with pq.ParquetWriter(path, schema, use_dictionary=False) as w:  # then plain pages, in one file
+        w.write_table(first)
+        w.write_table(pa.Table.from_pandas(df.iloc[100:], schema=schema, preserve_index=False))
+    monkeypatch.setattr(_transcripts, "TRANSCRIPT_BLOCKSIZE", 1)
+    pts = sda.io.read_xenium(xcopy, images=False).points[XENIUM_TRANSCRIPTS]
+    got = pts.compute()
+    seen = list(dict.fromkeys(n for n in names if n is not None))
+    assert list(got["feature_name"].cat.categories) == seen
+    assert got["feature_name"].isna().sum() == 1 and pd.isna(got["feature_name"].iloc[10])
+    assert list(got["feature_name"].astype(object).iloc[11:]) == list(names[11:])
+    # a dictionary-encoded file: the same codes as decoding every string
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=70)
+    assert pq.ParquetFile(path).metadata.row_group(0).column(schema.names.index("feature_name")).has_dictionary_page
+    again = sda.io.read_xenium(xcopy, images=False).points[XENIUM_TRANSCRIPTS].compute()
+    assert list(again["feature_name"].cat.categories) == seen
+    pd.testing.assert_series_equal(again["feature_name"], got["feature_name"])
+
+
 def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, tmp_path, monkeypatch):
     """The pipeline's writer: spatialdata's store, every points partition read once for both copies."""
     import pyarrow as pa
