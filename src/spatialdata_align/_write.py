@@ -39,11 +39,21 @@ def _dictionary_columns(ddf) -> list[str]:
     ]
 
 
+def _copy_frame(part: tuple[pd.DataFrame, str]) -> pd.DataFrame:
+    return part[0].copy()  # (part[1]: a random token, only there to make the task key unique)
+
+
 def _placeholder(el):
-    """An empty points element with ``el``'s columns, dtypes, attributes and transformations."""
+    """An empty points element with ``el``'s columns, dtypes, attributes and transformations.
+
+    Its task keys are unique (a random token): empty frames of equal columns would otherwise share keys, and on a
+    ``dask.distributed`` cluster two pipelines writing at once (``sda.batch``) would be handed each other's frame.
+    """
+    import uuid
+
     import dask.dataframe as dd
 
-    ph = dd.from_pandas(el._meta.copy(), npartitions=1)
+    ph = dd.from_map(_copy_frame, [(el._meta, uuid.uuid4().hex)], meta=el._meta, enforce_metadata=False)
     ph.attrs.update(el.attrs)
     return ph
 
