@@ -397,6 +397,25 @@ def test_peer_protocol_picks_fastest_run_at_least_as_accurate():
     assert best["niter"] == 400 and not best["matched"]  # none is as good: STalign's best run
 
 
+def test_accuracy_bounds_follow_the_density_setting_not_its_last_digit():
+    """A pair generated at 2000 cells/mm² realises 1999.9 or 2000.1: both are judged by the >= 2000 bounds (a stroma
+    pair at 1999.9 with 11.9 / 32.9 µm was marked "pass" by the ~900 bounds)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+
+    def row(density, median, p95):
+        return {"family": "stroma", "density": density, "engine": {"median": median, "p95": p95}, "affine": None}
+
+    assert accuracy._acceptance(row(1999.93, 11.9, 32.9)) == "FAIL"
+    assert accuracy._acceptance(row(2000.05, 11.9, 32.9)) == "FAIL"
+    assert accuracy._acceptance(row(1999.93, 9.0, 24.0)) == "pass"
+    assert accuracy._acceptance(row(901.0, 11.9, 32.9)) == "pass"  # ~900: <= 15 / 35
+    assert accuracy._acceptance(row(700.0, 16.0, 30.0)) == "FAIL"
+
+
 def test_accuracy_cache_reuses_pairs_of_the_same_generators_only(tmp_path, monkeypatch):
     """benchmarks/accuracy.py --cache: a cached pair is reused while the generators' source is unchanged and
     generated again when it changed (a table once mixed stale cached pairs with fresh ones)."""
