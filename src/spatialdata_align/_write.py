@@ -17,7 +17,8 @@ included). The store reads back with :func:`spatialdata.read_zarr` as the same f
 Measured with ``python benchmarks/bench_transcripts.py --write FILE`` (26M transcripts of a 168k-cell
 ``twin_sections`` bundle and their aligned copy, one process, 2 cores): ``SpatialData.write`` 12.9 s, this 8.6 s
 (1.50x), the store 1452 vs 1364 MB, the same frames read back. In the 168k-cell pipeline the write stage went from
-18.4-18.9 s to 14.7-16.8 s (the tables, written by spatialdata either way, take 3-5 s of it).
+18.4-22.0 s to 14.2-16.8 s over four runs against the previous release (the tables, written by spatialdata either
+way, take 3-5 s of it).
 """
 
 from __future__ import annotations
