@@ -304,6 +304,7 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
     # (sda.batch) would otherwise share the keys of equal empty frames, and one write failed
     assert _placeholder(sdata.points[aligned])._name != _placeholder(sdata.points[aligned])._name
     assert sdata.path is None  # the object is not re-pointed at the store
+    assert all("transform" in el.attrs for el in sdata.points.values())  # nor its elements changed
     peer, ours = sd.read_zarr(tmp_path / "peer.zarr"), sd.read_zarr(tmp_path / "ours.zarr")
     for kind in ("points", "shapes", "tables", "images"):
         assert sorted(getattr(ours, kind)) == sorted(getattr(peer, kind))
