@@ -131,6 +131,30 @@ def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
     assert res.scale == pytest.approx(truth["scale"], rel=0.05)
 
 
+def test_affine_auto_warns_when_another_orientation_scores_nearly_as_well(sdata, monkeypatch):
+    """The ambiguity warning follows the margin: on the validation corpus every orientation more than 100 µm off
+    had a margin <= 0.117 (the warning below 0.15 catches all 13; at 0.05 it caught 4)."""
+    import warnings
+
+    import pandas as pd
+
+    from spatialdata_align import _accessor
+    from spatialdata_align.registration import InitResult
+
+    def fake(margin):
+        m = np.array([[0.0, -2.0, 900.0], [2.0, 0.0, 100.0], [0.0, 0.0, 1.0]])
+        return lambda *a, **k: InitResult(m, 1.2, 90.0, False, 2.0, pd.DataFrame(), margin=margin)
+
+    monkeypatch.setattr(_accessor, "auto_init", fake(0.117))
+    with pytest.warns(UserWarning, match="ambiguous"):
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
+    for margin in (0.2, float("nan")):
+        monkeypatch.setattr(_accessor, "auto_init", fake(margin))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*ambiguous.*")
+            sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
+
+
 # --------------------------------------------------------------------------------------------- lddmm
 def test_lddmm_with_cell_type_channels(twin):
     """channels="celltypes": the density plus one channel per expression cluster reaches the truth too."""
