@@ -141,15 +141,20 @@ def test_affine_auto_warns_when_another_orientation_scores_nearly_as_well(sdata,
     from spatialdata_align import _accessor
     from spatialdata_align.registration import InitResult
 
-    def fake(margin):
-        m = np.array([[0.0, -2.0, 900.0], [2.0, 0.0, 100.0], [0.0, 0.0, 1.0]])
-        return lambda *a, **k: InitResult(m, 1.2, 90.0, False, 2.0, pd.DataFrame(), margin=margin)
+    nan = float("nan")
 
-    monkeypatch.setattr(_accessor, "auto_init", fake(0.117))
-    with pytest.warns(UserWarning, match="ambiguous"):
-        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
-    for margin in (0.2, float("nan")):
-        monkeypatch.setattr(_accessor, "auto_init", fake(margin))
+    def fake(margin, coarse=nan):
+        m = np.array([[0.0, -2.0, 900.0], [2.0, 0.0, 100.0], [0.0, 0.0, 1.0]])
+        return lambda *a, **k: InitResult(m, 1.2, 90.0, False, 2.0, pd.DataFrame(), margin=margin, coarse_margin=coarse)
+
+    # refined margin 0.117; or a confident refined margin (0.35) whose competitors all shared one wrong orientation,
+    # while the coarse search had the other orientation within 0.012 (held-out adipose)
+    for margin, coarse in ((0.117, nan), (0.35, 0.012), (nan, 0.1)):
+        monkeypatch.setattr(_accessor, "auto_init", fake(margin, coarse))
+        with pytest.warns(UserWarning, match="ambiguous"):
+            sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
+    for margin, coarse in ((0.2, nan), (0.2, 0.3), (nan, nan)):
+        monkeypatch.setattr(_accessor, "auto_init", fake(margin, coarse))
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*ambiguous.*")
             sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)

@@ -169,9 +169,30 @@ def test_auto_init_with_a_known_scale_places_a_partial_section(flip):
     # target units (~1.55 per source µm): about one 25 µm raster pixel; matching the whole masks instead (no
     # scale) gives ~240 here
     assert np.median(err) < 60
-    assert res.margin > 0.05  # the other orientations score clearly lower: not ambiguous
+    assert res.margin > 0.15 and res.coarse_margin > 0.15  # the other orientations score clearly lower
     with pytest.raises(ValueError, match="scale must be a positive"):
         auto_init(src, toy.target, scale=-1.0)
+
+
+def test_coarse_margin_is_the_chosen_orientation_over_any_other():
+    import pandas as pd
+
+    from spatialdata_align.registration._init import _coarse_margin
+
+    table = pd.DataFrame(
+        {
+            "reflection": [True, True, True, False, False, False],
+            "angle_deg": [130.0, 145.0, 300.0, 125.0, 312.0, 10.0],
+            "score": [0.459, 0.450, 0.30, 0.447, 0.40, 0.20],
+        }
+    )
+    # chosen: mirrored at ~136°: its orientation's best (0.459, within 20°) over the best other (0.447, unmirrored)
+    assert _coarse_margin(table, True, 136.0) == pytest.approx(0.012)
+    # chosen: unmirrored at -48° (= 312°): 0.40 against the mirrored 0.459
+    assert _coarse_margin(table, False, -48.0) == pytest.approx(-0.059)
+    # 350° and 10° are 20° apart (the same orientation across 0°), 312° is 38° away
+    assert _coarse_margin(table, False, 350.0) == pytest.approx(0.20 - 0.459)
+    assert np.isnan(_coarse_margin(table.iloc[:1], True, 130.0))  # nothing else searched
 
 
 def test_celltype_channels_partition_the_density():

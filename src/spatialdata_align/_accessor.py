@@ -60,7 +60,9 @@ MAX_TARGET_PIXELS = 4_000_000
 #: more than 100 µm off (13) had a margin <= 0.117, and 10 of the 18 good ones a margin >= 0.162; 0.15 warns on all 13
 #: wrong ones and on 8 good ones. The previous 0.05 warned on 4 of the 13. Held out (seed 3 of the six families at 900
 #: and 2000 cells/mm², generated afresh): 0.15 warns on 4 of the 6 wrong ones (0.05: 3) and on 3 of the 6 good ones
-#: (0.05: none); adipose's two wrong ones score a margin of 0.31-0.35, which no threshold flags.
+#: (0.05: none); adipose's two wrong ones scored a refined margin of 0.31-0.35 (every refined competitor was of the
+#: same wrong, mirrored orientation), but a coarse margin of 0.012-0.053. The smaller of the two margins is compared:
+#: held out, all 6 wrong ones are then named and the same 3 good ones; on the 31 cached pairs 13 of 13 and 9 of 18.
 AMBIGUOUS_MARGIN = 0.15
 
 
@@ -457,11 +459,21 @@ class AlignAccessor:
             fit: AffineFit | InitResult = auto_init(
                 src_img, tgt_img, reflection=None if flip is not False else False, scale=scale
             )
-            extra = {"method": "auto", "score": float(fit.score), "known_scale": scale, "margin": fit.margin}
-            if fit.margin < AMBIGUOUS_MARGIN:  # nan (nothing to compare) is not ambiguous
+            extra = {
+                "method": "auto",
+                "score": float(fit.score),
+                "known_scale": scale,
+                "margin": fit.margin,
+                "coarse_margin": fit.coarse_margin,
+            }
+            # the refined candidates' margin, or the coarse search's when that is smaller (every refined competitor
+            # may share one wrong orientation); nan (nothing to compare) is not ambiguous
+            finite = [m for m in (fit.margin, fit.coarse_margin) if np.isfinite(m)]
+            margin = min(finite) if finite else float("nan")
+            if margin < AMBIGUOUS_MARGIN:
                 warnings.warn(
                     f"the automatic initialisation is ambiguous: another orientation (mirrored, or rotated by more "
-                    f"than 20°) scores within {fit.margin:.3f} of the chosen one ({fit.score:.3f}), so the tissue "
+                    f"than 20°) scores within {margin:.3f} of the chosen one ({fit.score:.3f}), so the tissue "
                     "outlines and densities cannot tell them apart. Fix: place 3-6 landmarks (--landmarks; Python: "
                     "sdata.align.set_landmarks(...) then sdata.align.affine()), or check the overlay in the report.",
                     UserWarning,

@@ -41,6 +41,11 @@ class InitResult:
         other mirror state, or a rotation more than 20° away); ``nan`` when none was refined. A margin near 0 means
         the tissue outlines and densities cannot tell the orientations apart (e.g. a symmetric section): place a few
         landmarks.
+    coarse_margin
+        The same in the coarse search (``candidates``): the best score of the chosen orientation (within 20°, same
+        mirror state) minus the best of any other; ``nan`` when the search has no other. It catches a confident
+        ``margin`` whose competitors were all of one wrong orientation, so the right one was never refined; it is
+        negative when the chosen affine came from the whole-tissue search rather than this one.
     """
 
     matrix: np.ndarray
@@ -50,6 +55,7 @@ class InitResult:
     scale: float
     candidates: pd.DataFrame = field(repr=False)
     margin: float = float("nan")
+    coarse_margin: float = float("nan")
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -266,7 +272,20 @@ def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame) -> Ini
         scale=dec["scale"],
         candidates=table,
         margin=float(sc - max(others)) if others else float("nan"),
+        coarse_margin=_coarse_margin(table, dec["reflection"], dec["rotation_deg"]),
     )
+
+
+def _coarse_margin(table: pd.DataFrame, reflection: bool, rotation_deg: float) -> float:
+    """Best coarse score of the orientation ``(reflection, rotation_deg)`` minus the best of any other."""
+    if table is None or not len(table):
+        return float("nan")
+    near = np.array([_angdist(float(a), rotation_deg) <= 20 for a in table["angle_deg"]])
+    same = (table["reflection"].to_numpy() == reflection) & near
+    if not same.any() or same.all():
+        return float("nan")
+    score = table["score"].to_numpy(dtype=float)
+    return float(score[same].max() - score[~same].max())
 
 
 def _refine(warper: _Warper, j_feat: torch.Tensor, m0: np.ndarray, I: Image, n_iter: int):
