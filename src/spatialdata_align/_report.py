@@ -363,15 +363,11 @@ def _write_csv(df: pd.DataFrame, path) -> Path:
     import pyarrow.csv as pacsv
 
     path = Path(path)
+    df = df.assign(**{c: np.where(df[c], "TRUE", "FALSE") for c in df.columns if df[c].dtype == bool})
     columns = {}
     for c in df.columns:
-        v = df[c]
-        if v.dtype == bool:
-            columns[str(c)] = pa.array(np.where(v.to_numpy(), "TRUE", "FALSE"))
-        elif v.dtype.kind == "f":
-            columns[str(c)] = pa.array(_significant(v.to_numpy()), from_pandas=True)  # NaN: empty
-        else:
-            columns[str(c)] = pa.array(v.to_numpy(), from_pandas=True)
+        v = df[c].to_numpy()
+        columns[str(c)] = pa.array(_significant(v) if v.dtype.kind == "f" else v, from_pandas=True)  # NaN: empty
     buf = pa.BufferOutputStream()
     buf.write((",".join(columns) + "\n").encode())
     try:
@@ -380,11 +376,7 @@ def _write_csv(df: pd.DataFrame, path) -> Path:
         )
         text = buf.getvalue().to_pybytes()
     except pa.ArrowInvalid:  # a value that needs quoting
-        text = (
-            df.assign(**{c: np.where(df[c], "TRUE", "FALSE") for c in df.columns if df[c].dtype == bool})
-            .to_csv(index=False, float_format="%.6g")
-            .encode()
-        )
+        text = df.to_csv(index=False, float_format="%.6g").encode()
     # gzip level 1, not pandas' 9: 168k cells export in 0.9 s instead of 1.75 s, the file ~1.2x larger
     with gzip.GzipFile(path, "wb", compresslevel=1, mtime=0) as f:
         f.write(text)

@@ -102,11 +102,7 @@ class DisplacementField:
     # ------------------------------------------------------------------------------ evaluation
     def __call__(self, xy) -> np.ndarray:
         """The displacement at ``(N, 2)`` points (linear interpolation, edge values outside the grid)."""
-        pts = check_points(xy, "xy")
-        out = np.empty_like(pts)
-        for s in range(0, pts.shape[0], CHUNK):
-            out[s : s + CHUNK] = self._interp(pts[s : s + CHUNK])
-        return out
+        return self._displacements(check_points(xy, "xy"))
 
     def apply(self, xy) -> np.ndarray:
         """``x + d(x)`` for ``(N, 2)`` points."""
@@ -114,9 +110,13 @@ class DisplacementField:
 
     def _displace(self, pts: np.ndarray) -> np.ndarray:
         """``x + d(x)`` for ``(N, 2)`` float64 points already checked (no second pass over them)."""
-        out = pts.copy()
+        return pts + self._displacements(pts)
+
+    def _displacements(self, pts: np.ndarray) -> np.ndarray:
+        """``d(x)`` for checked ``(N, 2)`` float64 points, ``CHUNK`` points at a time."""
+        out = np.empty_like(pts)
         for s in range(0, pts.shape[0], CHUNK):
-            out[s : s + CHUNK] += self._interp(pts[s : s + CHUNK])
+            out[s : s + CHUNK] = self._interp(pts[s : s + CHUNK])
         return out
 
     def _interp(self, pts: np.ndarray) -> np.ndarray:

@@ -278,7 +278,7 @@ def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame) -> Ini
 
 def _coarse_margin(table: pd.DataFrame, reflection: bool, rotation_deg: float) -> float:
     """Best coarse score of the orientation ``(reflection, rotation_deg)`` minus the best of any other."""
-    if table is None or not len(table):
+    if not len(table):
         return float("nan")
     near = np.array([_angdist(float(a), rotation_deg) <= 20 for a in table["angle_deg"]])
     same = (table["reflection"].to_numpy() == reflection) & near
