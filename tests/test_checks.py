@@ -175,6 +175,25 @@ def test_landmarks_in_other_units_get_a_specific_hint(twin, what, needle):
     assert needle in str(e.value)
 
 
+def test_landmarks_close_to_a_line_are_blamed_for_a_scale_mismatch_not_the_units():
+    """Three landmarks 1 % off a line, one clicked 12 µm off: the affine's scale is 0.63x, a similarity's 1.0x."""
+    upp = 0.2737
+    th = np.radians(30)
+    lin = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]) / upp
+    src = np.array([[500.0, 800.0], [1500.0, 870.0], [2500.0, 980.0]])
+    dst = src @ lin.T + [4000.0, 3000.0]
+    along = src[2] - src[0]
+    across = np.array([-along[1], along[0]]) / np.linalg.norm(along)
+    dst[1] += 12.0 * (lin @ across)  # a 12 µm click error across the line
+    with pytest.raises(_checks.PlausibilityError, match="scale factors imply") as e:
+        _checks.check_landmarks(src, dst, file="lm.csv", um_per_px=upp)
+    msg = str(e.value)
+    assert "(0.631x)" in msg and "close to a line" in msg and "expected scale (1x)" in msg
+    assert "kind='similarity'" in msg and "units" not in msg.split("Fix:")[1]
+    # the same landmarks without the click error pass
+    _checks.check_landmarks(src, src @ lin.T + [4000.0, 3000.0], file="lm.csv", um_per_px=upp)
+
+
 def test_force_accepts_a_named_outlier_and_marks_the_run_unreliable(case, capsys):
     lm = pd.read_csv(case.landmarks)
     lm.loc[3, "target_x"] += 1e6

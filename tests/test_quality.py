@@ -135,6 +135,41 @@ def test_inverse_consistency_of_a_real_flow_and_of_a_broken_inverse():
     np.testing.assert_allclose(q.inverse_consistency(Broken(), pts), np.sqrt(2.0))
 
 
+def test_leave_one_out_of_three_landmarks_on_a_mirrored_section():
+    """Two landmarks left: the similarity refit keeps the mirror of the fit on all three (else it is mm off)."""
+    mirror = np.array([[-1.2, 0.5, 4000.0], [0.5, 1.2, 300.0], [0.0, 0.0, 1.0]])  # a reflection x 1.3
+    src = np.array([[0.0, 0.0], [2000.0, 300.0], [600.0, 1800.0]])
+    dst = apply_affine(mirror, src)
+    np.testing.assert_allclose(q.landmark_loo(src, dst), 0.0, atol=1e-6)
+    # the LDDMM refits start from the same affines
+    assert np.linalg.det(q.fit_matrix(src[:2], dst[:2], reflection=True)[:2, :2]) < 0
+    assert np.linalg.det(q.fit_matrix(src[:2], dst[:2])[:2, :2]) > 0  # two pairs alone: the proper one
+
+
+@pytest.mark.parametrize("kind", ["affine", "similarity"])
+def test_landmark_extrapolation_is_the_spread_of_noisy_fits(kind):
+    """sqrt(leverage) x the click noise is the standard deviation of the fitted map's position, inside and far out."""
+    rng = np.random.default_rng(1)
+    src = np.array([[0.0, 0.0], [300.0, 40.0], [60.0, 250.0], [180.0, 150.0]])  # clustered in one corner
+    if kind == "similarity":
+        src = src[:2]  # two landmarks: the affine falls back to a similarity
+    dst = apply_affine(A, src)
+    pts = np.array([[150.0, 100.0], [3000.0, 3000.0], [-1500.0, 2500.0]])
+    sigma = 3.0
+    fitted = np.stack(
+        [apply_affine(q.fit_matrix(src, dst + rng.normal(0, sigma, dst.shape)), pts) for _ in range(3000)]
+    )
+    spread = fitted.std(axis=0) / sigma  # (points, xy)
+    ext = q.landmark_extrapolation(src, pts)
+    np.testing.assert_allclose(spread, np.repeat(ext[:, None], 2, axis=1), rtol=0.08)
+    assert ext[0] < 1.0 < 10.0 < ext[1]  # inside the landmarks vs far out
+    # only the landmarks in use count; fewer than two determine nothing
+    np.testing.assert_allclose(
+        q.landmark_extrapolation(np.r_[src, [[5000.0, 5000.0]]], pts, use=[True] * len(src) + [False]), ext
+    )
+    assert np.isinf(q.landmark_extrapolation(src[:1], pts)).all()
+
+
 def test_region_confidence_per_tile():
     xy = np.array([[1.0, 1.0]] * 30 + [[15.0, 1.0]] * 30 + [[25.0, 25.0]] * 5)
     w = np.r_[np.full(30, 0.9), np.full(30, 0.1), np.full(5, 0.5)]
@@ -165,6 +200,9 @@ def test_region_confidence_per_tile():
         ({"loo_um": [5, 6, 7, 5], "match_median": 0.1}, "unreliable", "hardly match"),
         ({"loo_um": [5, 6, 7, 5], "lddmm": {"moved": False}}, "unreliable", "without improving"),
         ({"loo_um": [5, 6, 7, 5], "findings": ["x.csv: typo"]}, "unreliable", "x.csv: typo"),
+        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.linspace(0.3, 1.9, 100)}, "good", None),
+        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.r_[np.full(90, 1.0), np.full(10, 3.0)]}, "check", "3.0x"),
+        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.r_[np.full(90, 1.0), np.full(10, 9.0)]}, "unreliable", "9.0x"),
         (
             {
                 "loo_um": [5, 6, 7, 5],

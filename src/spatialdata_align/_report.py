@@ -183,6 +183,17 @@ def assess_alignment(
         )
         table["loo_affine_um"] = _quality.landmark_loo(src, dst, use=use) * upp
         table["fit_residual_um"] = np.linalg.norm(reg.transform_points(src) - dst, axis=1) * upp
+        if use.sum() >= 2:
+            # how far the landmark fit extrapolates at the cells (leave-one-out measures it only at landmarks)
+            ext = _quality.landmark_extrapolation(src, xy, use=use)
+            vmetrics["extrapolation"] = ext
+            limit = (thresholds or _quality.Thresholds()).extrapolation_check
+            metrics["landmark_extrapolation"] = {
+                "p95": round(float(np.percentile(ext, 95)), 3),
+                "max": round(float(ext.max()), 3),
+                "fraction_over_limit": round(float((ext > limit).mean()), 4),
+                "limit": limit,
+            }
         if loo == "lddmm" and not reg.is_affine and len(src) >= 3:
             t0 = time.perf_counter()
             # the refits start from the source the fit used (density, or density + cell types)
@@ -690,6 +701,13 @@ def accuracy_lines(summary: dict) -> list[str]:
         )
     if acc.get("loo_affine_um"):
         lines.append(f"held-out landmark error, affine alone: {fmt(acc['loo_affine_um'])}")
+    ext = acc.get("landmark_extrapolation")
+    if ext:
+        lines.append(
+            f"landmark coverage: at 5% of the cells the landmark fit extrapolates to {ext['p95']:.1f}x the landmarks' "
+            f"own placement error ({100 * ext['fraction_over_limit']:.0f}% of the cells beyond {ext['limit']:g}x; "
+            "1 = as well placed as a landmark)"
+        )
     if acc.get("inverse_consistency_um"):
         lines.append(f"inverse consistency |T^-1(T(x)) - x|: max {acc['inverse_consistency_um']['max']:.2g} µm")
     jac = acc.get("jacobian") or {}
