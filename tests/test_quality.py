@@ -200,8 +200,8 @@ def test_region_confidence_per_tile():
         ({"loo_um": [5, 6, 7, 5], "match_median": 0.1}, "unreliable", "hardly match"),
         ({"loo_um": [5, 6, 7, 5], "lddmm": {"moved": False}}, "unreliable", "without improving"),
         ({"loo_um": [5, 6, 7, 5], "findings": ["x.csv: typo"]}, "unreliable", "x.csv: typo"),
-        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.linspace(0.3, 1.9, 100)}, "good", None),
-        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.r_[np.full(90, 1.0), np.full(10, 3.0)]}, "check", "3.0x"),
+        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.linspace(0.3, 1.45, 100)}, "good", None),
+        ({"loo_um": [5, 6, 7, 5], "extrapolation": np.r_[np.full(90, 1.0), np.full(10, 1.8)]}, "check", "1.8x"),
         ({"loo_um": [5, 6, 7, 5], "extrapolation": np.r_[np.full(90, 1.0), np.full(10, 9.0)]}, "unreliable", "9.0x"),
         (
             {
