@@ -271,6 +271,21 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     assert np.abs(reg.transform_points(back) - spots_px).max() < 0.2
 
 
+def test_apply_scales_circle_radii_into_the_output_units(fitted, twin):
+    """Circles keep their physical size: cell radii in µm become full-resolution pixels, spot radii become µm.
+
+    Visium spots are 55 µm across, so their aligned radius in the Xenium frame is 27.5 µm (to the fit's scale, ~1 %).
+    Fails when ``apply`` moves the centres but leaves the radii in the input's units.
+    """
+    sd = fitted[0]
+    upp = twin.truth.um_per_px
+    cells = sd.align.apply(XENIUM_CELLS, name="cells_radius_check", tables=False)
+    np.testing.assert_allclose(sd[cells]["radius"], sd[XENIUM_CELLS]["radius"] / upp, rtol=0.03)
+    spots = sd.align.apply(VISIUM_SPOTS, inverse=True, name="spots_radius_check", tables=False)
+    assert sd[VISIUM_SPOTS]["radius"].iloc[0] * upp == pytest.approx(27.5, rel=1e-6)
+    np.testing.assert_allclose(sd[spots]["radius"], 27.5, rtol=0.03)
+
+
 def test_apply_image_warps_onto_the_target_grid(fitted):
     sd = fitted[0]
     # the H&E pulled back into the Xenium frame: its stained tissue lies under the Xenium cells

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import spatialdata
 from PIL import Image
 
 import spatialdata_align as sda
-from spatialdata_align import _checks
+from spatialdata_align import _checks, _store
 from spatialdata_align.cli import main
 
 
@@ -148,6 +149,31 @@ def test_landmarks_in_hires_pixels_get_the_units_hint(case, capsys, twin):
     rc, err = case.run(capsys)
     _refused(rc, err, "landmarks.csv", "--landmark-units hires")
     case.assert_untouched()
+
+
+def test_landmarks_in_hires_pixels_are_converted_with_landmark_units_hires(case, capsys, twin):
+    """The same hires-pixel landmarks with ``--landmark-units hires``: accepted and converted to full resolution.
+
+    Fails when the flag is ignored (the run is refused as above) or the conversion is wrong (the stored targets and
+    the affine fitted from them are off by the hires scale factor), and when ``--dx`` does not reach the fit.
+    """
+    lm = pd.read_csv(case.landmarks)
+    full = lm[["target_x", "target_y"]].to_numpy()
+    lm[["target_x", "target_y"]] *= twin.scalefactors["tissue_hires_scalef"]
+    lm.to_csv(case.landmarks, index=False)
+    args = ["run", "--xenium", str(case.xenium), "--visium", str(case.visium), "--landmarks", str(case.landmarks)]
+    args += ["--out", str(case.out), "--quiet", "--landmark-units", "hires", "--loo", "none", "--dx", "40"]
+    rc = main(args)
+    assert rc == 0, capsys.readouterr().err
+    back = spatialdata.read_zarr(case.out)
+    src, dst = back.align.landmarks()
+    np.testing.assert_allclose(src, lm[["source_x", "source_y"]].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(dst, full, rtol=1e-9)
+    # the affine is fitted to the full-resolution targets: residuals of the landmarks' placement noise (a few µm)
+    a = back.align.get("xenium_to_visium_affine").affine
+    residual_um = np.linalg.norm(src @ a[:2, :2].T + a[:2, 2] - full, axis=1) * twin.truth.um_per_px
+    assert np.median(residual_um) < 20.0
+    assert _store.get_entry(back, "xenium_to_visium_lddmm")["dx"] == 40.0  # --dx reached the fit too
 
 
 @pytest.mark.parametrize(

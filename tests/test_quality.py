@@ -244,6 +244,42 @@ def test_lddmm_leave_one_out_on_a_toy_pair():
     np.testing.assert_allclose(res.errors, np.linalg.norm(noise, axis=1), atol=0.6)
 
 
+def test_lddmm_refits_never_see_their_held_out_landmarks(monkeypatch):
+    """Each refit starts from the affine of its training landmarks and pulls the map through those only.
+
+    With a stand-in LDDMM that returns its initial affine, the held-out errors are exactly the affine's leave-one-out
+    errors, which on noisy landmarks exceed the in-sample residuals. A landmark outside ``use`` (a gross error) is
+    in no refit and still measured. Fails when a refit sees the landmark it is measured at: the trust estimate of the
+    report would then be the optimistic in-sample residual.
+    """
+    from spatialdata_align.registration import _lddmm
+
+    src, dst = _landmarks(7)
+    noisy = dst + np.random.default_rng(5).normal(0, 20.0, dst.shape)
+    noisy[3, 0] += 5000.0  # a typo, kept out of the refits by ``use``
+    use = np.arange(7) != 3
+    seen = []
+
+    def fake_lddmm(source, target, *, affine, source_landmarks=None, target_landmarks=None, **kw):
+        seen.append((np.array(source_landmarks), np.array(target_landmarks)))
+        return Registration.from_affine(affine)
+
+    monkeypatch.setattr(_lddmm, "lddmm", fake_lddmm)
+    img = np.zeros((8, 8))
+    res = q.lddmm_loo(img, img, src, noisy, max_refits=None, use=use, landmark_term=True, workers=1)
+    expected = q.landmark_loo(src, noisy, use=use)
+    np.testing.assert_allclose(res.errors, expected, rtol=1e-9)
+    assert res.errors[3] > 4000.0
+    in_sample = np.linalg.norm(apply_affine(q.fit_matrix(src[use], noisy[use]), src) - noisy, axis=1)
+    assert np.all(res.errors[use] > in_sample[use])
+    # the landmark term of refit i holds the used landmarks but i
+    assert len(seen) == 7
+    for i, (s_lm, d_lm) in enumerate(seen):
+        train = use & (np.arange(7) != i)
+        np.testing.assert_array_equal(s_lm, src[train])
+        np.testing.assert_array_equal(d_lm, noisy[train])
+
+
 def test_refits_in_threads_give_the_sequential_result():
     """Refits run two at once (threads, one torch thread each) give what one-thread refits in a row give."""
     n = 48

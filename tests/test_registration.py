@@ -82,6 +82,31 @@ def test_rasterize_extent_drops_outside_and_errors():
         rasterize(xy, np.ones(3), dx=10.0)
 
 
+def test_rasterize_blur_is_a_gaussian_of_the_given_width():
+    """One point on a pixel centre, blurred: a normalised Gaussian of standard deviation ``blur`` (default one pixel).
+
+    Fails when the blur is skipped (the point stays in one pixel: variance 0) or has the wrong width.
+    """
+    dx, c = 10.0, 505.0  # 505 is a pixel centre of the extent below
+    for blur, sigma in ((30.0, 30.0), (None, dx)):
+        img = rasterize(np.array([[c, c]]), dx=dx, blur=blur, extent=(0, 1000, 0, 1000))
+        assert img.attrs["blur"] == sigma
+        w = img.values[0]
+        gx, gy = np.meshgrid(img.x.values, img.y.values)
+        assert w.sum() == pytest.approx(1.0, rel=1e-9)
+        assert (w * gx).sum() == pytest.approx(c) and (w * gy).sum() == pytest.approx(c)
+        assert (w * (gx - c) ** 2).sum() == pytest.approx(sigma**2, rel=0.01)
+        assert (w * (gy - c) ** 2).sum() == pytest.approx(sigma**2, rel=0.01)
+    # the 30 µm blur pixel by pixel: the Gaussian density times the pixel area
+    ref = np.exp(-((gx - c) ** 2 + (gy - c) ** 2) / (2 * 30.0**2)) * dx**2 / (2 * np.pi * 30.0**2)
+    w30 = rasterize(np.array([[c, c]]), dx=dx, blur=30.0, extent=(0, 1000, 0, 1000)).values[0]
+    np.testing.assert_allclose(w30, ref, atol=1e-3 * ref.max())
+    # the default extent is padded enough that the blurred mass of a point at the edge of the cloud is kept
+    edge = rasterize(np.array([[0.0, 0.0], [200.0, 0.0]]), dx=dx, blur=30.0)
+    assert edge.sum().item() == pytest.approx(2.0, rel=1e-6)
+    assert edge.values[0].max() < 0.02  # spread over many pixels, not left in one
+
+
 # --------------------------------------------------------------------------- landmarks
 @pytest.mark.parametrize("kind", ["affine", "similarity", "rigid"])
 @pytest.mark.parametrize("flip", [False, True])
@@ -278,6 +303,26 @@ def test_velocity_extrapolates_at_the_border(toy_reg):
     np.testing.assert_allclose(d_out, d_edge, atol=1e-9)
 
 
+def test_displacement_in_each_direction_of_a_constant_velocity():
+    """A constant velocity v (identity affine) moves every point by v: ``displacement`` is +v forward, -v inverse.
+
+    The same holds in the sampled (stored) form. Fails when the inverse direction returns the forward displacement.
+    """
+    xv = np.linspace(-50.0, 250.0, 31)
+    shift = np.array([7.0, -4.0])  # source units over unit time
+    v = np.zeros((5, 2, xv.size, xv.size))
+    v[:, 0], v[:, 1] = shift
+    reg = Registration(affine=np.eye(3), velocity_values=v, xv=xv, yv=xv)
+    x, y = np.linspace(20.0, 180.0, 9), np.linspace(30.0, 170.0, 8)
+    sampled = reg.to_displacement(source_extent=(0, 200, 0, 200), target_extent=(0, 200, 0, 200))
+    for r, atol in ((reg, 1e-8), (sampled, 1e-6)):
+        fwd = r.displacement(x, y, "forward")
+        inv = r.displacement(x, y, "inverse")
+        assert fwd.dims == ("c", "y", "x") and fwd.shape == (2, 8, 9) and inv.attrs["direction"] == "inverse"
+        np.testing.assert_allclose(fwd.values, np.broadcast_to(shift[:, None, None], (2, 8, 9)), atol=atol)
+        np.testing.assert_allclose(inv.values, np.broadcast_to(-shift[:, None, None], (2, 8, 9)), atol=atol)
+
+
 def test_warp_image_both_directions(toy, toy_reg):
     _, reg = toy_reg
     fwd = reg.warp_image(toy.source)  # source density onto the target grid
@@ -340,6 +385,63 @@ def test_lddmm_landmark_term_pulls_landmarks(toy):
     err = lambda r: np.linalg.norm(r.transform_points(toy.landmarks_src) - toy.landmarks_dst, axis=1).mean()
     assert err(tied) < err(free)
     assert tied.energy.landmark.iloc[-1] > 0
+
+
+def _disk_pair(rng, *, cut: float | None = None, fold: bool = False):
+    """Cells of a 300 µm disk (centre (500, 500) µm), rasterised, and an H&E-like image of the disk in the same frame.
+
+    ``cut``: the source keeps the cells left of ``x = cut`` only (a partial field of view, the target shows the whole
+    disk). ``fold``: a dark 140 µm square inside the target disk (a fold or debris: tissue without a source
+    counterpart). The true map is the identity.
+    """
+    n = 30_000
+    r, t = 300 * np.sqrt(rng.uniform(size=n)), rng.uniform(0, 2 * np.pi, n)
+    cells = np.column_stack([500 + r * np.cos(t), 500 + r * np.sin(t)])
+    if cut is not None:
+        cells = cells[cells[:, 0] < cut]
+    x = np.arange(0, 1000, 10.0) + 5
+    gx, gy = np.meshgrid(x, x)
+    tissue = (np.hypot(gx - 500, gy - 500) < 300)[None]
+    dark = ((np.abs(gx - 560) < 70) & (np.abs(gy - 480) < 70))[None] if fold else np.zeros_like(tissue)
+    white, purple = np.array([0.95, 0.95, 0.95])[:, None, None], np.array([0.45, 0.2, 0.6])[:, None, None]
+    rgb = np.where(dark, 0.1, np.where(tissue, purple, white)) + rng.normal(scale=0.03, size=(3, x.size, x.size))
+    target = xr.DataArray(rgb, dims=("c", "y", "x"), coords={"c": [0, 1, 2], "y": x, "x": x})
+    return cells, rasterize(cells, dx=20.0), target
+
+
+DISK_KW = {"progress": False, "scales": (2, 1), "max_iter": (30, 15), "affine_iter": 10}
+
+
+def test_lddmm_artifact_class_explains_a_fold_the_source_lacks():
+    """Target tissue under the source that the contrast map cannot explain (a dark fold) goes to the artifact class.
+
+    The match weight is ~0 on the fold and ~1 on the rest of the tissue; without the artifact class (``artifact=False``)
+    the fold has to be called matched. Fails when ``lddmm`` drops the artifact class.
+    """
+    _, source, target = _disk_pair(np.random.default_rng(0), fold=True)
+    fold, tissue = {"x": slice(510, 610), "y": slice(430, 530)}, {"x": slice(300, 420), "y": slice(400, 600)}
+    reg = lddmm(source, target, sigma_m=0.05, **DISK_KW)  # the target's noise is 0.03
+    mw = reg.match_weight
+    assert float(mw.sel(**fold).mean()) < 0.05
+    assert float(mw.sel(**tissue).mean()) > 0.95
+    assert reg.contrast["priors_in"][2] == pytest.approx(0.05) and reg.params["artifact"] is True
+    without = lddmm(source, target, sigma_m=0.05, artifact=False, **DISK_KW).match_weight
+    assert float(without.sel(**fold).mean()) > 0.9
+
+
+def test_lddmm_affine_prior_keeps_a_partial_section_in_place():
+    """A source covering the left 60 % of a featureless disk (truth: the identity) stays within ~10 µm of its place.
+
+    Without the prior on the affine's change (``sigma_affine=0``) it slides over the tissue it lacks: ~22 µm median,
+    ~40 µm at worst (both runs converged). Fails when the prior is dropped.
+    """
+    cells, source, target = _disk_pair(np.random.default_rng(0), cut=450.0)
+    kw = {"progress": False, "scales": (2, 1), "max_iter": (200, 100), "affine_iter": 100}
+    moved = lambda reg: np.linalg.norm(reg.transform_points(cells) - cells, axis=1)
+    d = moved(lddmm(source, target, **kw))
+    assert np.median(d) < 12.0 and d.max() < 20.0
+    free = moved(lddmm(source, target, sigma_affine=0, **kw))
+    assert np.median(free) > 16.0 and free.max() > 30.0
 
 
 def test_lddmm_input_errors(toy):
