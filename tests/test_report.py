@@ -261,3 +261,33 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     # the fit pulled the map through the landmarks it was initialised from; so do the refits (with their own)
     assert final.params["n_landmarks"] == len(src) and seen["landmark_term"] is True
     assert seen["sigma_p"] == pytest.approx(final.params["sigma_p"])
+
+
+def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):
+    """Landmarks all in one corner: the verdict asks for a check and the figure outlines the extrapolated tissue.
+
+    The twin's landmarks spread over the section: no such reason, no line. Fails when the coverage figures are not
+    measured at the cells, the verdict ignores them, or the figure draws no level line (or draws one regardless).
+    """
+    from matplotlib.contour import ContourSet
+
+    from spatialdata_align._report import assess_alignment, fig_confidence
+
+    twin = run["twin"]
+    back = spatialdata.read_zarr(run["out"])
+    src, dst = twin.truth.landmarks_source, twin.truth.landmarks_target
+    names = list(twin.truth.landmark_names)
+    corner = np.argsort(np.linalg.norm(src - src.min(axis=0), axis=1))[:3]
+    for pick, flagged in ((np.arange(len(src)), False), (corner, True)):
+        a = assess_alignment(back, landmarks=(src[pick], dst[pick], [names[i] for i in pick]), loo="none")
+        ext = a.metrics["landmark_extrapolation"]
+        assert (ext["p95"] > 1.5) is flagged, ext
+        assert a.extrapolation.shape == (len(element_xy(back, XENIUM_CELLS, XENIUM_CS)),)
+        assert any("extrapolating the landmark fit" in r for r in a.verdict.reasons) is flagged, a.verdict.reasons
+        fig = fig_confidence(back, a)
+        lines = [c for c in fig.axes[0].findobj(ContourSet)]
+        assert bool(lines) is flagged
+        if flagged:  # the level line lies over the tissue, between the landmarks and the far cells
+            seg = np.concatenate([p for p in lines[0].allsegs[0]])
+            assert len(seg) > 10
+        fig.clf()

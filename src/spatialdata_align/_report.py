@@ -67,6 +67,9 @@ class Assessment:
         :func:`~spatialdata_align.registration._quality.region_confidence` of the aligned cells (px).
     cell_weight
         Per-cell match weight (``None`` for an affine-only registration).
+    extrapolation
+        Per-cell :func:`~spatialdata_align.registration._quality.landmark_extrapolation` factor (``None`` without
+        two or more landmarks).
     """
 
     verdict: _quality.Verdict
@@ -76,6 +79,7 @@ class Assessment:
     tissue: np.ndarray | None = None
     regions: pd.DataFrame = field(default_factory=pd.DataFrame)
     cell_weight: np.ndarray | None = None
+    extrapolation: np.ndarray | None = None
 
 
 def _stats(v) -> dict:
@@ -274,6 +278,7 @@ def assess_alignment(
         tissue=tissue,
         regions=regions,
         cell_weight=cell_weight,
+        extrapolation=vmetrics.get("extrapolation"),
     )
 
 
@@ -594,11 +599,11 @@ def fig_confidence(sdata, assessment: Assessment, key: str | None = None):
     he = image_in_cs(sdata, registration_target(sdata), VISIUM_CS, max_pixels=1_000_000)
     x, y = he.coords["x"].values, he.coords["y"].values
     ax.imshow(_rgb(he.values), extent=(x[0], x[-1], y[-1], y[0]), alpha=0.6)
+    cells = reg.transform_points(element_xy(sdata, XENIUM_CELLS, XENIUM_CS))  # aligned, full-resolution px
     if reg.match_weight is not None:
         mw = reg.match_weight
         mx, my = mw.coords["x"].values, mw.coords["y"].values
         # the weight is high on empty background too (nothing to match there): show it under the cells only
-        cells = reg.transform_points(element_xy(sdata, XENIUM_CELLS, XENIUM_CS))
         hx, hy = float(mx[1] - mx[0]), float(my[1] - my[0])
         edges = (np.append(mx - hx / 2, mx[-1] + hx / 2), np.append(my - hy / 2, my[-1] + hy / 2))
         hist, _, _ = np.histogram2d(cells[:, 1], cells[:, 0], bins=[edges[1], edges[0]])
@@ -615,7 +620,28 @@ def fig_confidence(sdata, assessment: Assessment, key: str | None = None):
     for r in assessment.regions.itertuples():
         if r.mean_weight < 0.3:
             ax.add_patch(Rectangle((r.x0, r.y0), r.x1 - r.x0, r.y1 - r.y0, fill=False, ec="red", lw=1.2))
-    ax.set_title(f"Match confidence (red: {TILE_UM:.0f} µm tiles with mean weight < 0.3)", fontsize=9)
+    title = f"Match confidence (red: {TILE_UM:.0f} µm tiles with mean weight < 0.3)"
+    ext = assessment.extrapolation
+    if ext is not None and assessment.landmarks is not None:
+        # where the landmark fit extrapolates beyond the verdict's limit: outlined, with the landmarks
+        limit = float(assessment.metrics.get("landmark_extrapolation", {}).get("limit", 1.5))
+        if (ext > limit).any():
+            # the factor is smooth in the source: evaluate it on a grid over the H&E pulled back to the source, and
+            # draw its level line over the cells
+            lm = assessment.landmarks
+            gx, gy = np.meshgrid(np.linspace(x[0], x[-1], 120), np.linspace(y[0], y[-1], 120))
+            back = reg.transform_points(np.c_[gx.ravel(), gy.ravel()], direction="inverse")
+            src_lm = lm[["source_x_um", "source_y_um"]].to_numpy()
+            fac = _quality.landmark_extrapolation(src_lm, back, use=lm["inlier"].to_numpy()).reshape(gx.shape)
+            hist, _, _ = np.histogram2d(
+                cells[:, 1], cells[:, 0], bins=[np.linspace(y[0], y[-1], 121), np.linspace(x[0], x[-1], 121)]
+            )
+            near = binary_closing(binary_dilation(hist > 0, iterations=2), iterations=2)
+            ax.contour(gx, gy, np.where(near, fac, np.nan), levels=[limit], colors="orange", linewidths=1.5)
+        lm = assessment.landmarks
+        ax.plot(lm["target_x_px"], lm["target_y_px"], "+", color="white", ms=9, mew=2)
+        title += f"\nbeyond the orange line the landmark fit extrapolates to > {limit:g}x the landmarks' error; +: landmarks"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("x (full-resolution px)")
     return fig
 
