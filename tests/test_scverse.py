@@ -17,7 +17,15 @@ import spatialdata as sd
 from matplotlib.colors import ListedColormap
 
 import spatialdata_align as sda
-from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, VISIUM_TABLE, XENIUM_CELLS, XENIUM_TRANSCRIPTS
+from spatialdata_align._constants import (
+    VISIUM_CS,
+    VISIUM_HIRES,
+    VISIUM_SPOTS,
+    VISIUM_TABLE,
+    XENIUM_CELLS,
+    XENIUM_CS,
+    XENIUM_TRANSCRIPTS,
+)
 from spatialdata_align._elements import element_xy
 
 ALIGNED_TABLE = "xenium_table_aligned"
@@ -183,3 +191,108 @@ def test_global_follows_later_alignment_writes(aligned):
     t_cells = sd.transformations.get_transformation(o[XENIUM_CELLS], get_all=True)
     assert "global" in t_cells  # the native affine into visium is mirrored
     assert "global" not in sd.transformations.get_transformation(s[XENIUM_CELLS], get_all=True)
+
+
+# ------------------------------------------------------------------------------ spatialdata operations on the result
+LDDMM_KEY, AFFINE_KEY = "xenium_to_visium_lddmm", "xenium_to_visium_affine"
+
+
+@pytest.fixture(scope="module")
+def fitted(aligned):
+    """The main workflow's result: landmark affine, LDDMM, the cells applied with the LDDMM (never modified)."""
+    s = sd.deepcopy(aligned[0])
+    s.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="density", progress=False, max_iter=60)
+    s.align.apply(XENIUM_CELLS)
+    return s
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def test_a_default_transform_an_operation_dropped_is_not_replaced_by_another(fitted):
+    """A filter/query/subset drops the LDDMM's arrays (documented): the default must not become the affine."""
+    s = fitted
+    cells = element_xy(s, XENIUM_CELLS, XENIUM_CS)
+    lddmm_xy = s.align.transform_points(cells)
+    affine_xy = s.align.transform_points(cells, key=AFFINE_KEY)
+    assert np.median(np.linalg.norm(lddmm_xy - affine_xy, axis=1)) > 1.0  # the two differ: a swap would be wrong
+    for derived in (
+        _quiet(s.filter_by_coordinate_system, [XENIUM_CS, VISIUM_CS]),
+        _quiet(s.subset, [XENIUM_CELLS, VISIUM_HIRES]),
+    ):
+        assert list(_quiet(lambda d=derived: d.align.transforms).index) == [AFFINE_KEY]
+        for call in (lambda d=derived: d.align.apply(XENIUM_CELLS), lambda d=derived: d.align.transform_points(cells)):
+            with pytest.raises(ValueError, match=f"default transform '{LDDMM_KEY}'.*not available.*key="):
+                _quiet(call)
+        if f"{XENIUM_CELLS}_aligned" in derived.shapes:  # not overwritten with affine-only positions
+            np.testing.assert_allclose(element_xy(derived, f"{XENIUM_CELLS}_aligned", VISIUM_CS), lddmm_xy, atol=1e-9)
+        np.testing.assert_array_equal(_quiet(derived.align.transform_points, cells, key=AFFINE_KEY), affine_xy)
+    # with the arrays kept, the default is the LDDMM again
+    kept = _quiet(s.filter_by_coordinate_system, [XENIUM_CS, VISIUM_CS], filter_tables=False)
+    np.testing.assert_array_equal(kept.align.transform_points(cells), lddmm_xy)
+
+
+def test_concatenated_results_need_a_key_unless_they_came_from_one_object(fitted):
+    s = fitted
+    cells = element_xy(s, XENIUM_CELLS, XENIUM_CS)
+    two = _quiet(sd.concatenate, {"a": sd.deepcopy(s), "b": sd.deepcopy(s)})
+    with pytest.raises(ValueError, match=r"several objects.*key="):
+        _quiet(two.align.transform_points, cells)
+    np.testing.assert_array_equal(
+        _quiet(two.align.transform_points, cells, key=f"{LDDMM_KEY}-a"), s.align.transform_points(cells)
+    )
+    one = _quiet(sd.concatenate, {"a": sd.deepcopy(s)})
+    np.testing.assert_array_equal(_quiet(one.align.transform_points, cells), s.align.transform_points(cells))
+
+
+def test_renamed_coordinate_systems_fail_with_a_message_naming_the_rename(fitted):
+    """spatialdata renames in place and does not know sdata.align's metadata: say so, and how to get back."""
+    s = fitted
+    cells = element_xy(s, XENIUM_CELLS, XENIUM_CS)
+    o = sd.deepcopy(s)  # (rename_coordinate_systems changes the element objects, shared with derived objects)
+    o.rename_coordinate_systems({VISIUM_CS: "he", XENIUM_CS: "xen_um"})
+    np.testing.assert_array_equal(o.align.transform_points(cells), s.align.transform_points(cells))  # no cs used
+    with pytest.raises(KeyError, match=r"'xenium_to_visium_lddmm' maps 'xenium'.*\['he', 'xen_um'\].*rename"):
+        o.align.apply(XENIUM_CELLS, name="again")
+    with pytest.raises(KeyError, match=r"no coordinate system 'visium'"):
+        o.align.apply(VISIUM_SPOTS, inverse=True)
+    o.rename_coordinate_systems({"he": VISIUM_CS, "xen_um": XENIUM_CS})  # renamed back, it works again
+    o.align.apply(XENIUM_CELLS, name="again")
+    np.testing.assert_allclose(element_xy(o, "again", VISIUM_CS), s.align.transform_points(cells), atol=1e-9)
+
+
+def test_spatialdata_queries_and_aggregation_agree_with_the_alignment(fitted):
+    """Queries, joins, aggregation, extents and circles in "visium" see the cells where sdata.align puts them."""
+    s, aligned_cells, aligned_table = fitted, f"{XENIUM_CELLS}_aligned", ALIGNED_TABLE
+    mapped = s.align.transform_points(element_xy(s, XENIUM_CELLS, XENIUM_CS))
+    spots = element_xy(s, VISIUM_SPOTS, VISIUM_CS)
+    lo, hi = spots[len(spots) // 2] - 300, spots[len(spots) // 2] + 300
+    inside = s[XENIUM_CELLS].index[((mapped >= lo) & (mapped <= hi)).all(1)]
+    assert 20 < len(inside) < 1000
+    for q in (
+        _quiet(sd.bounding_box_query, s, ("x", "y"), lo, hi, VISIUM_CS),
+        _quiet(s.query.bounding_box, ("x", "y"), lo, hi, VISIUM_CS),
+    ):
+        assert set(q[aligned_cells].index) == set(inside)
+        table = sd.match_table_to_element(q, aligned_cells, aligned_table)  # linked, row for row
+        assert list(table.obs["instance_id"]) == list(q[aligned_cells].index)
+        np.testing.assert_allclose(table.obsm["spatial"], element_xy(q, aligned_cells, VISIUM_CS), atol=1e-9)
+    # the cells' centroids counted into the spots: what sda.tl.pseudo_spots counts, up to the circle's polygon
+    centroids = sd.get_centroids(s[aligned_cells], coordinate_system=VISIUM_CS)
+    agg = sd.aggregate(values=centroids, by=s[VISIUM_SPOTS], target_coordinate_system=VISIUM_CS, agg_func="count")
+    t = agg.tables["table"]
+    counts = pd.Series(np.asarray(t.X.todense()).ravel(), index=t.obs["instance_id"].astype(str))
+    ps = sda.tl.pseudo_spots(s, copy=True)
+    n_cells = pd.Series(ps.obs["n_cells"].to_numpy(), index=ps.obs["instance_id"].astype(str))
+    assert n_cells.sum() > 100 and (counts.reindex(n_cells.index, fill_value=0) - n_cells).abs().max() <= 1
+    assert abs(counts.sum() - n_cells.sum()) <= 0.01 * n_cells.sum()
+    # extents: the aligned cells lie on the H&E; circles keep the cells' size in full-resolution pixels
+    cells_e, image_e = (sd.get_extent(s[n], coordinate_system=VISIUM_CS) for n in (aligned_cells, VISIUM_HIRES))
+    for ax in "xy":
+        assert image_e[ax][0] <= cells_e[ax][0] < cells_e[ax][1] <= image_e[ax][1]
+    um_per_px = sda.io.visium_scalefactors(s)["um_per_px"]
+    ratio = sd.to_circles(s[aligned_cells]).radius.to_numpy() * um_per_px / s[XENIUM_CELLS].radius.to_numpy()
+    assert 0.8 < np.median(ratio) < 1.25

@@ -294,9 +294,7 @@ class AlignAccessor:
             return key
         default = _store.default_key(self._sdata)
         if not default:
-            raise ValueError(
-                "no transform is stored yet: fit one with sdata.align.affine(...) or sdata.align.lddmm(...)."
-            )
+            raise ValueError(_store.no_default(self._sdata))
         return default
 
     # ------------------------------------------------------------------------ landmarks

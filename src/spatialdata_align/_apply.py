@@ -267,6 +267,14 @@ def apply(
     reg = _store.load_registration(sdata, key)
     direction = "inverse" if inverse else "forward"
     in_cs, out_cs = (entry["target_cs"], entry["source_cs"]) if inverse else (entry["source_cs"], entry["target_cs"])
+    if in_cs not in sdata.coordinate_systems:
+        raise KeyError(
+            f"stored transform {key!r} maps {entry['source_cs']!r} to {entry['target_cs']!r}, but this SpatialData "
+            f"has no coordinate system {in_cs!r} (it has {sorted(sdata.coordinate_systems)}): "
+            "sdata.rename_coordinate_systems renamed it (sdata.align keeps the names it was fitted in; rename them "
+            "back first), or filter_by_coordinate_system / spatialdata.transform dropped it (apply on the object "
+            "it came from)."
+        )
     kind = element_kind(sdata, element)
     name = name or f"{element}{ALIGNED_SUFFIX}"
     if name == element:

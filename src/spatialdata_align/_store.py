@@ -267,12 +267,36 @@ def stored_keys(sdata: SpatialData) -> list[str]:
 
 
 def default_key(sdata: SpatialData) -> str | None:
-    """The most recently stored usable key (``None`` when none is)."""
+    """The most recently stored usable key (``None`` when none is, or when it is not known: :func:`no_default`)."""
+    return _default(sdata)[0]
+
+
+def no_default(sdata: SpatialData) -> str | None:
+    """Why ``sdata`` has no default transform (``None`` when it has one)."""
+    return _default(sdata)[1]
+
+
+def _default(sdata: SpatialData) -> tuple[str | None, str | None]:
     usable = resolve(sdata, warn=False)
     default = (sdata.attrs.get(ATTRS_KEY) or {}).get("default")
     if default in usable:
-        return default
-    return next(reversed(usable), None) if usable else None
+        return default, None
+    if not usable:
+        return None, "no transform is stored yet: fit one with sdata.align.affine(...) or sdata.align.lddmm(...)."
+    keys = sorted(usable)
+    if default is not None:  # never fall back silently on an older (e.g. affine-only) transform
+        return None, (
+            f"the default transform {default!r} (the most recently fitted) is not available in this SpatialData: "
+            "an operation dropped its field arrays (see the TransformDroppedWarning). Pass key= to use another "
+            f"one ({keys}), or call the operation with filter_tables=False / filter_table=False."
+        )
+    tables = {r.table for r in usable.values() if r.recovered}
+    if len(tables) > 1:  # spatialdata.concatenate dropped attrs: several objects' transforms, none the default
+        return None, (
+            f"this SpatialData holds the transforms of several objects (tables {sorted(tables)}, e.g. after "
+            f"spatialdata.concatenate) and none is the default: pass key= (one of {keys})."
+        )
+    return next(reversed(usable)), None
 
 
 def _get(sdata: SpatialData, key: str) -> Resolved:
