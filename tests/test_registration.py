@@ -282,6 +282,34 @@ def test_lddmm_is_bit_reproducible(toy):
     assert np.array_equal(r1.energy.total.values, r2.energy.total.values)
 
 
+def test_lddmm_small_levels_run_on_one_thread_and_restore_the_setting(toy, monkeypatch):
+    """Levels below ``SINGLE_THREAD_PIXELS`` run single-threaded; the caller's thread count comes back, also after
+    a failure. Fails when the rule is dropped (two threads at every level), applied to large levels, or leaks."""
+    from spatialdata_align.registration import _lddmm
+
+    kw = dict(FAST, scales=(2, 1), max_iter=(3, 2), affine_iter=2)
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    before = torch.get_num_threads()
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    try:
+        real(2)
+        lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+        assert calls[0] == 1 and calls[-1] == 2 and torch.get_num_threads() == 2, calls  # toy grids are small
+        calls.clear()
+        monkeypatch.setattr(_lddmm, "SINGLE_THREAD_PIXELS", 1)  # every level "large": the caller's setting
+        lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+        assert set(calls) == {2}, calls
+        monkeypatch.setattr(_lddmm, "SINGLE_THREAD_PIXELS", 10**9)
+        monkeypatch.setattr(_lddmm.MixtureTerm, "energy", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+        assert torch.get_num_threads() == 2
+    finally:
+        real(before)
+
+
 def test_registration_dict_round_trip_is_lossless(toy, toy_reg):
     _, reg = toy_reg
     back = Registration.from_dict(reg.to_dict())

@@ -640,7 +640,8 @@ def fig_confidence(sdata, assessment: Assessment, key: str | None = None):
             ax.contour(gx, gy, np.where(near, fac, np.nan), levels=[limit], colors="orange", linewidths=1.5)
         lm = assessment.landmarks
         ax.plot(lm["target_x_px"], lm["target_y_px"], "+", color="white", ms=9, mew=2)
-        title += f"\nbeyond the orange line the landmark fit extrapolates to > {limit:g}x the landmarks' error; +: landmarks"
+        title += f"\nbeyond the orange line the landmark fit extrapolates to > {limit:g}x the landmarks' error"
+        title += "; +: landmarks"
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("x (full-resolution px)")
     return fig

@@ -65,6 +65,14 @@ from ._utils import Image, as_image, check_points, homogeneous, interp
 #: line-search trials per iteration; a search that fails updates the mixture (if stale) or ends the level
 _MAX_TRIALS = 20
 
+#: on the CPU, a level whose working target grid has fewer pixels than this runs on one torch thread. Below it
+#: an iteration is bound by per-operation overhead: single-level problems of 200^2 / 400^2 / 700^2 / 1000^2 pixels
+#: took 17-23 / 47-52 / 146-157 / 225-268 ms per iteration on one thread and 19-21 / 33-48 / 104-117 / 175-224
+#: ms on two (quiet 2-core machine). With another process busy on one of the two cores, two threads wait on each
+#: other: the demo's LDDMM took 6.4-6.6 s on two threads and 1.9-2.1 s on one (2.2-3.0 s vs 2.2-2.3 s quiet).
+#: The pipeline's grids at 20 µm pixels are 100 x 85 to 200 x 170 at the finest level (demo, twin, corpus pairs)
+SINGLE_THREAD_PIXELS = 100_000
+
 
 class RegistrationDivergedWarning(UserWarning):
     """Emitted when the optimiser diverges; the last good state is returned."""
@@ -527,7 +535,10 @@ def lddmm(
         through the initial affine (the target is block-averaged down to it).
     device, dtype
         Torch device and dtype of the image arrays. Default ``float32`` (energies and optimiser dot products
-        are accumulated in float64); results are bit-reproducible on a given machine and thread count.
+        are accumulated in float64); results are bit-reproducible on a given machine and thread count. On the
+        CPU, levels whose working target grid has fewer than ``SINGLE_THREAD_PIXELS`` (100 000) pixels run on one
+        torch thread (as fast at those sizes, and several times faster when another process shares the cores);
+        larger ones on torch's thread count.
     seed
         Torch random seed (the algorithm itself is deterministic).
     progress
@@ -734,12 +745,15 @@ def lddmm(
             raise FloatingPointError(f"energy is not finite {when}")
         return ev.total, g, ev.parts, ev.extra
 
+    n_threads = torch.get_num_threads()
     try:
         for li, kind, n_iter in stages:
             if li not in levels:
                 levels.clear()
                 levels[li] = make_level(scales[li])
             lvl = levels[li]
+            small = lvl.target.data[0].size < SINGLE_THREAD_PIXELS
+            torch.set_num_threads(1 if small and torch.device(device).type == "cpu" else n_threads)
             if colours is not None:
                 m = lvl.mixture
                 m.mu_b, m.mu_a, m.pi_in, m.pi_out, m.sigma = colours
@@ -871,6 +885,7 @@ def lddmm(
             x = good
     finally:
         bar.close()
+        torch.set_num_threads(n_threads)
     if lvl is not None:
         extra = prob.evaluate(lvl, x, None, want_post=True).extra
         if extra["post"] is not None and bool(torch.isfinite(extra["post"]).all()):
