@@ -319,6 +319,36 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
     )
 
 
+def test_public_write_zarr_writes_in_one_pass_and_replaces_only_zarr_stores(xcopy, tmp_path, monkeypatch):
+    """``sda.write_zarr``: spatialdata's store through the one-pass writer; an existing path needs ``overwrite``."""
+    import spatialdata as sd
+
+    from spatialdata_align import _write
+
+    sdata = sda.io.read_xenium(xcopy, images=False)
+    used = []
+    real = _write.write_sdata
+    monkeypatch.setattr(_write, "write_sdata", lambda s, p: used.append(p) or real(s, p))
+    out = tmp_path / "a.zarr"
+    assert sda.write_zarr(sdata, out) == out and len(used) == 1
+    back = sd.read_zarr(out)
+    assert sorted(back.points) == sorted(sdata.points) and sorted(back.tables) == sorted(sdata.tables)
+    pd.testing.assert_frame_equal(
+        back.points[XENIUM_TRANSCRIPTS].compute().reset_index(drop=True),
+        sdata.points[XENIUM_TRANSCRIPTS].compute().reset_index(drop=True),
+    )
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        sda.write_zarr(sdata, out)
+    del sdata.tables[XENIUM_TABLE]
+    sda.write_zarr(sdata, out, overwrite=True)  # replaced: the dropped table is gone from the store
+    assert XENIUM_TABLE not in sd.read_zarr(out).tables and sdata.path is None
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a zarr store"):
+        sda.write_zarr(sdata, notes, overwrite=True)
+    assert notes.read_text() == "keep me"
+
+
 def test_xenium_morphology_maps_pixels_to_um(xread, xin):
     for layout in ("minimal_csv_h5", "full"):
         img = xread[layout].images["xenium_morphology_focus"]

@@ -12,6 +12,7 @@ Subpackages
 ``sda.pl``            plots (matplotlib; return axes)
 ``sda.datasets``      synthetic twin sections with ground truth
 ``sda.batch``         many section pairs, one dask.distributed task each
+``sda.write_zarr``    write a SpatialData object (aligned transcripts in one pass)
 """
 
 from __future__ import annotations
@@ -26,7 +27,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 from . import datasets, io, ngff, pl, registration, tl
 from ._accessor import AlignAccessor, register
 from ._batch import batch
+from ._write import write_zarr
 
 register("align")
 
-__all__ = ["AlignAccessor", "__version__", "batch", "datasets", "io", "ngff", "pl", "registration", "tl"]
+__all__ = [
+    "AlignAccessor",
+    "__version__",
+    "batch",
+    "datasets",
+    "io",
+    "ngff",
+    "pl",
+    "registration",
+    "tl",
+    "write_zarr",
+]
