@@ -329,7 +329,7 @@ def _check_out(out) -> Path:
     """``out`` may be new or an earlier zarr store (replaced); anything else raises FileExistsError."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and ((out / "zarr.json").exists() or (out / ".zgroup").exists())):
-        raise FileExistsError(f"{out} exists and is not a zarr store; choose another --out or remove it.")
+        raise FileExistsError(f"{out} exists and is not a zarr store; choose another path (--out) or remove it.")
     return out
 
 
