@@ -119,6 +119,25 @@ def test_affine_is_a_native_spatialdata_transformation(sdata, twin):
     assert table.loc["xenium_to_visium_affine", "kind"] == "affine"
 
 
+def test_affine_from_landmarks_in_one_corner_warns_about_coverage(sdata, twin):
+    """Three landmarks in one corner leave the far tissue to extrapolation: a warning; all ten spread ones: none."""
+    import warnings
+
+    from spatialdata_align._checks import PlausibilityWarning
+
+    src, dst = twin.truth.landmarks_source, twin.truth.landmarks_target
+    corner = np.argsort(np.linalg.norm(src - src.min(axis=0), axis=1))[:3]
+    sdata.align.set_landmarks(source=src[corner], target=dst[corner], key="corner")
+    with pytest.warns(PlausibilityWarning, match=r"leaves part of the tissue far from its landmarks: .* \d+\.\dx"):
+        sdata.align.affine(landmarks="corner", key="corner_affine")
+    sdata.align.set_landmarks(source=src, target=dst, key="spread")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlausibilityWarning)
+        sdata.align.affine(landmarks="spread", key="spread_affine")
+    for k in ("corner", "spread"):
+        sdata.align.remove(f"{k}_affine")
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
     tw = sda.datasets.twin_sections(tmp_path, n_spots=400, seed=1, flip=flip, transcripts=False)

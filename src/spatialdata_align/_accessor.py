@@ -148,6 +148,25 @@ def _infer_cs(sdata: SpatialData, element: str, given: str | None, default: str)
     raise ValueError(f"element {element!r} is in several coordinate systems {systems}; pass the one to use.")
 
 
+def _warn_landmark_coverage(src, xy, kind: str, lm_key: str) -> None:
+    """Warn when the landmark fit extrapolates far at the source's points (the report's coverage check)."""
+    from .registration._quality import Thresholds, landmark_extrapolation
+
+    if len(src) < 2 or len(xy) == 0:
+        return
+    ext = landmark_extrapolation(src, xy, kind="affine" if kind == "affine" else "similarity")
+    q95, limit = float(np.percentile(ext, 95)), Thresholds().extrapolation_check
+    if q95 > limit:
+        warnings.warn(
+            f"landmark set {lm_key!r} leaves part of the tissue far from its landmarks: at 5% of the points the fit "
+            f"extrapolates to {q95:.1f}x the landmarks' own placement error (limit {limit:g}), and neither the "
+            "held-out landmark errors nor (in featureless tissue) the images can correct it there. Fix: add "
+            "landmarks in the tissue farthest from the others (the report's confidence map outlines it).",
+            _checks.PlausibilityWarning,
+            stacklevel=3,
+        )
+
+
 class AlignAccessor:
     """Alignment of two modalities inside one SpatialData object (``sdata.align``).
 
@@ -484,6 +503,7 @@ class AlignAccessor:
             src, dst = self.landmarks(lm_key)
             fit = fit_affine(src, dst, kind=kind)
             extra = {"method": f"landmarks:{lm_key}", "kind": kind, "residuals": fit.residuals.tolist()}
+            _warn_landmark_coverage(src, element_xy(sd, source, scs), kind, lm_key)
         if fit.reflection and not flip:
             _checks.reflection("the automatic search" if auto else f"landmark set {lm_key!r}", refuse=flip is False)
         reg = Registration.from_affine(fit.matrix, source_units="um", target_units="px")
