@@ -91,7 +91,8 @@ def test_html_is_one_self_contained_file(run):
 def test_exports_for_r(run):
     twin = run["twin"]
     cells = pd.read_csv(run["report"] / "aligned_cells.csv.gz")
-    assert list(cells.columns) == ["cell_id", "x_um", "y_um", "x_px", "y_px", "in_shared", "match_weight"]
+    cols = ["cell_id", "x_um", "y_um", "x_px", "y_px", "in_shared", "match_weight", "landmark_extrapolation"]
+    assert list(cells.columns) == cols
     back = spatialdata.read_zarr(run["out"])
     assert len(cells) == twin.n_cells
     aligned = element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
@@ -101,6 +102,10 @@ def test_exports_for_r(run):
     np.testing.assert_allclose(cells["match_weight"].to_numpy(), weight, rtol=1e-5, atol=1e-6)
     summary = json.loads((run["report"] / "summary.json").read_text())
     assert cells["in_shared"].sum() == summary["n_cells_shared"]
+    # the landmark coverage per cell: the summary's 95th percentile, and the landmarks' own layout
+    ext = cells["landmark_extrapolation"].to_numpy()
+    p95 = summary["accuracy"]["landmark_extrapolation"]["p95"]
+    assert np.percentile(ext, 95) == pytest.approx(p95, abs=2e-3) and 0 < ext.min() < ext.max() < 5
     spots = pd.read_csv(run["report"] / "visium_spots.csv.gz")
     assert len(spots) == summary["n_spots"] and spots["in_shared"].sum() == summary["n_spots_shared"]
     assert {"barcode", "x_px", "y_px", "x_um", "y_um", "array_row", "array_col", "in_tissue", "n_cells"} <= set(spots)
@@ -163,7 +168,7 @@ def test_r_snippet_reads_the_exports(run, tmp_path):
     cells = pd.read_csv(run["report"] / "aligned_cells.csv.gz")
     n_kept = int((cells["in_shared"] & (cells["match_weight"] > 0.5)).sum())
     twin = run["twin"]
-    assert res.stdout.split()[-5:] == ["logical", str(n_kept), str(twin.n_cells), "7", str(twin.n_spots_in_tissue)]
+    assert res.stdout.split()[-5:] == ["logical", str(n_kept), str(twin.n_cells), "8", str(twin.n_spots_in_tissue)]
 
 
 def sda_root():

@@ -285,12 +285,14 @@ def assess_alignment(
 # ----------------------------------------------------------------------------------------------------------------
 # exports for R
 # ----------------------------------------------------------------------------------------------------------------
-def export_cells(sdata, shared, path, *, key: str | None = None) -> Path:
-    """``aligned_cells.csv.gz``: ``cell_id, x_um, y_um, x_px, y_px, in_shared, match_weight``.
+def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=None) -> Path:
+    """``aligned_cells.csv.gz``: ``cell_id, x_um, y_um, x_px, y_px, in_shared, match_weight, landmark_extrapolation``.
 
     ``x_um, y_um``: Xenium position (µm); ``x_px, y_px``: aligned position in Visium full-resolution pixels;
     ``in_shared``: the cell lies in the tissue both modalities cover; ``match_weight``: the registration's
-    confidence that the cell sits on matched tissue (empty for an affine-only fit).
+    confidence that the cell sits on matched tissue (empty for an affine-only fit); ``landmark_extrapolation``:
+    how far the landmark fit extrapolates at the cell, in units of the landmarks' own placement error
+    (:attr:`Assessment.extrapolation`; empty without landmarks).
     """
     from ._elements import element_xy
 
@@ -310,6 +312,9 @@ def export_cells(sdata, shared, path, *, key: str | None = None) -> Path:
             "y_px": px[:, 1],
             "in_shared": pd.Index(np.asarray(ids)).isin(shared_ids),  # hashed: np.isin on strings is O(n m)
             "match_weight": weight if len(weight) == len(xy) else np.nan,
+            "landmark_extrapolation": extrapolation
+            if extrapolation is not None and len(extrapolation) == len(xy)
+            else np.nan,
         }
     )
     return _write_csv(df, path)
@@ -852,7 +857,7 @@ def write_report(
     if assessment.landmarks is not None:
         files["landmarks"] = report / "landmarks_loo.csv"
         assessment.landmarks.to_csv(files["landmarks"], index=False)
-    files["cells"] = export_cells(sdata, shared, report / CELLS_CSV)
+    files["cells"] = export_cells(sdata, shared, report / CELLS_CSV, extrapolation=assessment.extrapolation)
     if VISIUM_TABLE in sdata.tables:
         files["spots"] = export_spots(sdata, shared, report / SPOTS_CSV)
     files.update(export_explorer(sdata, report))  # to open the H&E, aligned, in Xenium Explorer
