@@ -626,14 +626,15 @@ def fig_confidence(sdata, assessment: Assessment, key: str | None = None):
         if r.mean_weight < 0.3:
             ax.add_patch(Rectangle((r.x0, r.y0), r.x1 - r.x0, r.y1 - r.y0, fill=False, ec="red", lw=1.2))
     title = f"Match confidence (red: {TILE_UM:.0f} µm tiles with mean weight < 0.3)"
-    ext = assessment.extrapolation
-    if ext is not None and assessment.landmarks is not None:
+    ext, lm = assessment.extrapolation, assessment.landmarks
+    if ext is not None and lm is not None:
         # where the landmark fit extrapolates beyond the verdict's limit: outlined, with the landmarks
-        limit = float(assessment.metrics.get("landmark_extrapolation", {}).get("limit", 1.5))
+        limit = float(
+            assessment.metrics.get("landmark_extrapolation", {}).get("limit", _quality.Thresholds().extrapolation_check)
+        )
         if (ext > limit).any():
             # the factor is smooth in the source: evaluate it on a grid over the H&E pulled back to the source, and
             # draw its level line over the cells
-            lm = assessment.landmarks
             gx, gy = np.meshgrid(np.linspace(x[0], x[-1], 120), np.linspace(y[0], y[-1], 120))
             back = reg.transform_points(np.c_[gx.ravel(), gy.ravel()], direction="inverse")
             src_lm = lm[["source_x_um", "source_y_um"]].to_numpy()
@@ -643,7 +644,6 @@ def fig_confidence(sdata, assessment: Assessment, key: str | None = None):
             )
             near = binary_closing(binary_dilation(hist > 0, iterations=2), iterations=2)
             ax.contour(gx, gy, np.where(near, fac, np.nan), levels=[limit], colors="orange", linewidths=1.5)
-        lm = assessment.landmarks
         ax.plot(lm["target_x_px"], lm["target_y_px"], "+", color="white", ms=9, mew=2)
         title += f"\nbeyond the orange line the landmark fit extrapolates to > {limit:g}x the landmarks' error"
         title += "; +: landmarks"
