@@ -37,7 +37,8 @@ def run_stalign(d, reg, niter: int, steps: dict | None = None):
     ----------
     d
         ``source`` / ``target`` images, initial ``affine`` (source -> target units), ``eval_src`` (µm) and
-        ``eval_dst`` (target units) points, ``um_per_target_unit``.
+        ``eval_dst`` (target units) points, ``um_per_target_unit``; optionally ``points_src`` (µm) and ``points_dst``
+        (target units): the landmarks of the engine's landmark term, given to STalign's with the same tolerance.
     reg
         This engine's :class:`~spatialdata_align.registration.Registration` on the same inputs (its working grid,
         smoothness and noise parameters are given to STalign).
@@ -57,7 +58,13 @@ def run_stalign(d, reg, niter: int, steps: dict | None = None):
     J_img = as_image(d["target"])
     base = max(1, round(reg.params["target_pixel"] / J_img.dx))
     J_img = J_img.downsample(base)
-    I = I_img.data / reg.params["source_intensity_scale"]
+    scale = np.asarray(reg.params["source_intensity_scale"], float)
+    if scale.size != I_img.data.shape[0]:
+        raise ValueError(
+            f"the source has {I_img.data.shape[0]} channel(s) but the engine's fit used {scale.size}: give STalign the "
+            "image the engine registered (e.g. the density and cell-type channels)."
+        )
+    I = I_img.data / scale[:, None, None]
     J = J_img.data
     to_um = np.diag([u, u, 1.0])
     A = torch.as_tensor(SWAP @ to_um @ d["affine"] @ SWAP, dtype=torch.float64)
@@ -72,6 +79,10 @@ def run_stalign(d, reg, niter: int, steps: dict | None = None):
         "dtype": torch.float64,
         **(steps or {}),
     }
+    if d.get("points_src") is not None:  # the engine's landmark term, same points and tolerance (in µm here)
+        kw["pointsI"] = torch.as_tensor(np.asarray(d["points_src"], float)[:, ::-1].copy())
+        kw["pointsJ"] = torch.as_tensor(np.asarray(d["points_dst"], float)[:, ::-1] * u)
+        kw["sigmaP"] = float(reg.params["sigma_p"]) * u
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -47,11 +47,12 @@ import numpy as np
 import torch
 
 import spatialdata_align as sda
+from spatialdata_align._accessor import source_image
 from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
 from spatialdata_align._elements import element_xy, image_in_cs
 from spatialdata_align._landmark_files import read_landmarks
 from spatialdata_align._pipeline import PIPELINE_LDDMM, run_pipeline
-from spatialdata_align.registration import fit_affine, rasterize
+from spatialdata_align.registration import fit_affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers
@@ -208,13 +209,15 @@ def run_pair(pair, *, auto: bool, stalign: bool, budgets) -> list[dict]:
     # (d) STalign over budgets, on the grids the engine used
     if stalign:
         d = {
-            "source": rasterize(xy, dx=PIPELINE_DX),
+            "source": source_image(sdata, XENIUM_CELLS, XENIUM_CS, dx=PIPELINE_DX, xy=xy)[0],  # the engine's channels
             "target": image_in_cs(sdata, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000),
             "affine": fit.matrix,
             "eval_src": xy[valid],
             "eval_dst": truth.forward(xy[valid]),
             "um_per_target_unit": truth.um_per_px,
         }
+        if reg.params.get("n_landmarks"):  # the engine pulled its map through the landmarks: STalign does too
+            d.update(points_src=src, points_dst=dst)
         for r in _peers.stalign_sweep(d, reg, budgets):
             rows.append({**base, "method": f"stalign-{r['niter']}", **r})
     return rows
@@ -255,6 +258,8 @@ def _pooled(rs: list[dict], method: str) -> dict | None:
     sel = [r for r in rs if r["method"] == method]
     if not sel:
         return None
+    if any("errors" not in r for r in sel):  # a run that failed (a peer raising): the pooled run failed
+        return {"median": np.inf, "p95": np.inf, "time_s": np.nan, "n_seeds": len(sel)}
     err = np.concatenate([np.asarray(r["errors"], float) for r in sel])
     return {
         "median": float(np.median(err)),

@@ -397,6 +397,29 @@ def test_peer_protocol_picks_fastest_run_at_least_as_accurate():
     assert best["niter"] == 400 and not best["matched"]  # none is as good: STalign's best run
 
 
+def test_accuracy_table_survives_a_failed_peer_run():
+    """A STalign run that raised (no per-cell errors) counts as diverged in the table; it crashed the whole table once,
+    after the engine's source gained cell-type channels that the peer was not given."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    base = {"family": "tumour", "seed": 0, "setting": "own", "density": 9000.0}
+    err = np.array([1.0, 2.0, 3.0, 30.0])
+    rows = [
+        {**base, "method": "affine", "time_s": 0.0, "errors": err * 3},
+        {**base, "method": "engine", "time_s": 2.0, "errors": err},
+        {**base, "method": "stalign-100", "time_s": np.nan, "median": np.inf, "p95": np.inf, "error": "ValueError()"},
+        {**base, "method": "stalign-200", "time_s": 1.0, "errors": err * 0.9},
+    ]
+    (row,) = accuracy.aggregate(rows)
+    assert row["stalign"]["niter"] == 200 and row["stalign"]["matched"]
+    assert row["ratio"] == 0.5
+    (row,) = accuracy.aggregate(rows[:3])  # the only peer run failed: no STalign figure, not a crash
+    assert row["stalign"] is None
+
+
 def test_accuracy_bounds_follow_the_density_setting_not_its_last_digit():
     """A pair generated at 2000 cells/mm² realises 1999.9 or 2000.1: both are judged by the >= 2000 bounds (a stroma
     pair at 1999.9 with 11.9 / 32.9 µm was marked "pass" by the ~900 bounds)."""
