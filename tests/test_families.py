@@ -420,6 +420,30 @@ def test_accuracy_table_survives_a_failed_peer_run():
     assert row["stalign"] is None
 
 
+def test_accuracy_peer_gets_the_engines_inputs(tmp_path, monkeypatch):
+    """benchmarks/accuracy.py hands STalign the source the engine registered (its channels) and the engine's landmark
+    term; it once gave the density alone after cell types became the default, and every STalign run failed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    seen = {}
+
+    def fake_sweep(d, reg, budgets):
+        seen.update(d=d, reg=reg)
+        return []
+
+    monkeypatch.setattr(accuracy._peers, "stalign_sweep", fake_sweep)
+    pair = sda.datasets.pair_family("tumour", tmp_path / "pair", seed=0, density=900)
+    accuracy.run_pair(pair, auto=False, stalign=True, budgets=[1])
+    d, reg = seen["d"], seen["reg"]
+    n_channels = len(reg.params["source_intensity_scale"])
+    assert n_channels == 4  # density + 3 cell types: the pipeline's default
+    assert d["source"].shape[0] == n_channels
+    assert reg.params["n_landmarks"] == len(d["points_src"]) == len(d["points_dst"]) >= 3
+
+
 def test_accuracy_bounds_follow_the_density_setting_not_its_last_digit():
     """A pair generated at 2000 cells/mm² realises 1999.9 or 2000.1: both are judged by the >= 2000 bounds (a stroma
     pair at 1999.9 with 11.9 / 32.9 µm was marked "pass" by the ~900 bounds)."""
