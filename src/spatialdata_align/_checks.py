@@ -963,7 +963,7 @@ def check_outputs(out=None, report=None, inputs: Iterable = ()) -> dict[str, Pat
     for k, p in targets.items():
         if p.exists():
             if k == "out" and not _is_zarr_store(p):
-                raise FileExistsError(f"{p} exists and is not a zarr store; choose another --out or remove it.")
+                raise FileExistsError(f"{p} exists and is not a zarr store; choose another path (--out) or remove it.")
             if k == "report":
                 if not p.is_dir():
                     fail(

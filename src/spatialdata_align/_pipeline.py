@@ -297,7 +297,9 @@ def run_pipeline(
             # (not in the background, alongside the report: 1.5 s less on the demo, but at 168k cells 6 s more and
             # 1.7 GB more memory, both CPU-bound on 2 cores)
             with stages(f"write {out}"):
-                _write(sdata, staged.path("out"))
+                from ._write import write_sdata
+
+                write_sdata(sdata, staged.path("out"))
         files: dict[str, Path] = {}
         if report is not None:
             with stages(f"report {report}"):
@@ -326,36 +328,6 @@ def run_pipeline(
         report_files=files,
         assessment=assessment,
     )
-
-
-def _check_out(out) -> Path:
-    """``out`` may be new or an earlier zarr store (replaced); anything else raises FileExistsError."""
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and ((out / "zarr.json").exists() or (out / ".zgroup").exists())):
-        raise FileExistsError(f"{out} exists and is not a zarr store; choose another path (--out) or remove it.")
-    return out
-
-
-def _write(sdata, path: Path) -> None:
-    from ._write import write_sdata
-
-    write_sdata(sdata, path)
-
-
-def write_zarr(sdata, out) -> Path:
-    """Write ``sdata`` to the zarr store ``out``, replacing an earlier store of that name.
-
-    Only a zarr store (a folder holding ``zarr.json`` or ``.zgroup``) is replaced; any other existing
-    path raises :class:`FileExistsError`, so a mistyped ``--out`` never deletes user data. The store is
-    written to a temporary path next to ``out`` and moved into place when complete, so a failure leaves
-    no partial store. (The pipeline's object is read from the 10x folders, never backed by ``out``.)
-    """
-    out = _check_out(out)
-    _checks.check_outputs(out=out)
-    with _checks.StagedOutputs({"out": out}) as staged:
-        _write(sdata, staged.path("out"))
-        staged.commit()
-    return out
 
 
 def write_report(sdata, shared, comparison, summary, report, *, gene="EGFR", stage_times=None) -> dict[str, Path]:

@@ -134,9 +134,13 @@ def write_zarr(sdata, path, *, overwrite: bool = False) -> Path:
     >>> sda.write_zarr(sdata, "aligned.zarr")  # doctest: +SKIP
     >>> back = spatialdata.read_zarr("aligned.zarr")  # doctest: +SKIP
     """
-    from . import _pipeline
+    from . import _checks
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (only a zarr store is replaced).")
-    return _pipeline.write_zarr(sdata, path)
+    _checks.check_outputs(out=path)  # an existing path that is not a zarr store is never replaced
+    with _checks.StagedOutputs({"out": path}) as staged:  # written next to it, moved into place when complete
+        write_sdata(sdata, staged.path("out"))
+        staged.commit()
+    return path
