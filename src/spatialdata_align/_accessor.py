@@ -162,7 +162,7 @@ def _warn_landmark_coverage(src, xy, kind: str, lm_key: str) -> None:
             f"extrapolates to {q95:.1f}x the landmarks' own placement error (limit {limit:g}), and neither the "
             "held-out landmark errors nor (in featureless tissue) the images can correct it there. Fix: add "
             "landmarks in the tissue farthest from the others (the report's confidence map outlines it).",
-            _checks.PlausibilityWarning,
+            _checks.LandmarkCoverageWarning,
             stacklevel=3,
         )
 

@@ -85,6 +85,10 @@ class PlausibilityWarning(UserWarning):
     """A suspect input accepted under :func:`relaxed` (``--force``), or a softer problem worth a look."""
 
 
+class LandmarkCoverageWarning(PlausibilityWarning):
+    """Landmarks that leave part of the tissue far from them (``sdata.align.affine``); the report says it too."""
+
+
 @dataclass
 class Finding:
     """One problem: ``code`` (e.g. ``"landmark_outlier"``), ``message`` (names the file), ``fix``."""

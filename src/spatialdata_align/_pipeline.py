@@ -197,7 +197,7 @@ def run_pipeline(
                 sdata.align.set_landmarks(source=lm[0][keep], target=lm[1][keep], names=[lm[2][i] for i in keep])
                 # (flip=True: a mirrored fit was judged above, by check_landmarks, with --allow-flip / --force)
                 with warnings.catch_warnings():  # the verdict and the report say it, with the held-out figures
-                    warnings.filterwarnings("ignore", message=".*leaves part of the tissue far from its landmarks")
+                    warnings.simplefilter("ignore", _checks.LandmarkCoverageWarning)
                     fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=True, flip=True)
                 affine_info = {"method": "landmarks", "n_landmarks": len(lm[0]), "rms_residual_px": float(fit.rms)}
             else:
