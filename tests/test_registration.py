@@ -22,6 +22,7 @@ from spatialdata_align.registration import (
     rasterize,
 )
 from spatialdata_align.registration import _lddmm as lddmm_mod
+from spatialdata_align.registration._utils import apply_affine
 
 FAST = {"progress": False, "contrast_degree": 3, "sigma_r": 300.0}
 
@@ -125,11 +126,56 @@ def test_fit_affine_recovers_known_transform(kind, flip):
     m[:2, :2] = lin
     m[:2, 2] = [100.0, -50.0]
     dst = src @ lin.T + m[:2, 2]
-    fit = fit_affine(src, dst, kind=kind)
+    fit = fit_affine(src, dst, kind=kind, shape_prior=0.0)  # plain least squares: exact on exact landmarks
     np.testing.assert_allclose(fit.matrix, m, atol=1e-9)
     assert fit.rms < 1e-9
     assert fit.reflection == flip
     np.testing.assert_allclose(fit.transform_points(dst, "inverse"), src, atol=1e-9)
+
+
+def _tre(matrix, truth, grid):
+    return np.linalg.norm(apply_affine(matrix, grid) - apply_affine(truth, grid), axis=1)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_fit_affine_shape_prior_rescues_landmarks_near_a_line(flip):
+    """Three landmarks close to a line: plain least squares lets 10 µm of click error set the stretch across it."""
+    th = np.radians(117.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    truth = np.eye(3)
+    truth[:2, :2] = 2.6 * rot @ np.array([[1.06, 0.03], [0.0, 0.96]]) @ np.diag([-1.0 if flip else 1.0, 1.0])
+    truth[:2, 2] = [4000.0, 2500.0]
+    src = np.array([[0.0, 0.0], [2000.0, 20.0], [1000.0, 50.0]])  # spread 2000 µm along x, ~25 µm across
+    click = np.array([[8.0, -6.0], [-5.0, 9.0], [7.0, -10.0]])  # µm, on the source side
+    dst = apply_affine(truth, src + click)
+    gx, gy = np.meshgrid(np.linspace(-200, 2200, 25), np.linspace(-800, 900, 18))
+    tissue = np.c_[gx.ravel(), gy.ravel()]  # the section around the landmarks
+    plain = fit_affine(src, dst, shape_prior=0.0)
+    prior = fit_affine(src, dst)
+    e_plain, e_prior = _tre(plain.matrix, truth, tissue) / 2.6, _tre(prior.matrix, truth, tissue) / 2.6  # µm
+    assert np.median(e_plain) > 100.0  # the failure the prior is there for
+    assert np.median(e_prior) < 40.0 and np.percentile(e_prior, 95) < 80.0
+    assert prior.reflection == flip == plain.reflection
+    # a similarity is what the prior falls back to across the line; the stretch along it still comes from the data
+    sv = np.linalg.svd(prior.matrix[:2, :2], compute_uv=False)
+    assert sv[0] / sv[1] < 1.3 < np.divide(*np.linalg.svd(plain.matrix[:2, :2], compute_uv=False))
+
+
+def test_fit_affine_shape_prior_keeps_well_spread_fits():
+    """Landmarks spread over the section: the default prior moves the plain fit by well under a micrometre."""
+    rng = np.random.default_rng(5)
+    truth = np.eye(3)
+    truth[:2, :2] = np.array([[0.0, -2.4], [2.7, 0.3]])  # 90° turn, 12 % anisotropy, shear
+    truth[:2, 2] = [900.0, -300.0]
+    src = rng.uniform(0, 3000, size=(5, 2))
+    dst = apply_affine(truth, src + rng.normal(0, 10.0, size=src.shape))
+    grid = rng.uniform(0, 3000, size=(500, 2))
+    plain, prior = fit_affine(src, dst, shape_prior=0.0), fit_affine(src, dst)
+    assert np.max(_tre(prior.matrix, plain.matrix, grid)) / 2.5 < 3.0
+    assert np.median(_tre(prior.matrix, plain.matrix, grid)) / 2.5 < 1.0
+    assert np.median(_tre(prior.matrix, plain.matrix, grid)) > 1e-3  # the prior is applied
+    with pytest.raises(ValueError, match="shape_prior"):
+        fit_affine(src, dst, shape_prior=-1.0)
 
 
 def test_fit_affine_residuals_are_per_landmark():

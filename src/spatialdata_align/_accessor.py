@@ -39,6 +39,7 @@ from .registration import (
     lddmm,
     rasterize,
 )
+from .registration._landmarks import AFFINE_SHAPE_PRIOR
 from .registration._utils import check_points
 
 logger = logging.getLogger(__name__)
@@ -423,6 +424,7 @@ class AlignAccessor:
         target_cs: str | None = None,
         dx: float = 30.0,
         flip: bool | None = None,
+        shape_prior: float = AFFINE_SHAPE_PRIOR,
     ) -> AffineFit | InitResult:
         """Fit a source→target affine and register it as a native spatialdata ``Affine``.
 
@@ -456,6 +458,10 @@ class AlignAccessor:
             A mirrored fit (a reflection: the section mounted upside down, or landmarks saved as (y, x)):
             ``True`` accepts it, ``False`` refuses it (the automatic search then tries proper rotations only),
             ``None`` (default) accepts it with a :class:`~spatialdata_align._checks.PlausibilityWarning`.
+        shape_prior
+            Landmark affines (source units, µm for Xenium): draws the affine's stretch and shear towards the best
+            rotation + uniform scale where the landmarks spread little (three landmarks near a line); ``0`` gives
+            the plain least-squares affine. See :func:`~spatialdata_align.registration.fit_affine`.
 
         Returns
         -------
@@ -501,8 +507,13 @@ class AlignAccessor:
                 raise ValueError("pass landmarks=True (or a landmark set name) or auto=True.")
             lm_key = "landmarks" if landmarks is True else str(landmarks)
             src, dst = self.landmarks(lm_key)
-            fit = fit_affine(src, dst, kind=kind)
-            extra = {"method": f"landmarks:{lm_key}", "kind": kind, "residuals": fit.residuals.tolist()}
+            fit = fit_affine(src, dst, kind=kind, shape_prior=shape_prior)
+            extra = {
+                "method": f"landmarks:{lm_key}",
+                "kind": kind,
+                "shape_prior": float(shape_prior),
+                "residuals": fit.residuals.tolist(),
+            }
             _warn_landmark_coverage(src, element_xy(sd, source, scs), kind, lm_key)
         if fit.reflection and not flip:
             _checks.reflection("the automatic search" if auto else f"landmark set {lm_key!r}", refuse=flip is False)

@@ -72,7 +72,7 @@ def fit_matrix(src: np.ndarray, dst: np.ndarray, kind: str = "affine", *, reflec
     """
     if kind == "affine" and (len(src) < 3 or _nearly_collinear(src)):
         kind = "similarity"
-    return fit_affine(src, dst, kind=kind, reflection=None if kind == "affine" else reflection).matrix
+    return fit_affine(src, dst, kind=kind, reflection=None if kind == "affine" else reflection, shape_prior=0.0).matrix
 
 
 def _mirrored(src: np.ndarray, dst: np.ndarray, kind: str) -> bool | None:
@@ -162,7 +162,7 @@ def robust_landmark_fit(
         if kind != "affine" and np.allclose(s[idx[0]], s[idx[1]]):
             continue
         try:
-            mat = fit_affine(s[idx], d[idx], kind=kind).matrix
+            mat = fit_affine(s[idx], d[idx], kind=kind, shape_prior=0.0).matrix
         except ValueError:
             continue
         r2 = np.sort(np.sum((apply_affine(mat, s) - d) ** 2, axis=1))
