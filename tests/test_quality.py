@@ -8,7 +8,7 @@ import pytest
 import torch
 import xarray as xr
 
-from spatialdata_align.registration import Registration
+from spatialdata_align.registration import Registration, fit_affine
 from spatialdata_align.registration import _quality as q
 from spatialdata_align.registration._utils import apply_affine
 
@@ -68,6 +68,34 @@ def test_leave_one_out_falls_back_to_a_similarity_with_three_landmarks():
     loo = q.landmark_loo(src, dst)
     assert np.all(np.isfinite(loo))  # two remaining pairs: a similarity refit
     assert q.landmark_loo(src[:2], dst[:2]).tolist() == [pytest.approx(np.nan, nan_ok=True)] * 2
+
+
+def test_leave_one_out_repeats_the_fits_shape_prior(monkeypatch):
+    """Held out, a landmark leaves three near a line: the refit must use the prior the assessed fit used."""
+    th = np.radians(60.0)
+    truth = np.eye(3)
+    truth[:2, :2] = 2.6 * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    truth[:2, 2] = [300.0, 900.0]
+    src = np.array([[0.0, 0.0], [2000.0, 20.0], [1000.0, 50.0], [900.0, 1500.0]])  # the last one is off the line
+    click = np.array([[8.0, -6.0], [-5.0, 9.0], [7.0, -10.0], [-6.0, 4.0]])  # µm
+    dst = apply_affine(truth, src + click)
+    plain, prior = q.landmark_loo(src, dst), q.landmark_loo(src, dst, shape_prior=500.0)
+    # refitted on the three near-collinear landmarks, the plain affine misplaces the fourth by hundreds of px
+    assert plain[3] > 500.0 and prior[3] < 0.1 * plain[3]
+    by_hand = fit_affine(src[:3], dst[:3], shape_prior=500.0).matrix
+    assert prior[3] == pytest.approx(np.linalg.norm(apply_affine(by_hand, src[3:]) - dst[3:]))
+    # lddmm_loo hands the same refit to every LDDMM run and to its affine errors
+    seen = []
+
+    def fake_lddmm(source, target, *, affine, **kw):
+        seen.append(np.asarray(affine))
+        return Registration.from_affine(affine)
+
+    monkeypatch.setattr("spatialdata_align.registration._lddmm.lddmm", fake_lddmm)
+    res = q.lddmm_loo(None, None, src, dst, shape_prior=500.0, max_refits=None, workers=1)
+    np.testing.assert_allclose(res.affine_errors, prior)
+    np.testing.assert_allclose(res.errors, prior)
+    assert any(np.allclose(m, by_hand) for m in seen)
 
 
 def test_folds_are_singletons_up_to_the_cap_then_interleaved_groups():

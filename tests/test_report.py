@@ -243,6 +243,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     from spatialdata_align import _store as sda_store
     from spatialdata_align._landmark_files import read_landmarks
     from spatialdata_align.registration import _quality
+    from spatialdata_align.registration._landmarks import AFFINE_SHAPE_PRIOR
 
     back = spatialdata.read_zarr(run["out"])
     final = back.align.get("xenium_to_visium_lddmm")
@@ -253,13 +254,18 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
         seen["dx"] = float(source.x[1] - source.x[0])
         seen["landmark_term"] = kw.get("landmark_term")
         seen["sigma_p"] = kw.get("sigma_p")
+        seen["kind"], seen["shape_prior"] = kw.get("kind"), kw.get("shape_prior")
         n = len(src)
         return _quality.LooResult(errors=np.zeros(n), affine_errors=np.zeros(n), folds=[], runtime_s=0.0)
 
     monkeypatch.setattr(_quality, "lddmm_loo", fake_loo)
     src, dst, names = read_landmarks(run["twin"].landmarks_path)
     # (a different tissue-grid dx: the refits still repeat the fit's raster)
-    _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm", dx=35.0)
+    a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm", dx=35.0)
+    # the refits' affines are fitted as the run's was: an affine with the default shape prior, stored with the fit
+    assert sda_store.get_entry(back, "xenium_to_visium_lddmm")["init_shape_prior"] == AFFINE_SHAPE_PRIOR > 0
+    assert (seen["kind"], seen["shape_prior"]) == ("affine", AFFINE_SHAPE_PRIOR)
+    assert a.metrics["landmark_fit"] == {"kind": "affine", "shape_prior": AFFINE_SHAPE_PRIOR}
     assert seen["dx"] == pytest.approx(sda_store.get_entry(back, "xenium_to_visium_lddmm")["dx"])
     assert final.params["source_channels"] == 4  # the default: density + 3 cell types
     assert seen["channels"] == final.params["source_channels"], seen

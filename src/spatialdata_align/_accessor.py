@@ -606,6 +606,7 @@ class AlignAccessor:
         scs = _infer_cs(sd, source, source_cs, XENIUM_CS)
         tcs = _infer_cs(sd, target, target_cs, VISIUM_CS)
         entry_method = None
+        init_fit: dict[str, Any] = {}
         if init is None or isinstance(init, str):
             init_key = init or f"{scs}_to_{tcs}_affine"
             try:
@@ -617,6 +618,8 @@ class AlignAccessor:
                 ) from err
             A0 = np.asarray(entry["affine"])
             entry_method = entry.get("method")
+            # the landmark fit's model, so the accuracy estimate's refits can repeat it
+            init_fit = {k: entry[k] for k in ("kind", "shape_prior") if entry.get(k) is not None}
         else:
             A0 = np.asarray(init, dtype=float)
         xy = element_xy(sd, source, scs)
@@ -648,6 +651,8 @@ class AlignAccessor:
                 "channels": used,
                 "n_types": int(n_types),
                 "landmark_set": lm_key,
+                "init_kind": init_fit.get("kind"),
+                "init_shape_prior": init_fit.get("shape_prior"),
             },
             native=False,
         )

@@ -185,7 +185,14 @@ def assess_alignment(
                 "inlier": use,
             }
         )
-        table["loo_affine_um"] = _quality.landmark_loo(src, dst, use=use) * upp
+        # the held-out refits repeat the landmark fit that was used: its model and shape prior (stored with the fit;
+        # stores written before the prior have none, i.e. plain least squares)
+        entry = _store.get_entry(sdata, sdata.align._key(key))
+        own_kind = entry.get("kind") if entry.get("kind") in ("similarity", "rigid") else "affine"
+        fit_kind = entry.get("init_kind") or own_kind
+        prior = float(entry.get("init_shape_prior", entry.get("shape_prior")) or 0.0)
+        metrics["landmark_fit"] = {"kind": fit_kind, "shape_prior": prior}
+        table["loo_affine_um"] = _quality.landmark_loo(src, dst, use=use, kind=fit_kind, shape_prior=prior) * upp
         table["fit_residual_um"] = np.linalg.norm(reg.transform_points(src) - dst, axis=1) * upp
         if use.sum() >= 2:
             # how far the landmark fit extrapolates at the cells (leave-one-out measures it only at landmarks)
@@ -201,7 +208,6 @@ def assess_alignment(
         if loo == "lddmm" and not reg.is_affine and len(src) >= 3:
             t0 = time.perf_counter()
             # the refits start from the source the fit used (density, or density + cell types)
-            entry = _store.get_entry(sdata, sdata.align._key(key))
             source, _ = source_image(
                 sdata,
                 XENIUM_CELLS,
@@ -228,7 +234,16 @@ def assess_alignment(
             params["progress"] = progress
             landmark_term = int(reg.params.get("n_landmarks") or 0) > 0  # the fit pulled the map through landmarks
             res = _quality.lddmm_loo(
-                source, image, src, dst, use=use, max_refits=max_refits, landmark_term=landmark_term, **params
+                source,
+                image,
+                src,
+                dst,
+                kind=fit_kind,
+                shape_prior=prior,
+                use=use,
+                max_refits=max_refits,
+                landmark_term=landmark_term,
+                **params,
             )
             table["loo_lddmm_um"] = res.errors * upp
             metrics["loo_refits"] = len(res.folds)

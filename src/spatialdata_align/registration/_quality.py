@@ -62,17 +62,26 @@ def _nearly_collinear(pts: np.ndarray) -> bool:
     return bool(sv[-1] <= sv[0] * COLLINEAR_TOL)
 
 
-def fit_matrix(src: np.ndarray, dst: np.ndarray, kind: str = "affine", *, reflection: bool | None = None) -> np.ndarray:
+def fit_matrix(
+    src: np.ndarray,
+    dst: np.ndarray,
+    kind: str = "affine",
+    *,
+    reflection: bool | None = None,
+    shape_prior: float = 0.0,
+) -> np.ndarray:
     """``(3, 3)`` least-squares fit of ``kind``, falling back to a similarity when an affine is not determined.
 
     An affine needs three non-collinear pairs; with fewer (or collinear) pairs a similarity (two pairs)
     is fitted instead, so a leave-one-out refit always exists when two or more pairs remain. ``reflection``
     (whether the map is mirrored, e.g. as the fit on all landmarks is) is passed to a similarity fit: two pairs
-    fit a mirrored and a proper similarity equally well, and without it the proper one is kept.
+    fit a mirrored and a proper similarity equally well, and without it the proper one is kept. ``shape_prior``
+    (source units) is :func:`~spatialdata_align.registration.fit_affine`'s; 0 (default) is plain least squares.
     """
     if kind == "affine" and (len(src) < 3 or _nearly_collinear(src)):
         kind = "similarity"
-    return fit_affine(src, dst, kind=kind, reflection=None if kind == "affine" else reflection, shape_prior=0.0).matrix
+    refl = None if kind == "affine" else reflection
+    return fit_affine(src, dst, kind=kind, reflection=refl, shape_prior=shape_prior if kind == "affine" else 0.0).matrix
 
 
 def _mirrored(src: np.ndarray, dst: np.ndarray, kind: str) -> bool | None:
@@ -183,7 +192,7 @@ def robust_landmark_fit(
     return RobustFit(matrix, inliers, res, kind, sigma)
 
 
-def landmark_loo(src, dst, *, kind: str = "affine", use=None) -> np.ndarray:
+def landmark_loo(src, dst, *, kind: str = "affine", use=None, shape_prior: float = 0.0) -> np.ndarray:
     """Leave-one-out residuals: for each landmark, refit on the others and measure the error at it.
 
     Parameters
@@ -197,6 +206,9 @@ def landmark_loo(src, dst, *, kind: str = "affine", use=None) -> np.ndarray:
     use
         Optional ``(N,)`` boolean mask of the landmarks the refits may use (e.g. the inliers of
         :func:`robust_landmark_fit`): a landmark outside it is measured against the fit on all of ``use``.
+    shape_prior
+        The affine refits' ``shape_prior`` (:func:`~spatialdata_align.registration.fit_affine`; source units): the
+        one of the fit being assessed. 0 (default): plain least squares.
 
     Returns
     -------
@@ -213,7 +225,7 @@ def landmark_loo(src, dst, *, kind: str = "affine", use=None) -> np.ndarray:
         train[i] = False
         if train.sum() < 2:
             continue
-        mat = fit_matrix(s[train], d[train], kind, reflection=mirrored)
+        mat = fit_matrix(s[train], d[train], kind, reflection=mirrored, shape_prior=shape_prior)
         out[i] = float(np.linalg.norm(apply_affine(mat, s[i : i + 1]) - d[i : i + 1]))
     return out
 
@@ -354,6 +366,7 @@ def lddmm_loo(
     dst,
     *,
     kind: str = "affine",
+    shape_prior: float = 0.0,
     max_refits: int | None = DEFAULT_MAX_REFITS,
     use=None,
     landmark_term: bool = False,
@@ -375,6 +388,9 @@ def lddmm_loo(
         ``(N, 2)`` landmarks in source / target units (``N >= 3``).
     kind
         Model of the landmark fit that initialises each refit.
+    shape_prior
+        That fit's ``shape_prior`` (:func:`~spatialdata_align.registration.fit_affine`; source units), so the refits
+        repeat the assessed fit. 0 (default): plain least squares.
     max_refits
         Largest number of LDDMM refits (``None``: one per landmark).
     use
@@ -415,7 +431,8 @@ def lddmm_loo(
         kw = dict(lddmm_kwargs)
         if landmark_term:
             kw.update(source_landmarks=s[train], target_landmarks=d[train])
-        reg = lddmm(source, target, affine=fit_matrix(s[train], d[train], kind, reflection=mirrored), **kw)
+        init = fit_matrix(s[train], d[train], kind, reflection=mirrored, shape_prior=shape_prior)
+        reg = lddmm(source, target, affine=init, **kw)
         return reg.transform_points
 
     if workers > 1:
@@ -426,7 +443,7 @@ def lddmm_loo(
         torch.set_num_threads(n_threads)
     return LooResult(
         errors=errors,
-        affine_errors=landmark_loo(s, d, kind=kind, use=use),
+        affine_errors=landmark_loo(s, d, kind=kind, use=use, shape_prior=shape_prior),
         folds=folds,
         runtime_s=time.perf_counter() - t0,
     )
