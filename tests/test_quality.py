@@ -98,6 +98,24 @@ def test_leave_one_out_repeats_the_fits_shape_prior(monkeypatch):
     assert any(np.allclose(m, by_hand) for m in seen)
 
 
+def test_extrapolation_of_the_fit_with_a_shape_prior():
+    """The prior's leverage lies between the plain affine's (prior 0) and the similarity's (prior -> inf)."""
+    rng = np.random.default_rng(0)
+    cells = rng.uniform(-500, 3500, size=(2000, 2))
+    near_line = np.array([[0.0, 0.0], [2000.0, 20.0], [1000.0, 50.0]])
+    spread = rng.uniform(0, 3000, size=(5, 2))
+    for src in (near_line, spread):
+        plain = q.landmark_extrapolation(src, cells)
+        sim = q.landmark_extrapolation(src, cells, kind="similarity")
+        np.testing.assert_allclose(q.landmark_extrapolation(src, cells, shape_prior=1e-6), plain, rtol=1e-6)
+        np.testing.assert_allclose(q.landmark_extrapolation(src, cells, shape_prior=1e8), sim, rtol=1e-6)
+        prior = q.landmark_extrapolation(src, cells, shape_prior=500.0)
+        assert np.all(prior <= plain * (1 + 1e-9)) and np.all(prior >= sim * (1 - 1e-9))
+    # near a line the plain affine extrapolates ~100x the click error at the far cells; the prior fit ~10x
+    p95 = [np.percentile(q.landmark_extrapolation(near_line, cells, shape_prior=v), 95) for v in (0.0, 500.0)]
+    assert p95[0] > 50 and p95[1] < 0.2 * p95[0]
+
+
 def test_folds_are_singletons_up_to_the_cap_then_interleaved_groups():
     src, _ = _landmarks(5)
     assert [f.tolist() for f in q.landmark_folds(src, 6)] == [[0], [1], [2], [3], [4]]

@@ -149,13 +149,14 @@ def _infer_cs(sdata: SpatialData, element: str, given: str | None, default: str)
     raise ValueError(f"element {element!r} is in several coordinate systems {systems}; pass the one to use.")
 
 
-def _warn_landmark_coverage(src, xy, kind: str, lm_key: str) -> None:
+def _warn_landmark_coverage(src, xy, kind: str, lm_key: str, shape_prior: float = 0.0) -> None:
     """Warn when the landmark fit extrapolates far at the source's points (the report's coverage check)."""
     from .registration._quality import Thresholds, landmark_extrapolation
 
     if len(src) < 2 or len(xy) == 0:
         return
-    ext = landmark_extrapolation(src, xy, kind="affine" if kind == "affine" else "similarity")
+    fit_kind = "affine" if kind == "affine" else "similarity"
+    ext = landmark_extrapolation(src, xy, kind=fit_kind, shape_prior=shape_prior)
     q95, limit = float(np.percentile(ext, 95)), Thresholds().extrapolation_check
     if q95 > limit:
         warnings.warn(
@@ -514,7 +515,7 @@ class AlignAccessor:
                 "shape_prior": float(shape_prior),
                 "residuals": fit.residuals.tolist(),
             }
-            _warn_landmark_coverage(src, element_xy(sd, source, scs), kind, lm_key)
+            _warn_landmark_coverage(src, element_xy(sd, source, scs), kind, lm_key, shape_prior)
         if fit.reflection and not flip:
             _checks.reflection("the automatic search" if auto else f"landmark set {lm_key!r}", refuse=flip is False)
         reg = Registration.from_affine(fit.matrix, source_units="um", target_units="px")

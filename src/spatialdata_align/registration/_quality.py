@@ -230,7 +230,7 @@ def landmark_loo(src, dst, *, kind: str = "affine", use=None, shape_prior: float
     return out
 
 
-def landmark_extrapolation(src, points, *, kind: str = "affine", use=None) -> np.ndarray:
+def landmark_extrapolation(src, points, *, kind: str = "affine", use=None, shape_prior: float = 0.0) -> np.ndarray:
     """How far a least-squares landmark fit extrapolates at ``points``, in units of the landmarks' own error.
 
     If each landmark's target position carries independent noise of standard deviation ``sigma`` per coordinate,
@@ -253,6 +253,10 @@ def landmark_extrapolation(src, points, *, kind: str = "affine", use=None) -> np
         or ``"similarity"``.
     use
         Optional ``(N,)`` boolean mask of the landmarks the fit used.
+    shape_prior
+        The affine fit's ``shape_prior`` (:func:`~spatialdata_align.registration.fit_affine`; source units): its
+        Gaussian prior on stretch and shear enters the design as prior precision, so the leverage is the posterior
+        one (between the plain affine's, at 0, the default, and the similarity's, as the prior grows).
 
     Returns
     -------
@@ -270,6 +274,22 @@ def landmark_extrapolation(src, points, *, kind: str = "affine", use=None) -> np
     c = s.mean(axis=0)
     scale = float(np.sqrt(((s - c) ** 2).sum(axis=1).mean())) or 1.0
     s_n, p_n = (s - c) / scale, (pts - c) / scale
+    if kind == "affine" and shape_prior > 0:
+        # the affine as similarity (a, b) + stretch/shear (c, d) + translation; the prior |L - L_sim|_F^2 * prior^2
+        # penalises 2 (c^2 + d^2), in the normalised coordinates' units
+        def rows(q):  # (2M, 6): the x' and y' rows of each point
+            x, y = q[:, 0], q[:, 1]
+            one, zero = np.ones_like(x), np.zeros_like(x)
+            rx = np.stack([x, -y, x, y, one, zero], axis=1)
+            ry = np.stack([y, x, -y, x, zero, one], axis=1)
+            return rx, ry
+
+        sx, sy = rows(s_n)
+        gram = sx.T @ sx + sy.T @ sy + np.diag([0.0, 0.0, 1.0, 1.0, 0.0, 0.0]) * 2 * (shape_prior / scale) ** 2
+        gram_inv = np.linalg.inv(gram)
+        px, py = rows(p_n)
+        h = 0.5 * (np.einsum("ni,ij,nj->n", px, gram_inv, px) + np.einsum("ni,ij,nj->n", py, gram_inv, py))
+        return np.sqrt(np.clip(h, 0.0, None))
     if kind == "affine" and len(s) >= 3 and not _nearly_collinear(s):
         X, V = np.c_[s_n, np.ones(len(s_n))], np.c_[p_n, np.ones(len(p_n))]
     else:
