@@ -798,6 +798,13 @@ def check_landmarks(
         )
     ratio = None
     if um_per_px:
+        # the scale of the fit the run will use: the affine with its shape prior, on the inliers (the robust fit's
+        # affine is plain least squares, whose scale a few µm of click error decide when the landmarks lie near a
+        # line; the prior keeps the affine near the best rotation + scale there)
+        try:
+            det = float(np.linalg.det(fit_affine(s[inl], d[inl]).matrix[:2, :2])) if inl.sum() >= 3 else det
+        except ValueError:  # (nearly) collinear inliers: keep the robust fit's
+            pass
         ratio = float(np.sqrt(abs(det)) * um_per_px)  # fitted px per µm over expected px per µm
         if not 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE:
             msg = (
