@@ -155,8 +155,7 @@ def _warn_landmark_coverage(src, xy, kind: str, lm_key: str, shape_prior: float 
 
     if len(src) < 2 or len(xy) == 0:
         return
-    fit_kind = "affine" if kind == "affine" else "similarity"
-    ext = landmark_extrapolation(src, xy, kind=fit_kind, shape_prior=shape_prior)
+    ext = landmark_extrapolation(src, xy, kind=kind, shape_prior=shape_prior)
     q95, limit = float(np.percentile(ext, 95)), Thresholds().extrapolation_check
     if q95 > limit:
         warnings.warn(
@@ -607,7 +606,7 @@ class AlignAccessor:
         scs = _infer_cs(sd, source, source_cs, XENIUM_CS)
         tcs = _infer_cs(sd, target, target_cs, VISIUM_CS)
         entry_method = None
-        init_fit: dict[str, Any] = {}
+        init_fit: dict[str, Any] = {"init_kind": None, "init_shape_prior": None}
         if init is None or isinstance(init, str):
             init_key = init or f"{scs}_to_{tcs}_affine"
             try:
@@ -620,7 +619,7 @@ class AlignAccessor:
             A0 = np.asarray(entry["affine"])
             entry_method = entry.get("method")
             # the landmark fit's model, so the accuracy estimate's refits can repeat it
-            init_fit = {k: entry[k] for k in ("kind", "shape_prior") if entry.get(k) is not None}
+            init_fit = {"init_kind": entry.get("kind"), "init_shape_prior": entry.get("shape_prior")}
         else:
             A0 = np.asarray(init, dtype=float)
         xy = element_xy(sd, source, scs)
@@ -652,8 +651,7 @@ class AlignAccessor:
                 "channels": used,
                 "n_types": int(n_types),
                 "landmark_set": lm_key,
-                "init_kind": init_fit.get("kind"),
-                "init_shape_prior": init_fit.get("shape_prior"),
+                **init_fit,
             },
             native=False,
         )

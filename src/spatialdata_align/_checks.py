@@ -707,7 +707,8 @@ def check_landmarks(
     :class:`LandmarkCheck`. Suspects are raised (or recorded under :func:`relaxed`).
     """
     from .registration import fit_affine
-    from .registration._quality import landmark_loo, robust_landmark_fit
+    from .registration._landmarks import AFFINE_SHAPE_PRIOR
+    from .registration._quality import fit_matrix, landmark_loo, robust_landmark_fit
     from .registration._utils import apply_affine
 
     s = np.asarray(src, float).reshape(-1, 2)
@@ -801,10 +802,7 @@ def check_landmarks(
         # the scale of the fit the run will use: the affine with its shape prior, on the inliers (the robust fit's
         # affine is plain least squares, whose scale a few µm of click error decide when the landmarks lie near a
         # line; the prior keeps the affine near the best rotation + scale there)
-        try:
-            det = float(np.linalg.det(fit_affine(s[inl], d[inl]).matrix[:2, :2])) if inl.sum() >= 3 else det
-        except ValueError:  # (nearly) collinear inliers: keep the robust fit's
-            pass
+        det = float(np.linalg.det(fit_matrix(s[inl], d[inl], shape_prior=AFFINE_SHAPE_PRIOR)[:2, :2]))
         ratio = float(np.sqrt(abs(det)) * um_per_px)  # fitted px per µm over expected px per µm
         if not 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE:
             msg = (

@@ -196,9 +196,7 @@ def assess_alignment(
         table["fit_residual_um"] = np.linalg.norm(reg.transform_points(src) - dst, axis=1) * upp
         if use.sum() >= 2:
             # how far the landmark fit extrapolates at the cells (leave-one-out measures it only at landmarks)
-            ext = _quality.landmark_extrapolation(
-                src, xy, use=use, kind="affine" if fit_kind == "affine" else "similarity", shape_prior=prior
-            )
+            ext = _quality.landmark_extrapolation(src, xy, use=use, kind=fit_kind, shape_prior=prior)
             vmetrics["extrapolation"] = ext
             limit = (thresholds or _quality.Thresholds()).extrapolation_check
             metrics["landmark_extrapolation"] = {

@@ -81,7 +81,7 @@ def fit_matrix(
     if kind == "affine" and (len(src) < 3 or _nearly_collinear(src)):
         kind = "similarity"
     refl = None if kind == "affine" else reflection
-    return fit_affine(src, dst, kind=kind, reflection=refl, shape_prior=shape_prior if kind == "affine" else 0.0).matrix
+    return fit_affine(src, dst, kind=kind, reflection=refl, shape_prior=shape_prior).matrix
 
 
 def _mirrored(src: np.ndarray, dst: np.ndarray, kind: str) -> bool | None:
@@ -249,8 +249,8 @@ def landmark_extrapolation(src, points, *, kind: str = "affine", use=None, shape
     points
         ``(M, 2)`` source positions (e.g. the cells).
     kind
-        ``"affine"`` (a similarity when fewer than three non-collinear landmarks remain, as :func:`fit_matrix`)
-        or ``"similarity"``.
+        ``"affine"`` (a similarity when fewer than three non-collinear landmarks remain, as :func:`fit_matrix`),
+        ``"similarity"`` or ``"rigid"`` (measured as a similarity).
     use
         Optional ``(N,)`` boolean mask of the landmarks the fit used.
     shape_prior
@@ -264,8 +264,8 @@ def landmark_extrapolation(src, points, *, kind: str = "affine", use=None, shape
     """
     s = check_points(src, "source landmarks", min_points=1)
     pts = check_points(points, "points", min_points=1)
-    if kind not in ("affine", "similarity"):
-        raise ValueError(f"kind must be 'affine' or 'similarity', got {kind!r}.")
+    if kind not in ("affine", "similarity", "rigid"):
+        raise ValueError(f"kind must be 'affine', 'similarity' or 'rigid', got {kind!r}.")
     if use is not None:
         s = s[np.asarray(use, bool)]
     if len(s) < 2:
