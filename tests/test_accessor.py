@@ -24,7 +24,7 @@ from spatialdata_align._constants import (
     XENIUM_TRANSCRIPTS,
 )
 from spatialdata_align._elements import element_xy, image_in_cs
-from spatialdata_align.registration import Registration, decompose_affine, fit_affine, lddmm, rasterize
+from spatialdata_align.registration import Registration, auto_init, decompose_affine, fit_affine, lddmm, rasterize
 
 #: LDDMM settings shared by the accessor run and the direct engine run they are compared with
 LDDMM_KW = {"progress": False}
@@ -141,15 +141,34 @@ def test_affine_from_landmarks_in_one_corner_warns_about_coverage(sdata, twin):
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip):
+def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip, monkeypatch):
+    from spatialdata_align import _accessor, _store
+
     tw = sda.datasets.twin_sections(tmp_path, n_spots=400, seed=1, flip=flip, transcripts=False)
     sd = sda.io.read_pair(tw.xenium_path, tw.visium_path)
+    seen = {}
+
+    def spy(*a, **k):
+        seen.clear()
+        seen.update(k)
+        return auto_init(*a, **k)
+
+    monkeypatch.setattr(_accessor, "auto_init", spy)
     res = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True)
     truth = decompose_affine(tw.truth.affine)
     assert res.reflection == flip
     d = (res.rotation_deg - truth["rotation_deg"] + 180) % 360 - 180
     assert abs(d) < 2.0
     assert res.scale == pytest.approx(truth["scale"], rel=0.05)
+    # the shared-gene expression of the cells and of the in-tissue spots took part in the choice, and is recorded
+    n_spots = int(sd.tables["visium_table"].obs["in_tissue"].astype(bool).sum())
+    assert seen["target_spots"].shape == (n_spots, 2)
+    assert seen["spot_values"].shape == (n_spots, _accessor.EXPRESSION_COMPONENTS)
+    assert seen["source_features"].shape[0] == _accessor.EXPRESSION_COMPONENTS
+    assert res.expression_r > 0.5  # twin sections: the expression follows the tissue closely
+    assert _store.get_entry(sd, "xenium_to_visium_affine")["expression_r"] == pytest.approx(res.expression_r)
+    plain = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True, expression=False, key="plain")
+    assert "spot_values" not in seen and np.isnan(plain.expression_r)
 
 
 def test_affine_auto_warns_when_another_orientation_scores_nearly_as_well(sdata, monkeypatch):

@@ -254,6 +254,75 @@ def test_auto_init_with_a_known_scale_places_a_partial_section(flip):
         auto_init(src, toy.target, scale=-1.0)
 
 
+def _symmetric_pair(rotation_deg: float, flip: bool, seed: int = 0):
+    """An ellipse of uniform density (its outline fits four orientations equally) and a target section of it.
+
+    The source carries two expression fields, its x and y coordinates; the target's spots hold them at the spots'
+    true source positions. Returns the source raster, the target H&E-like image, the spot inputs and the truth.
+    """
+    rng = np.random.default_rng(seed)
+    a, b = 900.0, 500.0
+
+    def cells(n):
+        p = rng.uniform(-1, 1, size=(3 * n, 2))
+        return (p[(p**2).sum(1) < 1][:n] * [a, b]) + [1000.0, 800.0]
+
+    src_pts = cells(12_000)
+    th = np.radians(rotation_deg)
+    m = np.eye(3)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    m[:2, :2] = 1.5 * rot @ np.diag([-1.0 if flip else 1.0, 1.0])
+    m[:2, 2] = [2500.0, 2000.0] - m[:2, :2] @ [1000.0, 800.0]
+    source = rasterize(src_pts, dx=25.0)
+    tp = cells(12_000) @ m[:2, :2].T + m[:2, 2]
+    dens = rasterize(tp, dx=20.0, blur=20.0, extent=(0, 5000, 0, 4000))
+    tis = np.clip(dens.values[0] / np.quantile(dens.values[0][dens.values[0] > 0], 0.5), 0, 1)[None]
+    rgb = 0.95 * (1 - tis) + tis * np.array([0.85, 0.55, 0.7])[:, None, None]
+    rgb = rgb + rng.normal(scale=0.02, size=rgb.shape)
+    target = xr.DataArray(rgb, dims=("c", "y", "x"), coords={"c": [0, 1, 2], "y": dens.y.values, "x": dens.x.values})
+    gx, gy = np.meshgrid(np.arange(0, 5000, 150.0), np.arange(0, 4000, 150.0))
+    spots = np.stack([gx.ravel(), gy.ravel()], 1)
+    at_src = (spots - m[:2, 2]) @ np.linalg.inv(m[:2, :2]).T
+    inside = (((at_src - [1000.0, 800.0]) / [a, b]) ** 2).sum(1) < 0.8
+    spots, at_src = spots[inside], at_src[inside]
+    fx, fy = np.meshgrid(source.x.values, source.y.values)
+    on = source.values[0] > 0
+    features = xr.DataArray(
+        np.stack([(fx - 1000.0) * on, (fy - 800.0) * on]),
+        dims=("c", "y", "x"),
+        coords={"c": [0, 1], "y": source.y.values, "x": source.x.values},
+    )
+    values = (at_src - [1000.0, 800.0]) + rng.normal(scale=100.0, size=at_src.shape)
+    return source, target, {"target_spots": spots, "spot_values": values, "source_features": features}, m
+
+
+@pytest.mark.parametrize(("rotation_deg", "flip"), [(40.0, False), (220.0, False), (40.0, True), (220.0, True)])
+def test_auto_init_expression_tells_symmetric_orientations_apart(rotation_deg, flip):
+    """An outline that fits four orientations: the shared-gene agreement at the spots picks the true one.
+
+    The ellipse fits the truth, its 180° turn and their two mirror images equally well, so the image score alone
+    picks one of them by noise (right on some of these four cases, wrong on the others); the expression fields
+    (x and y gradients) correlate +1 with the spots only for the truth.
+    """
+    source, target, spots, m = _symmetric_pair(rotation_deg, flip)
+    truth = decompose_affine(m)
+    res = auto_init(source, target, scale=1.5, **spots)
+    assert res.reflection == flip
+    assert abs((res.rotation_deg - truth["rotation_deg"] + 180) % 360 - 180) < 5.0
+    assert res.expression_r > 0.8
+    assert res.margin > 1.0  # the other orientations' expression correlates at 0 (mirrored) or -1 (turned)
+    from spatialdata_align.registration._init import _SpotAgreement
+
+    agree = _SpotAgreement.from_inputs(**spots)
+    turned = m @ np.array([[-1.0, 0, 2000.0], [0, -1.0, 1600.0], [0, 0, 1]])  # the same outline, turned by 180°
+    assert agree(m) > 0.9 and agree(turned) < -0.9
+    assert np.isnan(auto_init(source, target, scale=1.5).expression_r)
+    with pytest.raises(ValueError, match="together"):
+        auto_init(source, target, target_spots=spots["target_spots"])
+    with pytest.raises(ValueError, match="spot_values must be"):
+        auto_init(source, target, **{**spots, "spot_values": spots["spot_values"][:, :1]})
+
+
 def test_coarse_margin_is_the_chosen_orientation_over_any_other():
     import pandas as pd
 

@@ -35,6 +35,7 @@ from .registration import (
     Registration,
     auto_init,
     celltype_channels,
+    expression_features,
     fit_affine,
     lddmm,
     rasterize,
@@ -76,6 +77,35 @@ def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
     except (KeyError, ValueError, TypeError):
         return None
     return 1.0 / um_per_px if np.isfinite(um_per_px) and um_per_px > 0 else None
+
+
+#: expression components compared by the automatic initialisation (:func:`spot_expression`)
+EXPRESSION_COMPONENTS = 3
+
+
+def spot_expression(sd: SpatialData, source: str, scs: str, tcs: str, grid) -> dict:
+    """Shared-gene expression for :func:`~spatialdata_align.registration.auto_init`'s expression agreement.
+
+    The cells of ``source`` (with the table annotating them) and the in-tissue Visium spots in ``tcs``, summed over
+    the genes both measured (:func:`spatialdata_align.tl.shared_genes`' matching), as
+    :func:`~spatialdata_align.registration.expression_features` on the raster ``grid``. Returns the keyword
+    arguments ``target_spots``, ``spot_values``, ``source_features``, or ``{}`` when there is nothing to compare
+    (no table annotating the cells, no Visium spots, e.g. Visium HD, fewer than 2 shared genes).
+    """
+    from .tl import _data
+
+    try:
+        xen = _data.modality(sd, source, None, scs)
+        vis = _data.visium(sd, tcs)
+        genes = _data._match(xen.table, vis.table)
+        keep = np.flatnonzero(_data.in_tissue(vis))
+        x = _data.counts(xen.table) @ _data.summing_matrix(xen.table, genes["xenium_var"])
+        v = _data.counts(vis.table)[keep] @ _data.summing_matrix(vis.table, genes["visium_var"])
+        features, values, _ = expression_features(xen.xy, x, v, grid, n_components=EXPRESSION_COMPONENTS)
+    except (KeyError, ValueError) as err:
+        logger.info("no expression agreement for the automatic initialisation of %r (%s).", source, err)
+        return {}
+    return {"target_spots": vis.xy[keep], "spot_values": values, "source_features": features}
 
 
 #: tolerance (µm) of the landmark term: the map passes within a few µm of each landmark pair the affine came from.
@@ -425,6 +455,7 @@ class AlignAccessor:
         dx: float = 30.0,
         flip: bool | None = None,
         shape_prior: float = AFFINE_SHAPE_PRIOR,
+        expression: bool = True,
     ) -> AffineFit | InitResult:
         """Fit a source→target affine and register it as a native spatialdata ``Affine``.
 
@@ -462,6 +493,10 @@ class AlignAccessor:
             Landmark affines (source units, µm for Xenium): draws the affine's stretch and shear towards the best
             rotation + uniform scale where the landmarks spread little (three landmarks near a line); ``0`` gives
             the plain least-squares affine. See :func:`~spatialdata_align.registration.fit_affine`.
+        expression
+            ``auto=True``: let the expression of the genes both platforms measured (cells of ``source`` against the
+            Visium spots, :func:`spot_expression`) help choose among the candidate orientations; ignored when either
+            table is missing. ``False``: the images alone.
 
         Returns
         -------
@@ -479,12 +514,14 @@ class AlignAccessor:
             src_img = rasterize(element_xy(sd, source, scs), dx=dx)
             tgt_img = image_in_cs(sd, target, tcs, max_pixels=MAX_TARGET_PIXELS)
             scale = _known_scale(sd, scs, tcs)
+            spots = spot_expression(sd, source, scs, tcs, src_img) if expression else {}
             fit: AffineFit | InitResult = auto_init(
-                src_img, tgt_img, reflection=None if flip is not False else False, scale=scale
+                src_img, tgt_img, reflection=None if flip is not False else False, scale=scale, **spots
             )
             extra = {
                 "method": "auto",
                 "score": float(fit.score),
+                "expression_r": fit.expression_r,
                 "known_scale": scale,
                 "margin": fit.margin,
                 "coarse_margin": fit.coarse_margin,

@@ -6,6 +6,11 @@ threshold). Centroids and second moments give the translation and a scale; a bru
 over rotations (and a reflection) scores every candidate by normalised cross-correlation of the
 blurred tissue masks in one batched resampling; the best candidates are refined to a full affine by
 maximising the correlation of masks and intensities with L-BFGS.
+
+Given shared-gene expression on both sides (the target's spots and a source feature image), the refined
+candidates are chosen on the image score plus the expression agreement at the spots (:class:`_SpotAgreement`):
+the outline and density of a section often fit two orientations about equally, the expression of the genes
+both platforms measured rarely does.
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
 from torch.nn.functional import grid_sample
 
 from ._landmarks import decompose_affine
-from ._utils import Image, as_image, normalised_grid
+from ._utils import Image, as_image, check_points, normalised_grid
+
+#: weight of the shared-gene agreement (mean Pearson r of the expression components at the target spots) against
+#: the image score when :func:`auto_init` chooses among its refined candidates. Chosen on the 31 cached corpus pairs
+#: and checked on 24 pairs of seeds 3-4 (``docs/accuracy.md``, "Without landmarks")
+EXPRESSION_WEIGHT = 2.0
+#: fewest target spots whose pulled-back position lands on source tissue for the agreement to count
+_MIN_SPOTS = 10
 
 
 @dataclass
@@ -46,6 +58,10 @@ class InitResult:
         mirror state) minus the best of any other; ``nan`` when the search has no other. It catches a confident
         ``margin`` whose competitors were all of one wrong orientation, so the right one was never refined; it is
         negative when the chosen affine came from the whole-tissue search rather than this one.
+    expression_r
+        With shared-gene expression given: the chosen affine's agreement with it (mean Pearson r over the
+        expression components, at the target spots that land on source tissue); ``nan`` without. The choice and
+        ``margin`` then use ``score + EXPRESSION_WEIGHT * expression_r``.
     """
 
     matrix: np.ndarray
@@ -56,6 +72,7 @@ class InitResult:
     candidates: pd.DataFrame = field(repr=False)
     margin: float = float("nan")
     coarse_margin: float = float("nan")
+    expression_r: float = float("nan")
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -162,6 +179,9 @@ def auto_init(
     n_refine: int = 4,
     refine_iter: int = 60,
     scale: float | None = None,
+    target_spots=None,
+    spot_values=None,
+    source_features=None,
 ) -> InitResult:
     """Find a source→target affine without landmarks.
 
@@ -191,6 +211,14 @@ def auto_init(
         intensities correlate there; the refinement keeps that score, in the source frame, with the scale held
         near ``scale``. Without it, scale and translation come from the tissue masks' moments and the masks are
         matched whole (the two sections show the same tissue).
+    target_spots, spot_values, source_features
+        Optional shared-gene expression, as for the spot term of
+        :func:`~spatialdata_align.registration.lddmm` (e.g. from
+        :func:`~spatialdata_align.registration.expression_features`): ``(S, 2)`` spot positions ``(x, y)``
+        (target units), ``(S, k)`` values there and a ``(k, y, x)`` source feature image. The refined candidates
+        are then chosen on ``score + EXPRESSION_WEIGHT * r``, ``r`` the mean Pearson correlation of the
+        features pulled back from the spots with the spot values; with a known ``scale`` every refined candidate
+        of the whole-tissue search competes, not only its best.
 
     Returns
     -------
@@ -198,6 +226,7 @@ def auto_init(
     """
     I_full = as_image(source, name="source")
     J_full = as_image(target, name="target")
+    agree = _SpotAgreement.from_inputs(target_spots, spot_values, source_features)
     # work at a coarse, blurred resolution
     if resolution is None:
         resolution = 96 if scale is None else 160
@@ -218,11 +247,21 @@ def auto_init(
     if scale is not None:
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number (target units per source unit), got {scale!r}.")
-        # the whole-tissue search's answer competes too (it wins where the target's tissue mask is poor, e.g. fat)
-        whole = auto_init(I, J, angle_step=angle_step, reflection=reflection, resolution=resolution,
-                          n_refine=n_refine, refine_iter=refine_iter).matrix  # fmt: skip
+        # the whole-tissue search's answer competes too (it wins where the target's tissue mask is poor, e.g. fat);
+        # with expression to judge by, every one of its refined candidates
+        refined, _ = _whole_tissue(I, J, warper, j_feat, (c_i, cov_i), (c_j, cov_j), flips, angles, angle_step,
+                                   n_refine, refine_iter)  # fmt: skip
+        extra = [m for m, _ in refined] if agree is not None else [max(refined, key=lambda r: r[1])[0]]
         return _partial_overlap_init(I, J, (i_int, i_mask), j_mask, float(scale), flips, angles, n_refine,
-                                     refine_iter, angle_step, extra=whole)  # fmt: skip
+                                     refine_iter, angle_step, extra=extra, agree=agree)  # fmt: skip
+    refined, table = _whole_tissue(I, J, warper, j_feat, (c_i, cov_i), (c_j, cov_j), flips, angles, angle_step,
+                                   n_refine, refine_iter)  # fmt: skip
+    return _result(refined, table, agree)
+
+
+def _whole_tissue(I, J, warper, j_feat, mom_i, mom_j, flips, angles, angle_step, n_refine, refine_iter):
+    """The whole-tissue search: the refined ``(matrix, score)`` of the best distinct orientations and the table."""
+    (c_i, cov_i), (c_j, cov_j) = mom_i, mom_j
     scale = (np.linalg.det(cov_j) / np.linalg.det(cov_i)) ** 0.25
     cands = [(f, ang, _similarity(c_i, c_j, scale, np.radians(ang), f)) for f in flips for ang in angles]
     inv = torch.as_tensor(np.stack([np.linalg.inv(m) for _, _, m in cands]), dtype=torch.float64)
@@ -236,7 +275,7 @@ def auto_init(
 
     # refine the best few (distinct) candidates to full affines
     picked = _distinct_best(cands, score, angle_step, n_refine)
-    return _result([_refine(warper, j_feat, cands[idx][2], I, refine_iter) for idx in picked], table)
+    return [_refine(warper, j_feat, cands[idx][2], I, refine_iter) for idx in picked], table
 
 
 def _angdist(a: float, b: float) -> float:
@@ -255,15 +294,21 @@ def _distinct_best(cands, score, angle_step: float, n: int) -> list[int]:
     return picked
 
 
-def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame) -> InitResult:
-    """The best refined ``(matrix, score)``, with its margin over the best one of another orientation."""
-    matrix, sc = max(refined, key=lambda r: r[1])
+def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame, agree=None) -> InitResult:
+    """The best refined ``(matrix, score)``, with its margin over the best one of another orientation.
+
+    With ``agree`` (a :class:`_SpotAgreement`) "best" and the margin are on ``score + EXPRESSION_WEIGHT * r``.
+    """
+    expr = [agree(m) for m, _ in refined] if agree is not None else [0.0] * len(refined)
+    total = [s_ + EXPRESSION_WEIGHT * r for (_, s_), r in zip(refined, expr, strict=True)]
+    best = int(np.argmax(total))
+    matrix, sc = refined[best]
     dec = decompose_affine(matrix)
     others = []
-    for m, s_ in refined:
+    for (m, _), t in zip(refined, total, strict=True):
         o = decompose_affine(m)
         if o["reflection"] != dec["reflection"] or _angdist(o["rotation_deg"], dec["rotation_deg"]) > 20:
-            others.append(s_)
+            others.append(t)
     return InitResult(
         matrix=matrix,
         score=float(sc),
@@ -271,9 +316,57 @@ def _result(refined: list[tuple[np.ndarray, float]], table: pd.DataFrame) -> Ini
         reflection=dec["reflection"],
         scale=dec["scale"],
         candidates=table,
-        margin=float(sc - max(others)) if others else float("nan"),
+        margin=float(total[best] - max(others)) if others else float("nan"),
         coarse_margin=_coarse_margin(table, dec["reflection"], dec["rotation_deg"]),
+        expression_r=float(expr[best]) if agree is not None else float("nan"),
     )
+
+
+class _SpotAgreement:
+    """How well an affine carries the source's expression features onto the target spots' values.
+
+    For a candidate ``m`` (source -> target), each spot is pulled back to the source (``m^-1``) and the feature
+    image sampled there (bilinear, 0 off the grid); over the spots that land on source tissue (a non-zero feature)
+    the agreement is the mean, over features, of the Pearson correlation between those samples and the spot
+    values. Fewer than :data:`_MIN_SPOTS` such spots, or a constant feature, count as no agreement (0).
+    """
+
+    def __init__(self, spots: np.ndarray, values: np.ndarray, features: Image):
+        self.q, self.v, self.f = spots, values, features
+
+    @classmethod
+    def from_inputs(cls, target_spots, spot_values, source_features) -> _SpotAgreement | None:
+        given = [target_spots is not None, spot_values is not None, source_features is not None]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError("the expression agreement needs target_spots, spot_values and source_features together.")
+        q = check_points(target_spots, "target_spots", min_points=3)
+        v = np.asarray(spot_values, dtype=np.float64)
+        v = v[:, None] if v.ndim == 1 else v
+        f = as_image(source_features, name="source_features")
+        if v.ndim != 2 or v.shape[0] != q.shape[0] or v.shape[1] != f.data.shape[0]:
+            raise ValueError(
+                f"spot_values must be (n_spots, n_features) = ({q.shape[0]}, {f.data.shape[0]}), got {v.shape}."
+            )
+        if not np.all(np.isfinite(v)):
+            raise ValueError("spot_values contain NaN or infinite values.")
+        return cls(q, v, f)
+
+    def __call__(self, m: np.ndarray) -> float:
+        mi = np.linalg.inv(np.asarray(m, dtype=np.float64))
+        z = self.q @ mi[:2, :2].T + mi[:2, 2]
+        f = self.f
+        fi = (z[:, 0] - f.x[0]) / f.dx
+        fj = (z[:, 1] - f.y[0]) / f.dy
+        vals = np.stack([map_coordinates(ch, [fj, fi], order=1, mode="constant", cval=0.0) for ch in f.data], 1)
+        on = np.abs(vals).sum(1) > 0
+        if on.sum() < _MIN_SPOTS:
+            return 0.0
+        a, b = vals[on] - vals[on].mean(0), self.v[on] - self.v[on].mean(0)
+        den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+        r = np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1.0), 0.0)
+        return float(r.mean())
 
 
 def _coarse_margin(table: pd.DataFrame, reflection: bool, rotation_deg: float) -> float:
@@ -328,7 +421,8 @@ _INTENSITY_WEIGHT = 1.0
 _LOG_SCALE_SD = 0.1
 
 
-def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine, refine_iter, angle_step, extra=None):
+def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine, refine_iter, angle_step, extra=(),
+                          agree=None):  # fmt: skip
     """:func:`auto_init` with a known scale: rotations x all shifts by FFT, then a rigid + scale refinement."""
     i_int, i_mask = i_feats
     w_src = gaussian_filter(i_mask, 1.0)
@@ -386,8 +480,8 @@ def _partial_overlap_init(I, J, i_feats, j_mask, scale, flips, angles, n_refine,
     score = table["score"].to_numpy()
     picked = _distinct_best(cands, score, angle_step, n_refine)
     j_feat = np.stack([2 * gaussian_filter(j_mask, 1.0) - 1, jz / max(t_rms, 1e-12)])
-    starts = [cands[idx][2] for idx in picked] + ([] if extra is None else [np.asarray(extra, dtype=float)])
-    return _result([_refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter) for m0 in starts], table)
+    starts = [cands[idx][2] for idx in picked] + [np.asarray(m, dtype=float) for m in extra]
+    return _result([_refine_rigid(I, feats, J, j_feat, m0, scale, refine_iter) for m0 in starts], table, agree)
 
 
 def _refine_rigid(I, feats, J, j_feat, m0, scale, n_iter):
