@@ -72,12 +72,23 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     assert corr.set_index("gene").loc["EGFR", "pearson"] > 0.3
 
 
-def test_run_with_automatic_initialisation(twin, tmp_path):
-    """No landmarks: the automatic affine search, then LDDMM, still lands within a few µm of the truth."""
+def test_run_with_automatic_initialisation(twin, tmp_path, monkeypatch):
+    """No landmarks: the automatic affine search, then LDDMM, still lands within a few µm of the truth.
+
+    The search's margin and expression agreement are in the summary, and an ambiguous search (its margin lowered
+    here) is one of the verdict's reasons.
+    """
+    import dataclasses
+
+    from spatialdata_align import _accessor
     from spatialdata_align._pipeline import run_pipeline
 
+    real = _accessor.auto_init
+    monkeypatch.setattr(_accessor, "auto_init", lambda *a, **k: dataclasses.replace(real(*a, **k), margin=0.05))
     res = run_pipeline(twin.xenium_path, twin.visium_path, auto_init=True, verbose=False, progress=False)
     assert res.summary["affine"]["method"] == "auto"
+    assert res.summary["affine"]["margin"] == 0.05 and res.summary["affine"]["expression_r"] > 0.5
+    assert any("initialisation is ambiguous" in r for r in res.summary["verdict"]["reasons"])
     sd = res.sdata
     cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)
     err = np.linalg.norm(element_xy(sd, f"{XENIUM_CELLS}_aligned", VISIUM_CS) - twin.truth.forward(cells), axis=1)

@@ -531,13 +531,17 @@ class AlignAccessor:
             finite = [m for m in (fit.margin, fit.coarse_margin) if np.isfinite(m)]
             margin = min(finite) if finite else float("nan")
             if margin < AMBIGUOUS_MARGIN:
-                warnings.warn(
-                    f"the automatic initialisation is ambiguous: another orientation (mirrored, or rotated by more "
-                    f"than 20°) scores within {margin:.3f} of the chosen one ({fit.score:.3f}), so the tissue "
-                    "outlines and densities cannot tell them apart. Fix: place 3-6 landmarks (--landmarks; Python: "
-                    "sdata.align.set_landmarks(...) then sdata.align.affine()), or check the overlay in the report.",
-                    UserWarning,
-                    stacklevel=2,
+                # a soft finding: warned here, and in a pipeline run recorded for the report's verdict
+                evidence = "outlines and densities" + (" and the shared-gene expression" if spots else "")
+                _checks.soft_warning(
+                    _checks.Finding(
+                        "ambiguous_init",
+                        f"the automatic initialisation is ambiguous: another orientation (mirrored, or rotated by "
+                        f"more than 20°) scores within {margin:.3f} of the chosen one, so the tissue {evidence} "
+                        "cannot tell them apart.",
+                        "place 3-6 landmarks (--landmarks; Python: sdata.align.set_landmarks(...) then "
+                        "sdata.align.affine()), or check the overlay in the report.",
+                    )
                 )
         else:
             if landmarks is False:

@@ -203,6 +203,9 @@ def run_pipeline(
             else:
                 fit = sdata.align.affine(XENIUM_CELLS, target, landmarks=False, auto=True, flip=True)
                 affine_info = {"method": "auto", "score": float(fit.score), "rotation_deg": fit.rotation_deg}
+                for name in ("margin", "coarse_margin", "expression_r"):  # (nan: not measured)
+                    value = float(getattr(fit, name))
+                    affine_info[name] = round(value, 4) if np.isfinite(value) else None
                 if fit.reflection and not flip:
                     _checks.suspect(
                         "reflection",
