@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
+import pandas as pd
 import pytest
 import spatialdata
 from spatialdata.models import get_table_keys
@@ -169,6 +170,25 @@ def test_affine_auto_recovers_rotation_scale_and_flip(tmp_path, flip, monkeypatc
     assert _store.get_entry(sd, "xenium_to_visium_affine")["expression_r"] == pytest.approx(res.expression_r)
     plain = sd.align.affine(XENIUM_CELLS, VISIUM_HIRES, auto=True, expression=False, key="plain")
     assert "spot_values" not in seen and np.isnan(plain.expression_r)
+
+
+def test_spot_expression_is_left_out_when_there_is_nothing_to_compare(sdata, monkeypatch):
+    """The automatic search falls back to the images alone (no error) with too few spots or no shared genes."""
+    from spatialdata_align import _accessor
+    from spatialdata_align.tl import _data
+
+    grid = rasterize(element_xy(sdata, XENIUM_CELLS, XENIUM_CS), dx=30.0)
+    full = _accessor.spot_expression(sdata, XENIUM_CELLS, XENIUM_CS, VISIUM_CS, grid)
+    n_in = int(_data.in_tissue(_data.visium(sdata, VISIUM_CS)).sum())
+    assert full["spot_values"].shape == (n_in, _accessor.EXPRESSION_COMPONENTS)
+    real = _data.in_tissue
+    few = _accessor.MIN_EXPRESSION_SPOTS - 1
+    monkeypatch.setattr(_data, "in_tissue", lambda vis: np.arange(len(real(vis))) < few)
+    assert _accessor.spot_expression(sdata, XENIUM_CELLS, XENIUM_CS, VISIUM_CS, grid) == {}
+    monkeypatch.setattr(_data, "in_tissue", real)
+    monkeypatch.setattr(_data, "_match", lambda *a, **k: pd.DataFrame({"gene": [], "xenium_var": [], "visium_var": []}))
+    assert _accessor.spot_expression(sdata, XENIUM_CELLS, XENIUM_CS, VISIUM_CS, grid) == {}
+    assert _accessor.spot_expression(sdata, "no_such_cells", XENIUM_CS, VISIUM_CS, grid) == {}
 
 
 def test_affine_auto_warns_when_another_orientation_scores_nearly_as_well(sdata, monkeypatch):

@@ -81,6 +81,8 @@ def _known_scale(sd: SpatialData, scs: str, tcs: str) -> float | None:
 
 #: expression components compared by the automatic initialisation (:func:`spot_expression`)
 EXPRESSION_COMPONENTS = 3
+#: fewest in-tissue Visium spots for the expression to take part in the automatic initialisation
+MIN_EXPRESSION_SPOTS = 10
 
 
 def spot_expression(sd: SpatialData, source: str, scs: str, tcs: str, grid) -> dict:
@@ -90,7 +92,8 @@ def spot_expression(sd: SpatialData, source: str, scs: str, tcs: str, grid) -> d
     the genes both measured (:func:`spatialdata_align.tl.shared_genes`' matching), as
     :func:`~spatialdata_align.registration.expression_features` on the raster ``grid``. Returns the keyword
     arguments ``target_spots``, ``spot_values``, ``source_features``, or ``{}`` when there is nothing to compare
-    (no table annotating the cells, no Visium spots, e.g. Visium HD, fewer than 2 shared genes).
+    (no table annotating the cells, no Visium spots, e.g. Visium HD, fewer than :data:`MIN_EXPRESSION_SPOTS` of them
+    in tissue, fewer than 2 shared genes).
     """
     from .tl import _data
 
@@ -99,6 +102,8 @@ def spot_expression(sd: SpatialData, source: str, scs: str, tcs: str, grid) -> d
         vis = _data.visium(sd, tcs)
         genes = _data._match(xen.table, vis.table)
         keep = np.flatnonzero(_data.in_tissue(vis))
+        if keep.size < MIN_EXPRESSION_SPOTS:
+            raise ValueError(f"{keep.size} in-tissue Visium spots")
         x = _data.counts(xen.table) @ _data.summing_matrix(xen.table, genes["xenium_var"])
         v = _data.counts(vis.table)[keep] @ _data.summing_matrix(vis.table, genes["visium_var"])
         features, values, _ = expression_features(xen.xy, x, v, grid, n_components=EXPRESSION_COMPONENTS)
