@@ -321,6 +321,11 @@ def test_auto_init_expression_tells_symmetric_orientations_apart(rotation_deg, f
         auto_init(source, target, target_spots=spots["target_spots"])
     with pytest.raises(ValueError, match="spot_values must be"):
         auto_init(source, target, **{**spots, "spot_values": spots["spot_values"][:, :1]})
+    # the LDDMM spot term checks the same inputs the same way (before any work)
+    with pytest.raises(ValueError, match="the spot term needs"):
+        lddmm(source, target, source_features=spots["source_features"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        lddmm(source, target, **{**spots, "spot_values": np.full_like(spots["spot_values"], np.nan)})
 
 
 def test_coarse_margin_is_the_chosen_orientation_over_any_other():

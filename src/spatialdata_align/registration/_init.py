@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from scipy.ndimage import gaussian_filter, map_coordinates
+from scipy.ndimage import gaussian_filter
 from torch.nn.functional import grid_sample
 
 from ._landmarks import decompose_affine
-from ._utils import Image, as_image, check_points, normalised_grid
+from ._utils import Image, as_image, check_spot_inputs, interp, normalised_grid
 
 #: weight of the shared-gene agreement (mean Pearson r of the expression components at the target spots) against
 #: the image score when :func:`auto_init` chooses among its refined candidates. Chosen on the 31 cached corpus pairs
@@ -336,30 +336,15 @@ class _SpotAgreement:
 
     @classmethod
     def from_inputs(cls, target_spots, spot_values, source_features) -> _SpotAgreement | None:
-        given = [target_spots is not None, spot_values is not None, source_features is not None]
-        if not any(given):
-            return None
-        if not all(given):
-            raise ValueError("the expression agreement needs target_spots, spot_values and source_features together.")
-        q = check_points(target_spots, "target_spots", min_points=3)
-        v = np.asarray(spot_values, dtype=np.float64)
-        v = v[:, None] if v.ndim == 1 else v
-        f = as_image(source_features, name="source_features")
-        if v.ndim != 2 or v.shape[0] != q.shape[0] or v.shape[1] != f.data.shape[0]:
-            raise ValueError(
-                f"spot_values must be (n_spots, n_features) = ({q.shape[0]}, {f.data.shape[0]}), got {v.shape}."
-            )
-        if not np.all(np.isfinite(v)):
-            raise ValueError("spot_values contain NaN or infinite values.")
-        return cls(q, v, f)
+        given = check_spot_inputs(target_spots, spot_values, source_features, "the expression agreement")
+        return None if given is None else cls(*given)
 
     def __call__(self, m: np.ndarray) -> float:
         mi = np.linalg.inv(np.asarray(m, dtype=np.float64))
         z = self.q @ mi[:2, :2].T + mi[:2, 2]
         f = self.f
-        fi = (z[:, 0] - f.x[0]) / f.dx
-        fj = (z[:, 1] - f.y[0]) / f.dy
-        vals = np.stack([map_coordinates(ch, [fj, fi], order=1, mode="constant", cval=0.0) for ch in f.data], 1)
+        data, pts = torch.as_tensor(f.data, dtype=torch.float64), torch.as_tensor(z, dtype=torch.float64)
+        vals = interp(data, f.x, f.y, pts, padding="zeros").numpy().T
         on = np.abs(vals).sum(1) > 0
         if on.sum() < _MIN_SPOTS:
             return 0.0

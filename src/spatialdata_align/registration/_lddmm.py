@@ -60,7 +60,7 @@ from ._flow import (
     sobolev_symbol,
 )
 from ._result import Registration
-from ._utils import Image, as_image, check_points, homogeneous, interp
+from ._utils import Image, as_image, check_points, check_spot_inputs, homogeneous, interp
 
 #: line-search trials per iteration; a search that fails updates the mixture (if stale) or ends the level
 _MAX_TRIALS = 20
@@ -577,9 +577,7 @@ def lddmm(
             raise ValueError(
                 f"landmarks must be matched pairs: {lm_src.shape[0]} source vs {lm_dst.shape[0]} target points."
             )
-    spot_given = [target_spots is not None, spot_values is not None, source_features is not None]
-    if any(spot_given) and not all(spot_given):
-        raise ValueError("the spot term needs target_spots, spot_values and source_features together.")
+    spot_inputs = check_spot_inputs(target_spots, spot_values, source_features, "the spot term")
     scale_a = abs(np.linalg.det(A0[:2, :2])) ** 0.5
     dxI = I_img.dx
     if kernel_scales is None:
@@ -632,18 +630,8 @@ def lddmm(
         dtype=dtype,
         device=device,
     )
-    if all(spot_given):
-        q = check_points(target_spots, "target_spots", min_points=3)
-        vals = np.asarray(spot_values, dtype=np.float64)
-        if vals.ndim == 1:
-            vals = vals[:, None]
-        F_img = as_image(source_features, name="source_features")
-        if vals.shape[0] != q.shape[0] or vals.shape[1] != F_img.data.shape[0]:
-            raise ValueError(
-                f"spot_values must be (n_spots, n_features) = ({q.shape[0]}, {F_img.data.shape[0]}), got {vals.shape}."
-            )
-        if not np.all(np.isfinite(vals)):
-            raise ValueError("spot_values contain NaN or infinite values.")
+    if spot_inputs is not None:
+        q, vals, F_img = spot_inputs
         term = SpotTerm(torch.as_tensor(vals.T.copy(), dtype=dtype, device=device), area=1.0)
         prob.spots = _SpotInput(
             term, torch.as_tensor(q, dtype=dtype, device=device), F_img, torch.as_tensor(F_img.data, dtype=dtype)

@@ -157,6 +157,32 @@ def check_points(xy, name: str = "points", *, min_points: int = 0) -> np.ndarray
     return arr
 
 
+def check_spot_inputs(target_spots, spot_values, source_features, what: str):
+    """Validate the shared-gene spot inputs of :func:`lddmm`'s spot term and :func:`auto_init`'s agreement.
+
+    Returns ``None`` when none is given, else ``(spots, values, features)``: ``(S, 2)`` float64 points, ``(S, k)``
+    float64 values (a 1-D array is one feature) and the feature :class:`Image` (``k`` channels). ``what`` names the
+    consumer in the error raised when only some are given.
+    """
+    given = [target_spots is not None, spot_values is not None, source_features is not None]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError(f"{what} needs target_spots, spot_values and source_features together.")
+    q = check_points(target_spots, "target_spots", min_points=3)
+    vals = np.asarray(spot_values, dtype=np.float64)
+    if vals.ndim == 1:
+        vals = vals[:, None]
+    features = as_image(source_features, name="source_features")
+    if vals.ndim != 2 or vals.shape[0] != q.shape[0] or vals.shape[1] != features.data.shape[0]:
+        raise ValueError(
+            f"spot_values must be (n_spots, n_features) = ({q.shape[0]}, {features.data.shape[0]}), got {vals.shape}."
+        )
+    if not np.all(np.isfinite(vals)):
+        raise ValueError("spot_values contain NaN or infinite values.")
+    return q, vals, features
+
+
 def homogeneous(matrix) -> np.ndarray:
     """Return a ``(3, 3)`` float64 homogeneous affine from a ``(2, 3)`` or ``(3, 3)`` matrix."""
     m = np.asarray(matrix, dtype=np.float64)
