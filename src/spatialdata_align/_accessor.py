@@ -104,8 +104,8 @@ def spot_expression(sd: SpatialData, source: str, scs: str, tcs: str, grid) -> d
         keep = np.flatnonzero(_data.in_tissue(vis))
         if keep.size < MIN_EXPRESSION_SPOTS:
             raise ValueError(f"{keep.size} in-tissue Visium spots")
-        x = _data.counts(xen.table) @ _data.summing_matrix(xen.table, genes["xenium_var"])
-        v = _data.counts(vis.table)[keep] @ _data.summing_matrix(vis.table, genes["visium_var"])
+        x = _data.shared_counts(xen.table, genes["xenium_var"])
+        v = _data.shared_counts(vis.table, genes["visium_var"])[keep]
         features, values, _ = expression_features(xen.xy, x, v, grid, n_components=EXPRESSION_COMPONENTS)
     except (KeyError, ValueError) as err:
         logger.info("no expression agreement for the automatic initialisation of %r (%s).", source, err)

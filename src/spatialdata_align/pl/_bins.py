@@ -59,7 +59,7 @@ def bins_gene(
     col = list(binned.var_names.str.upper()).index(name.upper())
     xv = _data.lognorm(binned.X[:, [col]], binned.obs["total_counts"].to_numpy()).ravel()
     xv[binned.obs["n_cells"].to_numpy() == 0] = np.nan
-    g = _data.counts(vis.table, visium_layer) @ _data.summing_matrix(vis.table, gm["visium_var"])
+    g = _data.shared_counts(vis.table, gm["visium_var"], visium_layer)
     vv = _data.lognorm(g, _data.gene_totals(vis.table, visium_layer)).ravel()
     r = vis.table.obs["array_row"].to_numpy()
     c = vis.table.obs["array_col"].to_numpy()

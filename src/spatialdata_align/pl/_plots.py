@@ -334,8 +334,7 @@ def _gene_values(sdata: SpatialData, gene: str, layer=None, visium_layer=None):
     gm = _data._match(xen.table, vis.table, [gene])
     out = []
     for mod, col, lay in ((xen, "xenium_var", layer), (vis, "visium_var", visium_layer)):
-        X = _data.counts(mod.table, lay)
-        g = X @ _data.summing_matrix(mod.table, gm[col])
+        g = _data.shared_counts(mod.table, gm[col], lay)
         lib = _data.gene_totals(mod.table, lay)
         out.append(_data.lognorm(g, lib).ravel())
     return str(gm["gene"].iloc[0]), xen, vis, out[0], out[1]

@@ -117,7 +117,7 @@ def bin_cells(
         idx, inside = np.zeros(n_cells, dtype=np.int64), np.zeros(n_cells, dtype=bool)
     cells = np.flatnonzero(inside)
     S = sp.csr_matrix((np.ones(len(cells), np.float32), (idx[inside], cells)), shape=(n_bins, n_cells))
-    P = sp.csr_matrix(S @ (_data.counts(xen.table, layer) @ _data.summing_matrix(xen.table, gm["xenium_var"])))
+    P = sp.csr_matrix(S @ _data.shared_counts(xen.table, gm["xenium_var"], layer))
     P.sort_indices()
     _, _, instance = get_table_keys(vis.table)
     obs = pd.DataFrame(

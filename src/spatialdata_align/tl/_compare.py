@@ -104,7 +104,6 @@ def pseudo_spots(
     xen = _data.xenium(sdata, VISIUM_CS)
     r = _radius_px(sdata, vis, radius, units)
     gm = _data._match(xen.table, vis.table, genes)
-    X = _data.counts(xen.table, layer)
     n_spots, n_cells = vis.table.n_obs, xen.table.n_obs
     if n_cells:
         lists = cKDTree(xen.xy).query_ball_point(vis.xy, r, return_sorted=False)
@@ -114,8 +113,7 @@ def pseudo_spots(
         lens, cols = np.zeros(n_spots, dtype=np.int64), np.zeros(0, dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(lens)])
     S = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, indptr), shape=(n_spots, n_cells))
-    G = _data.summing_matrix(xen.table, gm["xenium_var"])
-    P = sp.csr_matrix(S @ (X @ G))
+    P = sp.csr_matrix(S @ _data.shared_counts(xen.table, gm["xenium_var"], layer))
     P.sort_indices()
     totals = S @ _data.gene_totals(xen.table, layer)
     _, _, v_instance = get_table_keys(vis.table)
@@ -230,7 +228,7 @@ def paired_from(
     gm = pd.DataFrame(
         {"gene": pseudo.var_names.astype(str), "visium_var": [v.split(";") for v in pseudo.var["visium_var"]]}
     )
-    V = _data.counts(vis.table, visium_layer) @ _data.summing_matrix(vis.table, gm["visium_var"])
+    V = _data.shared_counts(vis.table, gm["visium_var"], visium_layer)
     V = sp.csr_matrix(V)
     P = sp.csr_matrix(pseudo.X)
     if library == "all":

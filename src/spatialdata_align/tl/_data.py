@@ -312,6 +312,15 @@ def summing_matrix(table: ad.AnnData, groups) -> sp.csr_matrix:
     return sp.csr_matrix((data, (rows, cols)), shape=(table.n_vars, len(groups)))
 
 
+def shared_counts(table: ad.AnnData, groups, layer: str | None = None):
+    """Counts of the shared genes of one modality: ``(n_obs, n_groups)``, the variables of each group summed.
+
+    ``groups`` is a column of :func:`_match`'s frame (``"xenium_var"`` / ``"visium_var"``): per shared gene, the
+    variables of ``table`` measuring it. ``layer``: as in :func:`counts`.
+    """
+    return counts(table, layer) @ summing_matrix(table, groups)
+
+
 def counts(table: ad.AnnData, layer: str | None = None):
     """The counts matrix of a table (``X`` or a layer) as CSR (or dense ndarray)."""
     if layer is None:
