@@ -723,3 +723,72 @@ def test_mixture_gradient_matches_finite_differences(n_channels):
     e_again, g_again, _ = term.evaluate(Iw)
     assert float(e_again) == float(e)
     torch.testing.assert_close(g_again, g, rtol=0, atol=0)
+
+
+def test_long_kernel_scales_reach_the_finest_grid():
+    """Each kernel scale has its own velocity grid (coarser for longer scales); their fields are resampled onto the
+    finest grid and summed. An impulse in the longest scale's parameters must give a velocity on the finest grid
+    that is as wide as that scale (without it, a deformation found in textured tissue would not extend smoothly over
+    featureless tissue); an impulse in the shortest scale's stays narrow."""
+    img = lddmm_mod.as_image(np.ones((1, 120, 120)), name="source")  # pixel units
+    prob = lddmm_mod._Problem(img, np.eye(3), scales_a=(4.0, 36.0), kernel_weights=(1.0, 1.0), p=2.0, nt=3, dv=2.0,
+                              sigma_r=10.0, sigma_p=1.0, lm_src=None, lm_dst=None, dtype=torch.float64,
+                              device="cpu")  # fmt: skip
+    assert [g["dv"] for g in prob.grids] == [2.0, 12.0]
+    row_y = int(np.argmin(np.abs(prob.yv - 60)))
+
+    def profile(scale: int):
+        _, ws = prob.unpack(torch.zeros(prob.n_x, dtype=torch.float64))
+        g = prob.grids[scale]
+        ws[scale][0, 0, np.argmin(np.abs(g["y"] - 60)), np.argmin(np.abs(g["x"] - 60))] = 1.0
+        v = prob.velocity(ws)
+        assert float(v[:, 1].abs().max()) == 0 and float(v[1:].abs().max()) == 0  # x component at t = 0 only
+        row = v[0, 0, row_y].numpy()
+        half = prob.xv[row >= row.max() / 2]
+        return row.max(), prob.xv[row.argmax()], half.max() - half.min()
+
+    peak_f, at_f, width_f = profile(0)
+    peak_c, at_c, width_c = profile(1)
+    assert peak_f > 0 and abs(at_f - 60) <= 2 and width_f < 16  # ~2 a of the short scale
+    assert peak_c > 0 and abs(at_c - 60) <= 12 and width_c > 72  # ~2.5 a of the long one (90 px)
+
+
+def test_spot_term_estimates_each_features_noise_level():
+    """The spot term's weight against the image is estimated, not set: its calibration (E ~ b F + c) and each
+    feature's noise level come from the residuals of the spots weighted as matched; unmatched spots drop out; the
+    floor keeps a perfectly explained feature from taking over."""
+    from spatialdata_align.registration._data import SpotTerm
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    F = rng.normal(size=(3, n))
+    noise = np.array([0.3, 1.0, 0.0])
+    E = 2.0 * F + 1.0 + noise[:, None] * rng.normal(size=(3, n))
+    E[:, : n // 4] = rng.normal(scale=5.0, size=(3, n // 4))  # spots with no source tissue under them
+    term = SpotTerm(torch.as_tensor(E), area=1.0)
+    np.testing.assert_allclose(term.sigma.numpy(), E.std(axis=1, ddof=1), rtol=1e-6)  # a weak start
+    occupancy = torch.ones(n, dtype=torch.float64)
+    occupancy[: n // 4] = 0.0
+    term.w = occupancy  # as after a first M-step
+    _, _, r = term.evaluate(torch.as_tensor(F), want_grad=False)
+    term.m_step(r, occupancy)
+    b, c = term.calib
+    np.testing.assert_allclose(b.numpy(), 2.0, rtol=0.02)
+    np.testing.assert_allclose(c.numpy(), 1.0, atol=0.02)
+    np.testing.assert_allclose(term.sigma.numpy()[:2], noise[:2], rtol=0.05)
+    np.testing.assert_allclose(term.sigma.numpy()[2], 0.05 * E[2].std(ddof=1), rtol=1e-6)  # the floor
+    # the gradient then weighs each feature's residual by 1 / sigma^2: the precise feature pulls harder (|r| / sigma^2
+    # ~ 1 / sigma: 3.3x)
+    _, g, _ = term.evaluate(torch.as_tensor(F))
+    assert float(g[0].abs().mean()) > 2.5 * float(g[1].abs().mean())
+
+
+def test_a_level_runs_min_iter_before_it_may_stop(toy):
+    """The convergence test cannot declare success after a few steps: with a tolerance every step meets, each level
+    still takes ``min_iter`` iterations (less the odd iteration spent on a mixture update)."""
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    kw = dict(FAST, scales=(2,), max_iter=(60,), affine_iter=0, tol=1e6, min_iter=30)
+    reg = lddmm(toy.source, toy.target, affine=fit.matrix, **kw)
+    (level,) = reg.params["levels"]
+    assert level["reason"].startswith("converged")
+    assert 26 <= level["iterations"] <= 30
