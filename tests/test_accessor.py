@@ -333,6 +333,38 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     assert np.abs(reg.transform_points(back) - spots_px).max() < 0.2
 
 
+def test_apply_polygons_follow_the_lddmm_not_just_its_affine(fitted):
+    """Polygon shapes (cell or nucleus boundaries) are mapped vertex by vertex with the full fitted map.
+
+    Fails when ``apply`` maps polygons with the affine alone (it did pass every test then: the only boundary test
+    fits an affine): the velocity moves these vertices by several pixels.
+    """
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    sd, _, reg = fitted
+    xy = element_xy(sd, XENIUM_CELLS, XENIUM_CS)[::97][:40]
+    boxes = [shapely.box(x - 6.0, y - 6.0, x + 8.0, y + 5.0) for x, y in xy]  # µm
+    sd.shapes["boxes_check"] = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=boxes), transformations={XENIUM_CS: Identity()}
+    )
+    try:
+        name = sd.align.apply("boxes_check", name="boxes_check_aligned", tables=False)
+        got = np.concatenate([np.asarray(g.exterior.coords) for g in sd.shapes[name].geometry])
+        verts = np.concatenate([np.asarray(b.exterior.coords) for b in boxes])
+        want = reg.transform_points(verts)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        A = reg.affine
+        assert np.median(np.linalg.norm(want - (verts @ A[:2, :2].T + A[:2, 2]), axis=1)) > 2.0  # px
+        assert list(get_transformation(sd[name], get_all=True)) == [VISIUM_CS]
+    finally:
+        for el in ("boxes_check", "boxes_check_aligned"):
+            if el in sd.shapes:
+                del sd.shapes[el]
+
+
 def test_apply_scales_circle_radii_into_the_output_units(fitted, twin):
     """Circles keep their physical size: cell radii in µm become full-resolution pixels, spot radii become µm.
 
