@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -377,6 +378,16 @@ def test_one_folder_of_the_wrong_kind(case, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def _can_create_in(folder: Path) -> bool:
+    """The fixture's own probe (not ``_checks._writable``, which the tests below check: with it, a broken
+    ``_writable`` made the fixture skip them instead of letting them fail)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """Make a folder read-only, also for root (chattr +i); skip where that is impossible."""
@@ -386,9 +397,9 @@ def read_only(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         os.chmod(folder, 0o555)
         made.append(folder)
-        if _checks._writable(folder) and shutil.which("chattr"):
+        if _can_create_in(folder) and shutil.which("chattr"):
             subprocess.run(["chattr", "+i", str(folder)], check=False, capture_output=True)
-        if _checks._writable(folder):
+        if _can_create_in(folder):
             pytest.skip("cannot make a read-only folder here (root without chattr)")
         return folder
 
