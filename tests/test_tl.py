@@ -174,6 +174,29 @@ def test_shared_region_acceptance(pair):
     assert inside.sum() == n and pair.in_tissue[inside].all()
 
 
+def test_shared_region_keeps_the_spots_with_enough_cells(pair):
+    """A spot joins the region when its lattice cell holds at least ``min_cells`` aligned cells (default: a tenth of
+    the median over the occupied in-tissue spots), so a few stray cells at the edge do not extend it."""
+    from spatialdata_align.tl._region import AUTO_MIN_FRACTION, spot_cell_counts
+
+    sd = pair.sdata
+    _, _, counts, _, _ = spot_cell_counts(sd)
+    occupied = counts[pair.in_tissue & (counts > 0)]
+    k = float(np.percentile(occupied, 25))
+    assert (occupied < k).sum() >= 5  # spots the threshold must leave out
+
+    def spots_in(region):
+        return shapely.contains_xy(region, pair.spots_px[:, 0], pair.spots_px[:, 1])
+
+    inside = spots_in(sda.tl.shared_region(sd, min_cells=k, copy=True))
+    np.testing.assert_array_equal(inside, pair.in_tissue & (counts >= k))
+    auto = spots_in(sda.tl.shared_region(sd, copy=True))
+    np.testing.assert_array_equal(
+        auto, pair.in_tissue & (counts > 0) & (counts >= AUTO_MIN_FRACTION * np.median(occupied))
+    )
+    assert inside.sum() < auto.sum()
+
+
 def test_shared_region_fails_acceptance_when_misaligned():
     """A 500 µm error breaks the criterion, so the acceptance test above can fail."""
     p = fresh(shift_um=500.0)
