@@ -333,6 +333,7 @@ class _SpotAgreement:
 
     def __init__(self, spots: np.ndarray, values: np.ndarray, features: Image):
         self.q, self.v, self.f = spots, values, features
+        self._data = torch.as_tensor(features.data, dtype=torch.float64)  # sampled once per refined candidate
 
     @classmethod
     def from_inputs(cls, target_spots, spot_values, source_features) -> _SpotAgreement | None:
@@ -343,8 +344,7 @@ class _SpotAgreement:
         mi = np.linalg.inv(np.asarray(m, dtype=np.float64))
         z = self.q @ mi[:2, :2].T + mi[:2, 2]
         f = self.f
-        data, pts = torch.as_tensor(f.data, dtype=torch.float64), torch.as_tensor(z, dtype=torch.float64)
-        vals = interp(data, f.x, f.y, pts, padding="zeros").numpy().T
+        vals = interp(self._data, f.x, f.y, torch.as_tensor(z, dtype=torch.float64), padding="zeros").numpy().T
         on = np.abs(vals).sum(1) > 0
         if on.sum() < _MIN_SPOTS:
             return 0.0
