@@ -393,6 +393,8 @@ def test_xenium_options(xdirs, xin):
     assert set(full.shapes) == {XENIUM_CELLS}
     assert set(full.labels) == {"xenium_cell_labels", "xenium_nucleus_labels"}
     lab = np.asarray(_scale0(full.labels["xenium_cell_labels"]).values)
+    for name in ("xenium_cell_labels", "xenium_nucleus_labels"):  # label pixels to µm, like the morphology image
+        np.testing.assert_allclose(_matrix(full.labels[name], XENIUM_CS), np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]))
     # the label at a cell's centre pixel is the 1-based index of the last cell whose disc covers that pixel centre
     cx = xin.cells["x_centroid"].to_numpy() / PIXEL_SIZE
     cy = xin.cells["y_centroid"].to_numpy() / PIXEL_SIZE
@@ -517,6 +519,42 @@ def test_xenium_old_integer_ids_and_no_transcripts(tmp_path):
     assert list(sd.tables[XENIUM_TABLE].obs_names) == [str(i) for i in range(1, 13)]
     assert list(sd.shapes[XENIUM_CELLS].index) == [str(i) for i in range(1, 13)]
     np.testing.assert_array_equal(sd.tables[XENIUM_TABLE].X.toarray(), small.counts.toarray()[:, small.gene_mask])
+
+
+def test_xenium_pixel_size_argument_only_without_experiment_file(xin, tmp_path):
+    bare = xin.write(tmp_path / "bare", layout="minimal", experiment=False)
+    assert not (bare / "experiment.xenium").exists()
+    for arg, expected in ((None, 0.2125), (0.5, 0.5)):
+        sd = sda.io.read_xenium(bare, pixel_size=arg, transcripts=False)
+        assert sd.tables[XENIUM_TABLE].uns["xenium"]["pixel_size"] == pytest.approx(expected)
+        img = sd.images["xenium_morphology_focus"]
+        np.testing.assert_allclose(_matrix(img, XENIUM_CS), np.diag([expected, expected, 1.0]))
+    # experiment.xenium's pixel size wins over the argument
+    spec = sda.io.read_xenium(xin.write(tmp_path / "spec", experiment=True), pixel_size=0.5, transcripts=False)
+    assert spec.tables[XENIUM_TABLE].uns["xenium"]["pixel_size"] == pytest.approx(PIXEL_SIZE)
+
+
+def test_xenium_cells_file_order_differs_from_the_matrix(xin, tmp_path):
+    folder = xin.write(tmp_path / "x", layout="minimal")
+    perm = np.random.default_rng(5).permutation(len(xin.cells))
+    pd.read_csv(folder / "cells.csv.gz").iloc[perm].to_csv(folder / "cells.csv.gz", index=False)
+    sd = sda.io.read_xenium(folder, transcripts=False, images=False)
+    table = sd.tables[XENIUM_TABLE]
+    # the table follows the cells file; each row keeps its own cell's counts, found by barcode in the matrix
+    assert list(table.obs_names) == list(xin.cells["cell_id"].to_numpy()[perm])
+    np.testing.assert_array_equal(table.X.toarray(), xin.counts.toarray()[perm][:, xin.gene_mask])
+    np.testing.assert_allclose(table.obsm["spatial"], xin.cells[["x_centroid", "y_centroid"]].to_numpy()[perm])
+
+
+def test_xenium_duplicated_cell_ids(xcopy):
+    cells = pd.read_csv(xcopy / "cells.csv.gz")
+    cells.loc[4, "cell_id"] = cells.loc[3, "cell_id"]
+    cells.to_csv(xcopy / "cells.csv.gz", index=False)
+    with pytest.raises(
+        ValueError,
+        match=rf"cells\.csv\.gz: 'cell_id' is not unique \(1 duplicated, e\.g\. \['{cells.loc[3, 'cell_id']}'\]",
+    ):
+        sda.io.read_xenium(xcopy)
 
 
 # ------------------------------------------------------------------------------------------------ Visium
@@ -864,6 +902,15 @@ def test_visium_malformed_files(vcopy):
     tissue = [line for line in lines[1:] if line.split(",")[1] == "1"]
     pos.write_text("\n".join(line for line in lines if line not in tissue[:3]) + "\n")
     with pytest.raises(ValueError, match=rf"3 of {len(tissue)} barcodes of filtered_feature_bc_matrix\.h5 are not in"):
+        sda.io.read_visium(vcopy)
+    # in_tissue outside {0, 1}; a barcode listed twice
+    rows = [line.split(",") for line in lines]
+    bad = [",".join([*r[:1], "2", *r[2:]]) if i == 5 else ",".join(r) for i, r in enumerate(rows)]
+    pos.write_text("\n".join(bad) + "\n")
+    with pytest.raises(ValueError, match=r"tissue_positions\.csv: 'in_tissue' must be 0 or 1, found \[0, 1, 2\]"):
+        sda.io.read_visium(vcopy)
+    pos.write_text("\n".join([*lines, lines[-1]]) + "\n")
+    with pytest.raises(ValueError, match=rf"1 barcode\(s\) are listed more than once \(e\.g\. \['{rows[-1][0]}'\]"):
         sda.io.read_visium(vcopy)
     pos.write_text(good)
     sf = vcopy / "spatial" / "scalefactors_json.json"

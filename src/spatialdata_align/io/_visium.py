@@ -154,7 +154,9 @@ def read_positions(file: str | Path) -> pd.DataFrame:
             out[col] = vals.astype(np.int64).to_numpy()
     check_finite(out, file, ("pxl_col_in_fullres", "pxl_row_in_fullres"), ids=out["barcode"], what="pixel positions")
     if not out["in_tissue"].isin((0, 1)).all():
-        raise ValueError(f"{file}: 'in_tissue' must be 0 or 1, found {sorted(out['in_tissue'].unique())[:5]}.")
+        raise ValueError(
+            f"{file}: 'in_tissue' must be 0 or 1, found {sorted(int(v) for v in out['in_tissue'].unique())[:5]}."
+        )
     if not out["barcode"].is_unique:
         dup = out["barcode"][out["barcode"].duplicated()].unique()
         raise ValueError(f"{file}: {len(dup)} barcode(s) are listed more than once (e.g. {list(dup[:3])}).")
