@@ -243,7 +243,35 @@ def test_region_confidence_per_tile():
             "unreliable",
             "folds",
         ),
+        ({"loo_um": [5, 6, 7, 5], "ic_um": np.full(100, 5.0)}, "check", "inverse-consistency error 5 µm"),
+        ({"loo_um": [5, 6, 7, 5], "ic_um": np.r_[np.full(99, 0.5), 30.0]}, "good", None),
+        (
+            {
+                "loo_um": [5, 6, 7, 5],
+                "jacobian": {"n": 100, "fold_fraction": 5e-4, "compressed_fraction": 0, "expanded_fraction": 0},
+            },
+            "check",
+            "folds over 0.05% of the tissue",
+        ),
+        (
+            {
+                "loo_um": [5, 6, 7, 5],
+                "jacobian": {"n": 100, "fold_fraction": 0, "compressed_fraction": 0.02, "expanded_fraction": 0.01},
+            },
+            "check",
+            "extreme compression/expansion (area ratio < 0.5 or > 2) over 3.0%",
+        ),
+        (
+            {
+                "loo_um": [5, 6, 7, 5],
+                "jacobian": {"n": 100, "fold_fraction": 0, "compressed_fraction": 0.01, "expanded_fraction": 0.005},
+            },
+            "good",
+            None,
+        ),
         ({"loo_um": [5, 6, 7, 5], "match_median": 0.1}, "unreliable", "hardly match"),
+        ({"loo_um": [5, 6, 7, 5], "match_median": 0.35}, "check", "median match confidence of the cells is 0.35"),
+        ({"loo_um": [5, 6, 7, 5], "match_median": 0.6}, "good", None),
         ({"loo_um": [5, 6, 7, 5], "lddmm": {"moved": False}}, "unreliable", "without improving"),
         ({"loo_um": [5, 6, 7, 5], "findings": ["x.csv: typo"]}, "unreliable", "x.csv: typo"),
         ({"loo_um": [5, 6, 7, 5], "extrapolation": np.linspace(0.3, 1.45, 100)}, "good", None),
