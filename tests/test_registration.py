@@ -411,6 +411,24 @@ def test_lddmm_is_bit_reproducible(toy):
     assert np.array_equal(r1.energy.total.values, r2.energy.total.values)
 
 
+def test_progress_bar_redraws_at_its_own_pace_not_every_iteration(toy, capsys):
+    """The bar's energy/level postfix must not force a redraw per iteration: a run of hundreds of iterations then
+    wrote hundreds of lines into every log (CI, nohup, a notebook's captured stderr). tqdm redraws at most every
+    ``mininterval`` (0.1 s) on its own; counted here against the run's own duration, so a slow machine cannot fail it.
+    """
+    import time
+
+    kw = dict(FAST, scales=(2, 1), max_iter=(40, 20), affine_iter=20, tol=0.0, min_iter=40)
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    t = time.perf_counter()
+    reg = lddmm(toy.source, toy.target, affine=fit.matrix, **{**kw, "progress": True})
+    elapsed = time.perf_counter() - t
+    n_iter = len(reg.energy.total)
+    redraws = capsys.readouterr().err.count("\r")
+    assert n_iter >= 60
+    assert redraws <= elapsed / 0.1 + 6, (redraws, n_iter, elapsed)
+
+
 def test_lddmm_small_levels_run_on_one_thread_and_restore_the_setting(toy, monkeypatch):
     """Levels below ``SINGLE_THREAD_PIXELS`` run single-threaded; the caller's thread count comes back, also after
     a failure. Fails when the rule is dropped (two threads at every level), applied to large levels, or leaks."""

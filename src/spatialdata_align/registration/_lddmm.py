@@ -844,7 +844,7 @@ def lddmm(
                     }
                 )
                 bar.update(1)
-                bar.set_postfix(level=f"{li}/{kind}", energy=f"{float(e):.4g}")
+                bar.set_postfix(level=f"{li}/{kind}", energy=f"{float(e):.4g}", refresh=False)  # at tqdm's own pace
                 if it % em_every == 0:  # the accepted trial computed the posteriors
                     e, g, parts, extra = fresh_mixture(ev, "after the mixture update")
                     fresh_em = True
