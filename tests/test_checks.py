@@ -185,6 +185,9 @@ def test_landmarks_in_hires_pixels_are_converted_with_landmark_units_hires(case,
         ("source and target exchanged", "swap the two column pairs"),
         ("source in nm", "look like nm"),
         ("target in lowres pixels", "tissue_lowres_scalef"),
+        ("target in hires pixels", "look like hires-image pixels; pass --landmark-units hires"),
+        ("target declared hires but full resolution", "look like full-resolution pixels, not hires ones"),
+        ("source in µm times the Xenium pixel size", "look like µm multiplied by 0.2125"),
     ],
 )
 def test_landmarks_in_other_units_get_a_specific_hint(twin, what, needle):
@@ -196,10 +199,52 @@ def test_landmarks_in_other_units_get_a_specific_hint(twin, what, needle):
         "source and target exchanged": (dst, src),
         "source in nm": (src * 1000, dst),
         "target in lowres pixels": (src, dst * twin.scalefactors["tissue_lowres_scalef"]),
+        "target in hires pixels": (src, dst * twin.scalefactors["tissue_hires_scalef"]),
+        # declared hires, so the run divided the (full-resolution) targets by the hires scale factor
+        "target declared hires but full resolution": (src, dst / twin.scalefactors["tissue_hires_scalef"]),
+        "source in µm times the Xenium pixel size": (src * 0.2125, dst),
     }[what]
+    units = "hires" if what.startswith("target declared hires") else "fullres"
     with pytest.raises(_checks.PlausibilityError, match="scale factors imply") as e:
-        _checks.check_landmarks(s, d, file="lm.csv", um_per_px=upp, scalefactors=twin.scalefactors, flip=True)
+        _checks.check_landmarks(
+            s, d, file="lm.csv", um_per_px=upp, scalefactors=twin.scalefactors, flip=True, landmark_units=units
+        )
     assert needle in str(e.value)
+
+
+def test_too_few_and_disagreeing_landmarks():
+    """Two pairs are refused as too few (not as a line); three that no rotation + scale maps onto each other are
+    flagged, since with three the wrong one cannot be named."""
+    src = np.array([[500.0, 800.0], [2500.0, 900.0], [1400.0, 2600.0]])
+    dst = src * 3.6 + [4000.0, 3000.0]
+    with pytest.raises(
+        _checks.PlausibilityError, match=r"lm\.csv: 2 landmark pair\(s\): an affine needs at least 3"
+    ) as e:
+        _checks.check_landmarks(src[:2], dst[:2], file="lm.csv", um_per_px=1 / 3.6)
+    assert e.value.code == "too_few_landmarks"
+    assert _checks.check_landmarks(src, dst, file="lm.csv", um_per_px=1 / 3.6).findings == []
+    bad = dst.copy()
+    bad[2] += [600.0 * 3.6, 0.0]  # 600 µm off
+    with pytest.raises(_checks.PlausibilityError, match="the 3 landmarks disagree") as e:
+        _checks.check_landmarks(src, bad, file="lm.csv", um_per_px=1 / 3.6)
+    assert e.value.code == "landmark_outlier"
+
+
+def test_landmarks_along_a_line_whose_affine_has_the_wrong_scale_get_the_line_hint():
+    """Four landmarks within 60 x 10 µm, clicked with ~100 µm of error: even the affine with its shape prior
+    stretches across their line (2.35x the expected scale, the check fires), while a rotation + scale of the same
+    landmarks has the expected scale, so the message blames their geometry, not the units. (With the shape prior,
+    only tightly clustered or nearly collinear landmarks with large click errors reach this branch: 6 of 1500
+    random landmark sets of 3-5 over 0.3-8 mm with 5-150 µm of click noise.)"""
+    upp = 0.2737
+    src = np.array([[1145.5, 1017.6], [1118.6, 1008.6], [1083.5, 1014.1], [1124.3, 1013.2]])
+    clicks_um = np.array([[33.7, 81.3], [-67.4, -126.7], [149.3, 32.3], [-152.0, 59.2]])
+    dst = (src + clicks_um) / upp + [4000.0, 3000.0]
+    with _checks.relaxed():
+        check = _checks.check_landmarks(src, dst, file="lm.csv", um_per_px=upp, flip=True)
+    (scale,) = [f for f in check.findings if f.code == "landmark_scale"]
+    assert check.scale_ratio == pytest.approx(2.35, abs=0.05)
+    assert "lie close to a line" in scale.message and "kind='similarity'" in scale.fix
 
 
 def test_landmarks_close_to_a_line_do_not_fail_the_scale_check():
@@ -537,3 +582,23 @@ def test_image_checks_on_arrays():
     assert [f.severity for f in found] == ["warning"]
     with pytest.raises(_checks.PlausibilityError, match="look swapped"):
         _checks.check_visium_images(xy, [(*hires[:2], 0.03, hires[3]), (*lowres[:2], 0.1, lowres[3])])
+
+
+def test_spot_grid_positions_shuffled_off_the_array_grid():
+    """A hex grid whose pixel positions were shuffled between spots no longer follows its array grid: flagged,
+    naming the file; the intact grid passes, with its steps (100 µm spot pitch at 0.5 µm per pixel)."""
+    rows, cols = np.mgrid[0:12, 0:24]
+    keep = (rows + cols) % 2 == 0  # the Visium hex grid: array_row + array_col even
+    ar, ac = rows[keep].astype(float), cols[keep].astype(float)
+    px, py = 300.0 + 100.0 * ac, 200.0 + 173.2 * ar  # 50 µm per column step, 86.6 µm per row step, 0.5 µm/px
+    pos = pd.DataFrame({"array_row": ar, "array_col": ac, "pxl_col_in_fullres": px, "pxl_row_in_fullres": py})
+    info = _checks.check_spot_grid(pos, "tissue_positions.csv", spot_diameter_fullres=110.0)
+    assert info["col_step_px"] == pytest.approx(100.0) and info["row_step_px"] == pytest.approx(173.2)
+    assert info["um_per_px_grid"] == pytest.approx(0.5, rel=1e-3)
+    shuffled = pos.copy()
+    order = np.random.default_rng(0).permutation(len(pos))
+    shuffled[["pxl_col_in_fullres", "pxl_row_in_fullres"]] = pos[
+        ["pxl_col_in_fullres", "pxl_row_in_fullres"]
+    ].to_numpy()[order]
+    with pytest.raises(_checks.PlausibilityError, match=r"tissue_positions\.csv: the pixel positions do not follow"):
+        _checks.check_spot_grid(shuffled, "tissue_positions.csv", spot_diameter_fullres=110.0)

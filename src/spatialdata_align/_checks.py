@@ -885,7 +885,10 @@ def _scale_hint(ratio: float, sf: dict, units: str) -> str:
             f"({_XENIUM_PX_UM} µm)."
         )
     if _close(ratio, 1 / _XENIUM_PX_UM):
-        return f"the source landmarks look like they were divided by {_XENIUM_PX_UM}; give them in µm."
+        return (
+            f"the source landmarks look like µm multiplied by {_XENIUM_PX_UM} (morphology pixels are µm divided by "
+            "the pixel size); give them in µm."
+        )
     return (
         "give source_x/source_y in Xenium µm and target_x/target_y in Visium full-resolution pixels (or hires "
         "pixels with --landmark-units hires); if they are, spot_diameter_fullres in scalefactors_json.json is wrong."
