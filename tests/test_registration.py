@@ -22,6 +22,7 @@ from spatialdata_align.registration import (
     rasterize,
 )
 from spatialdata_align.registration import _lddmm as lddmm_mod
+from spatialdata_align.registration._flow import flow_inverse, inverse_displacement
 from spatialdata_align.registration._utils import apply_affine
 
 FAST = {"progress": False, "contrast_degree": 3, "sigma_r": 300.0}
@@ -496,6 +497,28 @@ def test_displacement_in_each_direction_of_a_constant_velocity():
         assert fwd.dims == ("c", "y", "x") and fwd.shape == (2, 8, 9) and inv.attrs["direction"] == "inverse"
         np.testing.assert_allclose(fwd.values, np.broadcast_to(shift[:, None, None], (2, 8, 9)), atol=atol)
         np.testing.assert_allclose(inv.values, np.broadcast_to(-shift[:, None, None], (2, 8, 9)), atol=atol)
+
+
+def test_optimiser_inverse_displacement_matches_the_exact_inverse_flow():
+    """The optimiser pulls the target back through ``inverse_displacement`` (semi-Lagrangian, on the velocity grid);
+    the result maps points through ``flow_inverse`` (fixed point to 1e-12). Both must be the same map.
+
+    64 µm of displacement over five time steps on a 30 µm grid: they agree to 0.53 µm inside the grid. Composing the
+    steps without resampling the earlier displacement gives 7.4 µm, no fixed-point refinement of each inverse step
+    3.9 µm.
+    """
+    xv, yv = np.linspace(0, 1200, 41), np.linspace(0, 1000, 35)
+    gx, gy = np.meshgrid(xv, yv)
+    v0 = np.stack([40 * np.sin(gx / 250) * np.cos(gy / 300), 35 * np.cos(gx / 200 + gy / 350)])
+    v = torch.as_tensor(np.stack([v0 * (1 + 0.3 * t) for t in range(5)]))
+    d = inverse_displacement(v, xv, yv).numpy()
+    nodes = np.column_stack([gx.ravel(), gy.ravel()])
+    exact = flow_inverse(torch.as_tensor(nodes), v, xv, yv, tol=1e-12).numpy() - nodes
+    assert np.abs(exact).max() > 60.0
+    err = np.hypot(d[0].ravel() - exact[:, 0], d[1].ravel() - exact[:, 1])
+    inner = ((gx > 100) & (gx < 1100) & (gy > 100) & (gy < 900)).ravel()
+    assert err[inner].max() < 1.0
+    assert np.median(err) < 0.3
 
 
 def test_warp_image_both_directions(toy, toy_reg):

@@ -17,7 +17,7 @@ from spatialdata.transformations import Scale, get_transformation
 from spatialdata_align import _store
 from spatialdata_align._elements import image_in_cs
 from spatialdata_align.registration import Registration
-from spatialdata_align.registration._warp import Grid, TransformMap, block_coords, image_levels
+from spatialdata_align.registration._warp import Grid, TransformMap, block_coords, image_levels, warp
 
 SRC_CS, TGT_CS = "xenium", "visium"
 
@@ -163,6 +163,31 @@ def test_lattice_coordinates_agree_with_exact_ones():
     sx, sy = block_coords(cmap, grid, (137, 201), (99, 250), 8)
     np.testing.assert_allclose(sx, qx[37:101, 59:210], atol=1e-9)
     np.testing.assert_allclose(sy, qy[37:101, 59:210], atol=1e-9)
+
+
+def test_block_windows_hold_a_bulge_in_the_middle_of_any_block_edge():
+    """A map that bulges between a block's corners: each block still reads every input pixel it samples.
+
+    The window is the bounding box of the whole mapped block boundary, not of its corners: a bump of 8 input pixels
+    in the middle of each of the four edges of block (2, 2) (beyond the window margin) must be inside it.
+    """
+    img = _image(300, 300, seed=3).astype(np.float64)
+    bumps = [(150.0, 125.0, 1, 0), (100.0, 125.0, -1, 0), (125.0, 150.0, 0, 1), (125.0, 100.0, 0, -1)]
+
+    def cmap(p):  # output physical (x, y) = output pixel index -> input (column, row): identity plus four bumps
+        q = np.array(p, dtype=np.float64)
+        for bx, by, sx, sy in bumps:
+            g = 8.0 * np.exp(-((p[:, 0] - bx) ** 2 + (p[:, 1] - by) ** 2) / (2 * 4.0**2))
+            q[:, 0] += sx * g
+            q[:, 1] += sy * g
+        return q
+
+    grid = Grid.from_coords(np.arange(300.0), np.arange(300.0))
+    got = warp(img, cmap, grid, chunk=50, map_step=1)  # block (2, 2): output pixels 100..149 in x and y
+    gx, gy = np.meshgrid(np.arange(300.0), np.arange(300.0))
+    q = cmap(np.column_stack([gx.ravel(), gy.ravel()]))
+    ref = np.stack([ndimage.map_coordinates(img[c], [q[:, 1], q[:, 0]], order=1, mode="nearest") for c in range(3)])
+    np.testing.assert_allclose(got.reshape(3, -1), ref, atol=1e-9)
 
 
 def test_multiscale_input_level_choice_is_logged(caplog):

@@ -70,31 +70,25 @@ def flow_inverse(
     xv: np.ndarray,
     yv: np.ndarray,
     *,
-    n_fixed_point: int = 2,
-    tol: float | None = None,
+    tol: float = 1e-10,
     max_fixed_point: int = 100,
 ) -> torch.Tensor:
     """Pull ``(N, 2)`` points back through the flow (the inverse of :func:`flow_forward`).
 
     Each Euler step ``z = u + v_t(u) / nt`` is inverted by fixed-point iteration started at
-    ``u = z - v_t(z) / nt``. With ``tol`` set, iterations continue (up to ``max_fixed_point``) until
-    the largest update is below ``tol``; otherwise exactly ``n_fixed_point`` refinements are made
-    (differentiable, used inside the optimiser).
+    ``u = z - v_t(z) / nt``, continued (up to ``max_fixed_point`` times) until the largest update is
+    below ``tol`` (source units).
     """
     nt = v.shape[0]
     for t in range(nt - 1, -1, -1):
         z = pts
         u = z - interp(v[t], xv, yv, z, padding="border").T / nt
-        if tol is None:
-            for _ in range(n_fixed_point):
-                u = z - interp(v[t], xv, yv, u, padding="border").T / nt
-        else:
-            for _ in range(max_fixed_point):
-                u_new = z - interp(v[t], xv, yv, u, padding="border").T / nt
-                step = (u_new - u).abs().max() if u.numel() else torch.zeros(())
-                u = u_new
-                if step <= tol:
-                    break
+        for _ in range(max_fixed_point):
+            u_new = z - interp(v[t], xv, yv, u, padding="border").T / nt
+            step = (u_new - u).abs().max() if u.numel() else torch.zeros(())
+            u = u_new
+            if step <= tol:
+                break
         pts = u
     return pts
 
