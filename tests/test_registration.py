@@ -467,6 +467,25 @@ def test_registration_dict_round_trip_is_lossless(toy, toy_reg):
     assert back.params == reg.params
     assert np.array_equal(back.match_weight.values, reg.match_weight.values)
     np.testing.assert_array_equal(back.energy.total.values, reg.energy.total.values)
+    assert set(back.contrast) == set(reg.contrast) and "priors_in" in reg.contrast
+    for k, v in reg.contrast.items():
+        np.testing.assert_array_equal(back.contrast[k], v)
+    assert back.source_extent == reg.source_extent and back.target_extent == reg.target_extent
+    assert reg.target_extent is not None
+
+
+def test_match_weight_is_read_where_the_source_points_land():
+    """The match weight lives on the target grid; ``match_weight_at`` maps source points there first (forward), or
+    reads target points as they are (``direction="inverse"``). A weight ramp along target x tells the two apart."""
+    x, y = np.arange(0.0, 1000.0, 10.0), np.arange(0.0, 800.0, 10.0)
+    ramp = np.broadcast_to(x / 1000.0, (y.size, x.size)).copy()
+    mw = xr.DataArray(ramp, dims=("y", "x"), coords={"y": y, "x": x}, name="match_weight")
+    reg = Registration.from_affine(np.array([[2.0, 0.0, 100.0], [0.0, 2.0, 50.0], [0.0, 0.0, 1.0]]))
+    reg.match_weight = mw
+    src = np.array([[50.0, 100.0], [200.0, 300.0], [400.0, 10.0]])
+    np.testing.assert_allclose(reg.match_weight_at(src), (2.0 * src[:, 0] + 100.0) / 1000.0, atol=1e-12)
+    np.testing.assert_allclose(reg.match_weight_at(src, direction="inverse"), src[:, 0] / 1000.0, atol=1e-12)
+    assert reg.match_weight_at(np.array([[600.0, 10.0]]))[0] == 0.0  # lands beyond the grid: no match
 
 
 def test_velocity_extrapolates_at_the_border(toy_reg):
