@@ -237,6 +237,13 @@ def test_integer_images_are_scaled_to_unit_range():
     assert img16.data.max() == 1.0
 
 
+def test_a_2x3_affine_is_completed_with_the_homogeneous_row():
+    from spatialdata_align.registration._utils import homogeneous
+
+    m = homogeneous([[2.0, 0.5, 10.0], [-0.5, 2.0, 20.0]])
+    np.testing.assert_array_equal(m, [[2.0, 0.5, 10.0], [-0.5, 2.0, 20.0], [0.0, 0.0, 1.0]])
+
+
 def test_fit_affine_errors():
     src = np.array([[0, 0], [100, 0], [0, 100]], float)
     with pytest.raises(ValueError, match="at least 3"):
