@@ -47,9 +47,9 @@ import numpy as np
 import torch
 
 import spatialdata_align as sda
-from spatialdata_align._accessor import source_image
+from spatialdata_align._accessor import source_image, target_image
 from spatialdata_align._constants import VISIUM_CS, VISIUM_HIRES, XENIUM_CELLS, XENIUM_CS
-from spatialdata_align._elements import element_xy, image_in_cs
+from spatialdata_align._elements import element_xy
 from spatialdata_align._landmark_files import read_landmarks
 from spatialdata_align._pipeline import PIPELINE_LDDMM, run_pipeline
 from spatialdata_align.registration import fit_affine
@@ -210,7 +210,7 @@ def run_pair(pair, *, auto: bool, stalign: bool, budgets) -> list[dict]:
     if stalign:
         d = {
             "source": source_image(sdata, XENIUM_CELLS, XENIUM_CS, dx=PIPELINE_DX, xy=xy)[0],  # the engine's channels
-            "target": image_in_cs(sdata, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000),
+            "target": target_image(sdata, VISIUM_HIRES, VISIUM_CS)[0],  # the engine's channels (H&E stain densities)
             "affine": fit.matrix,
             "eval_src": xy[valid],
             "eval_dst": truth.forward(xy[valid]),

@@ -158,8 +158,8 @@ def assess_alignment(
     import inspect
 
     from . import _store
-    from ._accessor import DEFAULT_N_TYPES, MAX_TARGET_PIXELS, source_image
-    from ._elements import element_xy, image_in_cs
+    from ._accessor import DEFAULT_N_TYPES, source_image, target_image
+    from ._elements import element_xy
     from .io import registration_target, visium_scalefactors
     from .registration import lddmm
 
@@ -218,7 +218,13 @@ def assess_alignment(
                 n_types=int(entry.get("n_types", DEFAULT_N_TYPES)),
                 xy=xy,
             )
-            image = image_in_cs(sdata, target or registration_target(sdata), VISIUM_CS, max_pixels=MAX_TARGET_PIXELS)
+            # and the target channels it used (stores written before they were recorded used the raw image)
+            image, _ = target_image(
+                sdata,
+                target or registration_target(sdata),
+                VISIUM_CS,
+                target_channels=entry.get("target_channels", "raw"),
+            )
             accepted = set(inspect.signature(lddmm).parameters) - {
                 "source",
                 "target",

@@ -9,6 +9,8 @@ Pure numpy/scipy (no SpatialData): the accessor hands over arrays.
   composition over the shared genes (so each platform's sensitivity and the spot's cell count cancel), log-scaled,
   projected on the leading principal components of the source field. The engine compares them spot by spot
   (:class:`~spatialdata_align.registration._data.SpotTerm`) with a per-component affine calibration.
+
+And one target channel set: :func:`stain_densities`, an RGB H&E as haematoxylin and eosin optical densities.
 """
 
 from __future__ import annotations
@@ -138,4 +140,61 @@ def celltype_channels(cell_xy, labels, grid: xr.DataArray, *, blur: float | None
         dims=("c", "y", "x"),
         coords={"c": ["density", *[f"type_{t}" for t in types]], "y": y, "x": x},
         name="density",
+    )
+
+
+#: the lowest intensity an 8-bit channel resolves, as a fraction of white: the floor of the optical density
+_OD_FLOOR = 1.0 / 255.0
+
+
+def stain_densities(image) -> xr.DataArray:
+    """An RGB H&E image as haematoxylin and eosin optical densities (colour deconvolution).
+
+    Light through a stained section follows Beer-Lambert's law: each channel's optical density
+    ``OD = -ln(I / I_white)`` is a sum of the stains' densities, each stain with its own absorption colour. Solving
+    for the densities with the stain vectors of Ruifrok & Johnston (haematoxylin, eosin, DAB; scikit-image's
+    :data:`skimage.color.rgb_from_hed`) gives two channels in which nuclei and cytoplasm/stroma are separate and
+    linear in the amount of stain, which the contrast model of :func:`~spatialdata_align.registration.lddmm`
+    relates to cell densities better than the raw colours (``docs/accuracy.md``: on 45 synthetic pairs of six
+    tissue families the mean of the per-pair median errors fell from 24.9 to 23.1 µm on the corpus and from 30.1 to
+    27.1 µm on 24 pairs generated afresh).
+
+    Unlike :func:`skimage.color.rgb2hed` the optical density is floored at one 8-bit level (``1/255`` of white, not
+    ``1e-6``) and negative densities are kept (not clipped to 0): measured on the same pairs, ``rgb2hed`` gave
+    24.2 and 28.4 µm, where near-black pixels (up to 13.8 in optical density against 5.5 here) and the lost
+    negative part cost accuracy.
+
+    Parameters
+    ----------
+    image
+        ``(3, y, x)`` RGB image (channel first, as spatialdata stores images): a :class:`xarray.DataArray` or an
+        array, integers (``uint8``: 255 is white; other integer types: their maximum) or floats in ``[0, 1]``.
+
+    Returns
+    -------
+    ``(2, y, x)`` float32 :class:`xarray.DataArray`, channels ``haematoxylin`` and ``eosin`` (the coordinates
+    of ``image`` kept).
+    """
+    from skimage.color import rgb_from_hed
+
+    da = image if isinstance(image, xr.DataArray) else xr.DataArray(np.asarray(image), dims=("c", "y", "x"))
+    if da.ndim != 3 or da.shape[0] != 3:
+        raise ValueError(f"stain_densities needs a (3, y, x) RGB image, got shape {tuple(da.shape)}.")
+    v = np.asarray(da.values)
+    if np.issubdtype(v.dtype, np.integer):
+        rgb = v.astype(np.float32) / float(np.iinfo(v.dtype).max)
+    else:
+        rgb = v.astype(np.float32)
+        if np.nanmax(rgb) > 1.0 + 1e-6:
+            raise ValueError("a float RGB image must lie in [0, 1] (white = 1); scale it or pass the integer image.")
+    od = -np.log(np.clip(rgb, _OD_FLOOR, 1.0))
+    # OD (per pixel, a row vector over R, G, B) = densities @ rgb_from_hed: solve for the densities
+    dens = np.einsum("kc,cyx->kyx", np.linalg.inv(rgb_from_hed).T.astype(np.float32), od)[:2]
+    coords = {k: da.coords[k].values for k in ("y", "x") if k in da.coords}
+    return xr.DataArray(
+        dens.astype(np.float32),
+        dims=("c", "y", "x"),
+        coords={"c": ["haematoxylin", "eosin"], **coords},
+        attrs=dict(da.attrs),
+        name="stains",
     )
