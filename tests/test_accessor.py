@@ -239,6 +239,22 @@ def test_lddmm_with_cell_type_channels(twin):
     with pytest.raises(ValueError, match="channels must be"):
         sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="rgb", **LDDMM_KW)
 
+    # the H&E as stain densities by default; the raw colours on request; a non-RGB image as it is
+    from spatialdata.models import Image2DModel
+
+    from spatialdata_align import _store
+    from spatialdata_align._accessor import target_image
+
+    assert reg.params["target_channels"] == 2
+    assert _store.get_entry(sd, "xenium_to_visium_lddmm")["target_channels"] == "stains"
+    raw = sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, key="raw", target_channels="raw", max_iter=(2, 2, 2), **LDDMM_KW)
+    assert raw.params["target_channels"] == 3 and _store.get_entry(sd, "raw")["target_channels"] == "raw"
+    with pytest.raises(ValueError, match="target_channels must be"):
+        sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, target_channels="hed", **LDDMM_KW)
+    sd.images["fluo"] = Image2DModel.parse(np.ones((3, 8, 8), np.uint16), dims=("c", "y", "x"))
+    img, used = target_image(sd, "fluo", "global")
+    assert used == "raw" and img.sizes["c"] == 3
+
 
 def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twin):
     sd, fit, reg = fitted

@@ -393,6 +393,33 @@ def test_coarse_margin_is_the_chosen_orientation_over_any_other():
     assert np.isnan(_coarse_margin(table.iloc[:1], True, 130.0))  # nothing else searched
 
 
+def test_stain_densities_recover_the_stains_of_a_beer_lambert_image():
+    """Pixels stained with known amounts of haematoxylin and eosin (Beer-Lambert, Ruifrok's stain colours, 8-bit):
+    the densities come back to the quantisation of 8 bits, each stain in its own channel."""
+    from skimage.color import rgb_from_hed
+
+    from spatialdata_align.registration import stain_densities
+
+    rng = np.random.default_rng(0)
+    h, e = rng.uniform(0, 1.2, (2, 20, 30))
+    od = h[None] * rgb_from_hed[0][:, None, None] + e[None] * rgb_from_hed[1][:, None, None]
+    rgb = np.clip(np.round(255 * np.exp(-od)), 0, 255).astype(np.uint8)
+    x, y = np.arange(30) * 2.0 + 1.0, np.arange(20) * 2.0 + 5.0
+    got = stain_densities(xr.DataArray(rgb, dims=("c", "y", "x"), coords={"c": ["r", "g", "b"], "y": y, "x": x}))
+    assert got.dims == ("c", "y", "x") and list(got.c.values) == ["haematoxylin", "eosin"]
+    np.testing.assert_array_equal(got.x, x)
+    np.testing.assert_array_equal(got.y, y)
+    np.testing.assert_allclose(got.values[0], h, atol=0.03)
+    np.testing.assert_allclose(got.values[1], e, atol=0.03)
+    # white is no stain; float input in [0, 1] is the same image
+    assert np.abs(stain_densities(np.full((3, 2, 2), 255, np.uint8)).values).max() < 1e-6
+    np.testing.assert_allclose(stain_densities(rgb / 255.0).values, got.values, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(3, y, x\) RGB"):
+        stain_densities(np.zeros((4, 5, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stain_densities(rgb.astype(float))
+
+
 def test_celltype_channels_partition_the_density():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 500, size=(4000, 2))

@@ -251,6 +251,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
 
     def fake_loo(source, image, src, dst, **kw):
         seen["channels"] = int(source.shape[0])
+        seen["target"] = list(image.coords["c"].values)
         seen["dx"] = float(source.x[1] - source.x[0])
         seen["landmark_term"] = kw.get("landmark_term")
         seen["sigma_p"] = kw.get("sigma_p")
@@ -272,6 +273,15 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     # the fit pulled the map through the landmarks it was initialised from; so do the refits (with their own)
     assert final.params["n_landmarks"] == len(src) and seen["landmark_term"] is True
     assert seen["sigma_p"] == pytest.approx(final.params["sigma_p"])
+    # and the target channels it registered onto: the H&E as stain densities (the default)
+    assert sda_store.get_entry(back, "xenium_to_visium_lddmm")["target_channels"] == "stains"
+    assert final.params["target_channels"] == 2 and seen["target"] == ["haematoxylin", "eosin"]
+    # a store written before the target channels were recorded registered the raw image: so do its refits
+    entry = sda_store.get_entry(back, "xenium_to_visium_lddmm")
+    del entry["target_channels"]
+    monkeypatch.setattr(sda_store, "get_entry", lambda sd, key: entry)
+    _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="lddmm")
+    assert len(seen["target"]) == 3
 
 
 def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):

@@ -921,6 +921,7 @@ def lddmm(
         "target_pixel": target_pixel,
         "source_pixel": dxI,
         "source_channels": int(I_img.data.shape[0]),
+        "target_channels": int(J_img.data.shape[0]),
         "spot_features": 0 if prob.spots is None else int(prob.spots.term.G),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
