@@ -119,7 +119,9 @@ def test_sampled_fields_reach_as_far_as_the_map_pushes_the_section_edge():
     mapped = reg.transform_points(edge)
     assert (mapped[:, 0] - 2000.0).max() > 100.0  # beyond the target section, in target pixels
     assert np.abs(sampled.transform_points(sampled.transform_points(edge), "inverse") - edge).max() < 0.2
-    np.testing.assert_allclose(sampled.transform_points(mapped, "inverse"), reg.transform_points(mapped, "inverse"), atol=0.2)
+    np.testing.assert_allclose(
+        sampled.transform_points(mapped, "inverse"), reg.transform_points(mapped, "inverse"), atol=0.2
+    )
 
 
 def test_sampled_registration_defines_points_images_and_serialisation():
