@@ -116,6 +116,21 @@ def test_extrapolation_of_the_fit_with_a_shape_prior():
     assert p95[0] > 50 and p95[1] < 0.2 * p95[0]
 
 
+def test_jacobian_on_an_anisotropic_grid_and_a_fold_at_exactly_zero():
+    """det(I + grad u) of u = (0.1 x, 0.2 y) is 1.1 * 1.2 on any grid, here 10 x 25 µm nodes; a determinant of
+    exactly 0 (a map collapsing an area) counts as a fold."""
+
+    class Stretch:
+        def displacement(self, x, y, direction="forward"):
+            gx, gy = np.meshgrid(x, y)
+            return xr.DataArray(np.stack([0.1 * gx, 0.2 * gy]), dims=("c", "y", "x"))
+
+    det = q.jacobian_determinant(Stretch(), np.arange(0.0, 200.0, 10.0), np.arange(0.0, 500.0, 25.0))
+    np.testing.assert_allclose(det.values, 1.1 * 1.2, rtol=1e-12)
+    summary = q.jacobian_summary(np.array([0.0, 1.0, 1.0, 1.0]))
+    assert summary["fold_fraction"] == 0.25 and summary["compressed_fraction"] == 0.0
+
+
 def test_folds_are_singletons_up_to_the_cap_then_interleaved_groups():
     src, _ = _landmarks(5)
     assert [f.tolist() for f in q.landmark_folds(src, 6)] == [[0], [1], [2], [3], [4]]
@@ -124,6 +139,13 @@ def test_folds_are_singletons_up_to_the_cap_then_interleaved_groups():
     assert len(folds) == 4
     assert sorted(np.concatenate(folds).tolist()) == list(range(14))
     assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 1
+    # interleaved by angle around the centroid: eight landmarks on a circle, four folds of opposite pairs
+    ang = np.deg2rad(np.arange(8) * 45.0 + 10.0)
+    circle = np.column_stack([500 + 300 * np.cos(ang), 400 + 300 * np.sin(ang)])
+    order = np.random.default_rng(0).permutation(8)  # the file's order says nothing
+    folds = q.landmark_folds(circle[order], 4)
+    pairs = sorted(sorted(int(order[i]) for i in f) for f in folds)
+    assert pairs == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def test_cross_validate_measures_each_held_out_landmark_once():

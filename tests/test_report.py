@@ -284,6 +284,45 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     assert len(seen["target"]) == 3
 
 
+def test_affine_held_out_errors_refit_the_stored_landmark_fit_in_micrometres(run, monkeypatch):
+    """The affine's leave-one-out errors: each landmark predicted by the stored kind of fit on the others, in µm
+    (Visium pixels times the scale factors' µm per pixel); a fit stored as a similarity is refitted as one."""
+    from spatialdata_align import _report
+    from spatialdata_align import _store as sda_store
+    from spatialdata_align._landmark_files import read_landmarks
+    from spatialdata_align.registration import fit_affine
+    from spatialdata_align.registration._landmarks import AFFINE_SHAPE_PRIOR
+
+    back = spatialdata.read_zarr(run["out"])
+    src, dst, names = read_landmarks(run["twin"].landmarks_path)
+    upp = run["twin"].truth.um_per_px
+
+    def expected(kind: str) -> np.ndarray:
+        out = []
+        for i in range(len(src)):
+            keep = np.arange(len(src)) != i
+            kw = {"shape_prior": AFFINE_SHAPE_PRIOR} if kind == "affine" else {}
+            m = fit_affine(src[keep], dst[keep], kind, **kw).matrix
+            out.append(np.linalg.norm(src[i] @ m[:2, :2].T + m[:2, 2] - dst[i]) * upp)
+        return np.array(out)
+
+    key = "xenium_to_visium_lddmm"
+    a = _report.assess_alignment(back, key, landmarks=(src, dst, names), loo="affine")
+    np.testing.assert_allclose(a.landmarks["loo_affine_um"], expected("affine"), rtol=1e-4)
+    assert a.landmarks["loo_affine_um"].max() > 1.0  # the landmarks carry some error: the check is not vacuous
+    final = back.align.get(key)
+    np.testing.assert_allclose(
+        a.landmarks["fit_residual_um"], np.linalg.norm(final.transform_points(src) - dst, axis=1) * upp, rtol=1e-4
+    )
+    entry = sda_store.get_entry(back, key)
+    entry["init_kind"] = "similarity"
+    monkeypatch.setattr(sda_store, "get_entry", lambda sd, k: entry)
+    a = _report.assess_alignment(back, key, landmarks=(src, dst, names), loo="affine")
+    assert a.metrics["landmark_fit"]["kind"] == "similarity"
+    np.testing.assert_allclose(a.landmarks["loo_affine_um"], expected("similarity"), rtol=1e-4)
+    assert not np.allclose(expected("similarity"), expected("affine"), rtol=1e-3)
+
+
 def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):
     """Landmarks all in one corner: the verdict asks for a check and the figure outlines the extrapolated tissue.
 
