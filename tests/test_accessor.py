@@ -271,13 +271,14 @@ def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twi
     assert np.abs(back - cells).max() < 1.0
     # same inputs straight through the engine (the default source: density + 3 cell-type densities): the same result
     from spatialdata_align import _store
-    from spatialdata_align.registration import celltype_channels
+    from spatialdata_align.registration import celltype_channels, stain_densities
     from spatialdata_align.tl._data import modality
 
     assert _store.get_entry(sd, "xenium_to_visium_lddmm")["channels"] == "celltypes"
     mod = modality(sd, XENIUM_CELLS, None, XENIUM_CS)
     src = celltype_channels(mod.xy, sda.tl.cell_type_labels(mod.table, 3), rasterize(cells, dx=20.0))
-    tgt = image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000)
+    # the default target: the H&E as haematoxylin and eosin densities
+    tgt = stain_densities(image_in_cs(sd, VISIUM_HIRES, VISIUM_CS, max_pixels=4_000_000))
     # ... and the landmark term with the landmarks the affine came from (sigma_p: LANDMARK_SIGMA_UM in target units)
     from spatialdata_align._accessor import LANDMARK_SIGMA_UM
 
