@@ -323,6 +323,59 @@ def test_affine_held_out_errors_refit_the_stored_landmark_fit_in_micrometres(run
     assert not np.allclose(expected("similarity"), expected("affine"), rtol=1e-3)
 
 
+def test_the_verdict_judges_the_lddmm_held_out_error_and_respects_the_inliers(run, monkeypatch):
+    """With LDDMM refits, their held-out error (not the affine's) is what the verdict judges; an outlier accepted
+    with --force is measured against the fit on the inliers. The Jacobian statistics cover the tissue only, and the
+    confidence tiles are 500 µm wide (in Visium pixels)."""
+    from spatialdata_align import _report
+    from spatialdata_align._landmark_files import read_landmarks
+    from spatialdata_align.registration import _quality, fit_affine
+    from spatialdata_align.registration._landmarks import AFFINE_SHAPE_PRIOR
+
+    back = spatialdata.read_zarr(run["out"])
+    src, dst, names = read_landmarks(run["twin"].landmarks_path)
+    upp = run["twin"].truth.um_per_px
+
+    def fake_loo(source, image, s, d, **kw):  # the refits miss every landmark by 80 µm
+        n = len(s)
+        return _quality.LooResult(errors=np.full(n, 80.0 / upp), affine_errors=np.zeros(n), folds=[], runtime_s=0.0)
+
+    monkeypatch.setattr(_quality, "lddmm_loo", fake_loo)
+    inliers = np.ones(len(src), bool)
+    inliers[2] = False
+    a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), inliers=inliers)
+    assert a.landmarks["loo_affine_um"].max() < 55.0  # the affine's own held-out error would pass
+    assert a.verdict.level == "unreliable", a.verdict
+    assert any("held-out" in r for r in a.verdict.reasons), a.verdict.reasons
+    assert a.landmarks["inlier"].tolist() == inliers.tolist()
+    m = fit_affine(src[inliers], dst[inliers], shape_prior=AFFINE_SHAPE_PRIOR).matrix
+    outlier = np.linalg.norm(src[2] @ m[:2, :2].T + m[:2, 2] - dst[2]) * upp
+    assert a.landmarks["loo_affine_um"][2] == pytest.approx(outlier, rel=1e-4)
+    keep = inliers.copy()
+    keep[0] = False
+    m0 = fit_affine(src[keep], dst[keep], shape_prior=AFFINE_SHAPE_PRIOR).matrix
+    assert a.landmarks["loo_affine_um"][0] == pytest.approx(
+        np.linalg.norm(src[0] @ m0[:2, :2].T + m0[:2, 2] - dst[0]) * upp, rel=1e-4
+    )
+    # the Jacobian over the tissue (not the whole grid); the confidence tiles of 500 µm
+    assert a.metrics["jacobian"]["n"] == int(a.tissue.sum()) < a.tissue.size
+    widths = (a.regions["x1"] - a.regions["x0"]).to_numpy() * upp
+    assert len(widths) and np.allclose(widths, _report.TILE_UM)
+    # a fit whose optimiser diverged (the last good state kept) is unreliable whatever the landmarks say
+    from spatialdata_align import _store as sda_store
+
+    load = sda_store.load_registration
+
+    def diverged(sd, key):
+        reg = load(sd, key)
+        reg.params["diverged"] = True
+        return reg
+
+    monkeypatch.setattr(sda_store, "load_registration", diverged)
+    a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="affine")
+    assert a.verdict.level == "unreliable" and any("diverged" in r for r in a.verdict.reasons), a.verdict
+
+
 def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):
     """Landmarks all in one corner: the verdict asks for a check and the figure outlines the extrapolated tissue.
 
