@@ -341,6 +341,13 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     out = sd[tname][["x", "y"]].compute().to_numpy()
     assert sd[tname].npartitions == sd[XENIUM_TRANSCRIPTS].npartitions
     np.testing.assert_allclose(out, reg.transform_points(raw))
+    # ... keeping what spatialdata knows of them: the gene column (spatialdata-plot colours by it, aggregate counts
+    # by it) and the cell each transcript belongs to; and the aligned cells keep their ids
+    attrs, aligned_attrs = sd[XENIUM_TRANSCRIPTS].attrs["spatialdata_attrs"], sd[tname].attrs["spatialdata_attrs"]
+    assert attrs.get("feature_key") and attrs.get("instance_key")
+    assert aligned_attrs.get("feature_key") == attrs["feature_key"]
+    assert aligned_attrs.get("instance_key") == attrs["instance_key"]
+    assert sd[name].index.equals(sd[XENIUM_CELLS].index)
     # inverse: spots back into the Xenium frame
     sname = sd.align.apply(VISIUM_SPOTS, inverse=True)
     spots_px = element_xy(sd, VISIUM_SPOTS, VISIUM_CS)
