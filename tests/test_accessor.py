@@ -348,6 +348,9 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     assert aligned_attrs.get("feature_key") == attrs["feature_key"]
     assert aligned_attrs.get("instance_key") == attrs["instance_key"]
     assert sd[name].index.equals(sd[XENIUM_CELLS].index)
+    # the transform lists the aligned copies made from it
+    applied = sd.align.transforms.loc["xenium_to_visium_lddmm", "applied"]
+    assert {name, tname, f"{XENIUM_TABLE}_aligned"} <= set(applied.split(", ")), applied
     # inverse: spots back into the Xenium frame
     sname = sd.align.apply(VISIUM_SPOTS, inverse=True)
     spots_px = element_xy(sd, VISIUM_SPOTS, VISIUM_CS)
@@ -417,6 +420,12 @@ def test_apply_image_warps_onto_the_target_grid(fitted):
     iy = np.clip(np.searchsorted(back.y.values, cells[:, 1]), 0, back.sizes["y"] - 1)
     under = back.values[:, iy, ix].astype(float).mean(axis=0)  # grey level under the cells
     assert np.median(under) < 220  # tissue, not the white glass (~240+)
+    # a given grid of pixel centres is where the aligned pixels are, in the output coordinate system
+    gx, gy = np.arange(100.0, 900.0, 12.5) + 3.0, np.arange(50.0, 700.0, 12.5) - 2.0
+    name = sd.align.apply(VISIUM_HIRES, inverse=True, grid=(gx, gy), name="he_on_a_grid")
+    on_grid = image_in_cs(sd, name, XENIUM_CS)
+    np.testing.assert_allclose(on_grid.x.values, gx, atol=1e-9)
+    np.testing.assert_allclose(on_grid.y.values, gy, atol=1e-9)
 
 
 def test_apply_image_follows_the_lddmm_not_just_its_affine(fitted):
