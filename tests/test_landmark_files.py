@@ -85,3 +85,26 @@ def test_explorer_files_bad_input(tmp_path):
     (tmp_path / "k.csv").write_text("fixedX,fixedY,alignmentX,alignmentY\n1,2,3,x\n")
     with pytest.raises(ValueError, match=r"k\.csv: non-numeric or missing coordinates on line\(s\) \[2\]"):
         sda.io.read_landmarks(tmp_path / "k.csv")
+
+
+def test_landmark_names_and_stalign_dicts_pair_by_name(tmp_path):
+    """CSV names are kept; STalign-style .npy dicts are paired by name whatever their order, a name holding several
+    points giving ``name_0``, ``name_1`` in order, and a name with different counts on the two sides is refused."""
+    from spatialdata_align._landmark_files import read_landmarks, write_landmarks_csv
+
+    src = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.5]])
+    dst = src * 2.0 + 7.0
+    path = write_landmarks_csv(tmp_path / "lm.csv", src, dst, names=["duct", "vessel", "fold"])
+    assert read_landmarks(path)[2] == ["duct", "vessel", "fold"]
+    s_dict = {"vessel": [[3.0, 4.0], [5.0, 6.5]], "duct": [[1.0, 2.0]]}
+    d_dict = {"duct": [list(dst[0])], "vessel": [list(dst[1]), list(dst[2])]}  # another order
+    np.save(tmp_path / "s.npy", s_dict, allow_pickle=True)
+    np.save(tmp_path / "d.npy", d_dict, allow_pickle=True)
+    s, d, names = read_landmarks(tmp_path / "s.npy", tmp_path / "d.npy")
+    assert names == ["duct", "vessel_0", "vessel_1"]
+    np.testing.assert_array_equal(s, src)
+    np.testing.assert_array_equal(d, dst)
+    d_dict["vessel"] = d_dict["vessel"][:1]
+    np.save(tmp_path / "d.npy", d_dict, allow_pickle=True)
+    with pytest.raises(ValueError, match="'vessel': 2 source vs 1 target"):
+        read_landmarks(tmp_path / "s.npy", tmp_path / "d.npy")
