@@ -54,7 +54,7 @@ DEFAULT_N_TYPES = 3
 
 #: target channels of sdata.align.lddmm (and so of `spatialdata-align run`): an RGB H&E as haematoxylin and eosin
 #: optical densities (colour deconvolution, :func:`~spatialdata_align.registration.stain_densities`). Against the raw
-#: RGB: mean of the per-pair median errors 24.9 -> 23.1 µm on the 21-pair corpus, 30.1 -> 27.1 µm on 24 fresh pairs
+#: RGB: mean of the per-pair median errors 24.9 -> 22.9 µm on the 21-pair corpus, 30.1 -> 27.1 µm on 24 fresh pairs
 #: (docs/accuracy.md, "The H&E as stain densities")
 DEFAULT_TARGET_CHANNELS = "stains"
 #: default source raster pixel size (µm) for LDDMM and automatic initialisation

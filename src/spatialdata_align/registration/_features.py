@@ -156,8 +156,8 @@ def stain_densities(image) -> xr.DataArray:
     :data:`skimage.color.rgb_from_hed`) gives two channels in which nuclei and cytoplasm/stroma are separate and
     linear in the amount of stain, which the contrast model of :func:`~spatialdata_align.registration.lddmm`
     relates to cell densities better than the raw colours (``docs/accuracy.md``: on 45 synthetic pairs of six
-    tissue families the mean of the per-pair median errors fell from 24.9 to 23.1 µm on the corpus and from 30.1 to
-    27.1 µm on 24 pairs generated afresh).
+    tissue families and the twin sections the mean of the per-pair median errors fell from 24.9 to 22.9 µm on the
+    21-pair corpus and from 30.1 to 27.1 µm on 24 pairs generated afresh).
 
     Unlike :func:`skimage.color.rgb2hed` the optical density is floored at one 8-bit level (``1/255`` of white, not
     ``1e-6``) and negative densities are kept (not clipped to 0): measured on the same pairs, ``rgb2hed`` gave
