@@ -396,3 +396,143 @@ def test_writes_on_a_derived_object_leave_the_original_unchanged(base):
     assert set(s.align.transforms.index) == {AFFINE, LDDMM}
     assert VISIUM_CS in get_transformation(s[XENIUM_CELLS], get_all=True)
     np.testing.assert_array_equal(s.align.transform_points(cells, key=LDDMM), ref[LDDMM][0])
+
+
+# ------------------------------------------------------------------------------- standalone container
+def _small_registration(units=("um", "um")) -> Registration:
+    """A velocity-based registration on a small grid (no SpatialData), with extents."""
+    xv, yv = np.linspace(0.0, 900.0, 19), np.linspace(0.0, 600.0, 13)
+    gx, gy = np.meshgrid(xv, yv)
+    v = np.zeros((3, 2, yv.size, xv.size))
+    v[:, 0] = 25.0 * np.sin(gy / 150.0)
+    v[:, 1] = -15.0 * np.cos(gx / 200.0)
+    a = np.array([[0.8, -0.3, 40.0], [0.35, 0.9, -12.0], [0.0, 0.0, 1.0]])
+    return Registration(
+        affine=a,
+        velocity_values=v,
+        xv=xv,
+        yv=yv,
+        source_units=units[0],
+        target_units=units[1],
+        source_extent=(10.0, 890.0, 5.0, 590.0),
+        target_extent=(-30.0, 950.0, 0.0, 700.0),
+    )
+
+
+def _edit_root(path, edit) -> None:
+    root = zarr.open_group(path, mode="r+")
+    attrs = json.loads(json.dumps(dict(root.attrs)))
+    edit(attrs)
+    root.attrs.put(attrs)
+
+
+def test_standalone_container_round_trips_units_extents_and_coordinate_systems(tmp_path):
+    from spatialdata_align import ngff
+
+    reg = _small_registration(units=("um", "mm"))
+    path = ngff.write_transform(reg, tmp_path / "t.zarr", source_cs="xenium", target_cs="visium", name="fit")
+    root = zarr.open_group(path, mode="r")
+    scene = root.attrs["ome"]["scene"]
+    systems = {cs["name"]: cs for cs in scene["coordinateSystems"]}
+    assert set(systems) == {"xenium", "visium", "xenium_deformed"}
+    # every space axis carries its OME-NGFF unit: micrometer for the source (and its deformed copy), mm target
+    for name, unit in (("xenium", "micrometer"), ("xenium_deformed", "micrometer"), ("visium", "millimeter")):
+        assert [a["name"] for a in systems[name]["axes"]] == ["y", "x"]
+        assert {a.get("unit") for a in systems[name]["axes"]} == {unit}
+    t = scene["coordinateTransformations"][0]
+    # the forward field lives in the source system, the inverse field in the deformed one
+    fwd = root[t["forward"]["transformations"][0]["path"]].attrs["ome"]["multiscales"][0]
+    inv = root[t["inverse"]["transformations"][1]["path"]].attrs["ome"]["multiscales"][0]
+    assert fwd["coordinateSystems"][0]["name"] == "xenium"
+    assert inv["coordinateSystems"][0]["name"] == "xenium_deformed"
+    assert fwd["datasets"][0]["coordinateTransformations"][0]["output"]["name"] == "xenium"
+    assert inv["datasets"][0]["coordinateTransformations"][0]["output"]["name"] == "xenium_deformed"
+
+    back, info = ngff.read_transform(path)
+    assert (info["name"], info["source_cs"], info["target_cs"]) == ("fit", "xenium", "visium")
+    assert (back.source_units, back.target_units) == ("um", "mm")
+    np.testing.assert_allclose(back.source_extent, reg.source_extent)
+    np.testing.assert_allclose(back.target_extent, reg.target_extent)
+    pts = np.array([[100.0, 80.0], [450.0, 300.0], [820.0, 560.0]])
+    sampled = reg.to_displacement()
+    np.testing.assert_allclose(back.transform_points(pts), sampled.transform_points(pts), atol=1e-9)
+    inv = sampled.transform_points(pts, "inverse")
+    np.testing.assert_allclose(back.transform_points(pts, "inverse"), inv, atol=1e-9)
+
+    # another tool's container has no spatialdata_align attributes: units come from the axes, extents are unknown
+    _edit_root(path, lambda a: a.pop("spatialdata_align"))
+    plain, _ = ngff.read_transform(path)
+    assert (plain.source_units, plain.target_units) == ("um", "mm")
+    assert plain.source_extent is None and plain.target_extent is None
+    np.testing.assert_allclose(plain.transform_points(pts), sampled.transform_points(pts), atol=1e-9)
+
+
+def test_standalone_container_overwrite_only_replaces_a_zarr_store(tmp_path):
+    from spatialdata_align import ngff
+
+    reg = _small_registration()
+    path = tmp_path / "t.zarr"
+    ngff.write_transform(Registration.from_affine(np.diag([2.0, 2.0, 1.0])), path, source_cs="a", target_cs="b")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ngff.write_transform(reg, path, source_cs="a", target_cs="b")
+    assert ngff.read_transform(path)[0].is_affine  # untouched
+    ngff.write_transform(reg, path, source_cs="a", target_cs="b", overwrite=True)
+    assert not ngff.read_transform(path)[0].is_affine  # replaced
+    # a folder that is not a zarr store (the user's data, say) is never deleted, even with overwrite=True
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(FileExistsError, match="not a zarr store"):
+        ngff.write_transform(reg, folder, source_cs="a", target_cs="b", overwrite=True)
+    assert (folder / "keep.csv").read_text() == "x,y\n1,2\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t["forward"]["transformations"][0].update(interpolation="nearest"),
+            "only linear interpolation",
+        ),
+        (
+            lambda t: t["inverse"]["transformations"][1].update(interpolation="cubic"),
+            "only linear interpolation",
+        ),
+        (
+            lambda t: t["inverse"]["transformations"][0].update(affine=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+            "not the inverse of the forward affine",
+        ),
+        (lambda t: t["forward"]["transformations"].reverse(), "unsupported bijection layout"),
+        (lambda t: t.update(type="mapAxis"), "unsupported transformation type"),
+    ],
+)
+def test_read_transform_refuses_what_it_cannot_apply_exactly(tmp_path, edit, message):
+    from spatialdata_align import ngff
+
+    path = ngff.write_transform(_small_registration(), tmp_path / "t.zarr", source_cs="a", target_cs="b")
+    ngff.read_transform(path)  # reads before the edit
+    _edit_root(path, lambda a: edit(a["ome"]["scene"]["coordinateTransformations"][0]))
+    with pytest.raises(ValueError, match=message):
+        ngff.read_transform(path)
+
+
+def test_read_transform_picks_a_transformation_by_name(tmp_path):
+    from spatialdata_align import ngff
+
+    path = ngff.write_transform(_small_registration(), tmp_path / "t.zarr", source_cs="a", target_cs="b", name="one")
+
+    def add_second(a):
+        ts = a["ome"]["scene"]["coordinateTransformations"]
+        ts.append({**ngff.transformation(np.diag([3.0, 3.0, 1.0]), source_cs="a", target_cs="b"), "name": "two"})
+
+    _edit_root(path, add_second)
+    with pytest.raises(ValueError, match="holds 2 transformations"):
+        ngff.read_transform(path)
+    with pytest.raises(KeyError, match="no transformation named 'three'"):
+        ngff.read_transform(path, name="three")
+    two, info = ngff.read_transform(path, name="two")
+    assert info["name"] == "two"
+    np.testing.assert_allclose(two.affine, np.diag([3.0, 3.0, 1.0]))
+    assert not ngff.read_transform(path, name="one")[0].is_affine
+    with pytest.raises(FileNotFoundError, match=r"no zarr\.json"):
+        ngff.read_transform(tmp_path)
