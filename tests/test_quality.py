@@ -116,6 +116,30 @@ def test_extrapolation_of_the_fit_with_a_shape_prior():
     assert p95[0] > 50 and p95[1] < 0.2 * p95[0]
 
 
+def test_extrapolation_with_a_shape_prior_is_the_error_of_the_prior_fit():
+    """With a shape prior the factor is the posterior spread: sections whose stretch and shear are drawn from the
+    prior, landmarks clicked with noise e, fitted by ``fit_affine(shape_prior=e / t)``; the map's error at a point,
+    over many such sections, is e x the factor (a prior weighted 2x or 0.5x moves the far points by 20-40 %)."""
+    from spatialdata_align.registration import fit_affine
+
+    rng = np.random.default_rng(0)
+    src = np.array([[0.0, 0.0], [1500.0, 120.0], [3000.0, -60.0], [800.0, 260.0], [2300.0, 200.0]])  # a band
+    pts = np.array([[1500.0, 60.0], [1500.0, 1500.0], [-1000.0, 0.0], [3000.0, 2500.0]])
+    e, spread = 10.0, 500.0
+    th = np.deg2rad(30.0)
+    sim = 1.1 * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    errors = []
+    for _ in range(2000):
+        c, d = rng.normal(0.0, e / (np.sqrt(2.0) * spread), 2)  # prior: spread^2 |E|_F^2 / (2 e^2), |E|^2 = 2(c²+d²)
+        lin = sim + np.array([[c, d], [d, -c]])
+        dst = src @ lin.T + [200.0, -50.0] + rng.normal(0.0, e, src.shape)
+        errors.append(apply_affine(fit_affine(src, dst, shape_prior=spread).matrix, pts) - pts @ lin.T - [200.0, -50.0])
+    rms = np.sqrt((np.asarray(errors) ** 2).mean(axis=(0, 2))) / e  # per point, per coordinate
+    ext = q.landmark_extrapolation(src, pts, shape_prior=spread)
+    np.testing.assert_allclose(rms, ext, rtol=0.08)
+    assert ext[1] < 0.7 * q.landmark_extrapolation(src, pts)[1]  # far across the band: well below the plain fit's
+
+
 def test_jacobian_on_an_anisotropic_grid_and_a_fold_at_exactly_zero():
     """det(I + grad u) of u = (0.1 x, 0.2 y) is 1.1 * 1.2 on any grid, here 10 x 25 µm nodes; a determinant of
     exactly 0 (a map collapsing an area) counts as a fold."""
