@@ -357,6 +357,11 @@ def test_the_verdict_judges_the_lddmm_held_out_error_and_respects_the_inliers(ru
     assert a.landmarks["loo_affine_um"][0] == pytest.approx(
         np.linalg.norm(src[0] @ m0[:2, :2].T + m0[:2, 2] - dst[0]) * upp, rel=1e-4
     )
+    # the extrapolation factor at the cells is the inliers' fit's (the outlier left out of the design)
+    xy = element_xy(back, XENIUM_CELLS, XENIUM_CS)
+    own = _quality.landmark_extrapolation(src[inliers], xy, shape_prior=AFFINE_SHAPE_PRIOR)
+    np.testing.assert_allclose(a.extrapolation, own, rtol=1e-9)
+    assert not np.allclose(own, _quality.landmark_extrapolation(src, xy, shape_prior=AFFINE_SHAPE_PRIOR), rtol=0.01)
     # the Jacobian over the tissue (not the whole grid); the confidence tiles of 500 µm
     assert a.metrics["jacobian"]["n"] == int(a.tissue.sum()) < a.tissue.size
     widths = (a.regions["x1"] - a.regions["x0"]).to_numpy() * upp
@@ -371,6 +376,28 @@ def test_the_verdict_judges_the_lddmm_held_out_error_and_respects_the_inliers(ru
         reg.params["diverged"] = True
         return reg
 
+    # low-confidence regions: 500 µm tiles of >= 20 aligned cells whose mean match weight is under 0.3; the weights
+    # set to 0.1 left of the section's middle (x < xm) and 0.9 right of it, counted here by hand
+    reg0 = load(back, "xenium_to_visium_lddmm")
+    xm = float(np.median(reg0.match_weight.coords["x"].values))
+
+    def half_matched(sd, key):
+        reg = load(sd, key)
+        gx = reg.match_weight.coords["x"].values
+        half = np.broadcast_to(np.where(gx[None, :] < xm, 0.1, 0.9), reg.match_weight.shape)
+        reg.match_weight = reg.match_weight.copy(data=half.copy())
+        return reg
+
+    monkeypatch.setattr(sda_store, "load_registration", half_matched)
+    a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="affine")
+    reg = half_matched(back, "xenium_to_visium_lddmm")
+    w, at = reg.match_weight_at(xy), reg.transform_points(xy)
+    tiles = np.floor((at - at.min(axis=0)) / (_report.TILE_UM / upp)).astype(int)
+    _, inverse, counts = np.unique(tiles, axis=0, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse.ravel(), weights=w) / counts
+    low = int(((means < 0.3) & (counts >= 20)).sum())
+    assert 0 < low < int((counts >= 20).sum())
+    assert a.metrics["low_confidence_regions"] == low
     monkeypatch.setattr(sda_store, "load_registration", diverged)
     a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="affine")
     assert a.verdict.level == "unreliable" and any("diverged" in r for r in a.verdict.reasons), a.verdict
