@@ -108,3 +108,27 @@ def test_landmark_names_and_stalign_dicts_pair_by_name(tmp_path):
     np.save(tmp_path / "d.npy", d_dict, allow_pickle=True)
     with pytest.raises(ValueError, match="'vessel': 2 source vs 1 target"):
         read_landmarks(tmp_path / "s.npy", tmp_path / "d.npy")
+
+
+def test_export_explorer_uses_the_datasets_own_pixel_size(tmp_path):
+    """The matrix is written in Xenium pixels of the dataset's pixel size (``table.uns['xenium']``), not the
+    common 0.2125 µm: read back at that size it is the stored affine, at 0.2125 it is not; without a Xenium table
+    0.2125 µm is assumed."""
+    from spatialdata_align._constants import VISIUM_HIRES, XENIUM_CELLS, XENIUM_TABLE
+    from spatialdata_align._landmark_files import export_explorer
+
+    tw = sda.datasets.twin_sections(tmp_path / "data", n_cells=1500, n_spots=60, seed=2, transcripts=False)
+    s = sda.io.read_pair(tw.xenium_path, tw.visium_path, transcripts=False)
+    s.align.set_landmarks(source=tw.truth.landmarks_source, target=tw.truth.landmarks_target)
+    fit = s.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    s.tables[XENIUM_TABLE].uns["xenium"]["pixel_size"] = 0.5
+    files = export_explorer(s, tmp_path / "explorer")
+    matrix = files["explorer_alignment"]
+    np.testing.assert_allclose(sda.io.read_explorer_alignment(matrix, pixel_size=0.5), fit.matrix, atol=1e-9)
+    assert not np.allclose(sda.io.read_explorer_alignment(matrix, pixel_size=PIXEL_SIZE), fit.matrix, atol=1e-3)
+    kp_src, kp_dst, _ = sda.io.read_explorer_keypoints(files["explorer_keypoints"])
+    np.testing.assert_allclose(kp_src, tw.truth.landmarks_source)
+    np.testing.assert_allclose(kp_dst, tw.truth.landmarks_target)
+    del s.tables[XENIUM_TABLE]
+    bare = export_explorer(s, tmp_path / "bare")["explorer_alignment"]
+    np.testing.assert_allclose(sda.io.read_explorer_alignment(bare, pixel_size=PIXEL_SIZE), fit.matrix, atol=1e-9)
