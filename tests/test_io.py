@@ -308,6 +308,16 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
     peer, ours = sd.read_zarr(tmp_path / "peer.zarr"), sd.read_zarr(tmp_path / "ours.zarr")
     for kind in ("points", "shapes", "tables", "images"):
         assert sorted(getattr(ours, kind)) == sorted(getattr(peer, kind))
+    # the tables (written through an in-memory zarr store here) are spatialdata's files byte for byte, and the
+    # consolidated metadata describes the same nodes
+    stores = [tmp_path / "peer.zarr", tmp_path / "ours.zarr"]
+    files = [{p.relative_to(st): p.read_bytes() for p in (st / "tables").rglob("*") if p.is_file()} for st in stores]
+    assert len(files[0]) > 20 and files[1] == files[0]
+    from spatialdata._io.io_zarr import _write_consolidated_metadata
+
+    _write_consolidated_metadata(stores[0])  # spatialdata consolidated sdata.path (None: update_sdata_path=False)
+    meta = [json.loads((st / "zarr.json").read_text())["consolidated_metadata"]["metadata"] for st in stores]
+    assert meta[1] == meta[0] and any(k.startswith("tables/") for k in meta[0])
     for name in (XENIUM_TRANSCRIPTS, aligned):
         a, b = peer.points[name], ours.points[name]
         assert a.npartitions == b.npartitions == n_parts and b.attrs == a.attrs
