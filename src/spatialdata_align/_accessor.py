@@ -629,6 +629,7 @@ class AlignAccessor:
         channels: str = DEFAULT_CHANNELS,
         n_types: int = DEFAULT_N_TYPES,
         target_channels: str = DEFAULT_TARGET_CHANNELS,
+        target_blur: float | None = None,
         **params: Any,
     ) -> Registration:
         """Refine the affine with a diffeomorphic (LDDMM) registration and store the result.
@@ -672,6 +673,12 @@ class AlignAccessor:
             densities, :func:`~spatialdata_align.registration.stain_densities`; other images as they are) or
             ``"raw"`` (the image's own channels, e.g. R, G, B). Stored with the fit (``"raw"`` when the image was not
             RGB), so the accuracy estimate's refits repeat it.
+        target_blur
+            Gaussian blur of the target image (µm, standard deviation; ``target_blur`` of
+            :func:`~spatialdata_align.registration.lddmm`). Default: the source raster's own blur (``blur``, or
+            ``dx``), so that the cell densities and the H&E are compared at the same resolution; ``0``: none. On 43
+            synthetic pairs of six tissue families this lowered the mean median error from 26.9 to 22.8 µm, better
+            on 22 pairs and worse on none (``docs/accuracy.md``).
         **params
             Passed to :func:`~spatialdata_align.registration.lddmm` (``a``, ``sigma_r``,
             ``scales``, ``max_iter``, ``progress``, ...).
@@ -712,6 +719,7 @@ class AlignAccessor:
         src_img, used = source_image(sd, source, scs, dx=dx, blur=blur, channels=channels, n_types=n_types, xy=xy)
         tgt_img, tgt_used = target_image(sd, target, tcs, target_channels=target_channels)
         kw = {"contrast_degree": 3, "source_units": "um", "target_units": "px"}
+        kw["target_blur"] = float((dx if blur is None else blur) if target_blur is None else target_blur)
         kw.update(params)
         lm_key = _landmark_set(entry_method, landmarks)
         if lm_key is not None:

@@ -60,7 +60,7 @@ from ._flow import (
     sobolev_symbol,
 )
 from ._result import Registration
-from ._utils import Image, as_image, check_points, check_spot_inputs, homogeneous, interp
+from ._utils import Image, as_image, blur_image, check_points, check_spot_inputs, homogeneous, interp
 
 #: line-search trials per iteration; a search that fails updates the mixture (if stale) or ends the level
 _MAX_TRIALS = 20
@@ -445,6 +445,7 @@ def lddmm(
     min_iter: int = 15,
     em_every: int = 5,
     target_pixel: float | None = None,
+    target_blur: float = 0.0,
     device: str = "cpu",
     dtype=None,
     seed: int = 0,
@@ -533,6 +534,11 @@ def lddmm(
     target_pixel
         Working pixel size of the target (target units). Default: the source pixel size mapped
         through the initial affine (the target is block-averaged down to it).
+    target_blur
+        Standard deviation of a Gaussian blur of the target image, in source units (e.g. µm; converted through the
+        initial affine's scale), applied at the working resolution (``target_pixel``). ``0`` (default): none.
+        :meth:`sdata.align.lddmm <spatialdata_align.AlignAccessor.lddmm>` passes the source raster's own blur, so
+        that both images are equally smooth (``docs/accuracy.md``).
     device, dtype
         Torch device and dtype of the image arrays. Default ``float32`` (energies and optimiser dot products
         are accumulated in float64); results are bit-reproducible on a given machine and thread count. On the
@@ -563,8 +569,7 @@ def lddmm(
         raise ValueError("source image has zero variance (empty raster?); nothing to register.")
     scale_i = np.where(scale_i > 0, scale_i, np.maximum(I_img.data.reshape(len(scale_i), -1).max(1), 1e-12))
     I_img = Image(I_img.data / scale_i[:, None, None], I_img.x, I_img.y)
-    std_j = float(J_img.data.std(axis=(1, 2)).mean())
-    if std_j == 0:
+    if float(J_img.data.std()) == 0:
         raise ValueError("target image has zero variance; nothing to register.")
     A0 = np.eye(3) if affine is None else homogeneous(affine)
     lm_src = lm_dst = None
@@ -580,6 +585,18 @@ def lddmm(
     spot_inputs = check_spot_inputs(target_spots, spot_values, source_features, "the spot term")
     scale_a = abs(np.linalg.det(A0[:2, :2])) ** 0.5
     dxI = I_img.dx
+    if target_pixel is None:
+        target_pixel = dxI * scale_a
+    base_j = max(1, round(target_pixel / J_img.dx))
+    target_extent = J_img.extent
+    if not np.isfinite(target_blur) or target_blur < 0:
+        raise ValueError(f"target_blur must be >= 0 (source units), got {target_blur!r}.")
+    if target_blur > 0:
+        # at the working resolution (blocks of base_j pixels), where it costs little; blurring the full-resolution
+        # image first differs from it by less than the block averaging does
+        J_img = blur_image(J_img.downsample(base_j), target_blur * scale_a)
+        base_j = 1
+    std_j = float(J_img.data.std(axis=(1, 2)).mean())
     if kernel_scales is None:
         kernel_scales = default_kernel_scales(I_img, a)
     kernel_scales = tuple(float(s) for s in np.atleast_1d(kernel_scales))
@@ -611,9 +628,6 @@ def lddmm(
         raise ValueError(f"nt must be >= 1, got {nt}.")
     scales = tuple(int(s) for s in scales)
     max_iter = _as_tuple(max_iter, len(scales), "max_iter")
-    if target_pixel is None:
-        target_pixel = dxI * scale_a
-    base_j = max(1, round(target_pixel / J_img.dx))
 
     prob = _Problem(
         I_img,
@@ -919,6 +933,7 @@ def lddmm(
         "min_iter": min_iter,
         "em_every": em_every,
         "target_pixel": target_pixel,
+        "target_blur": float(target_blur),
         "source_pixel": dxI,
         "source_channels": int(I_img.data.shape[0]),
         "target_channels": int(J_img.data.shape[0]),
@@ -960,6 +975,6 @@ def lddmm(
         source_units=source_units,
         target_units=target_units,
         source_extent=I_img.extent,
-        target_extent=J_img.extent,
+        target_extent=target_extent,
         contrast=contrast,
     )

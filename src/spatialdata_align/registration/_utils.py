@@ -79,6 +79,20 @@ class Image:
         return Image(data, x, y)
 
 
+def blur_image(image: Image, sigma: float) -> Image:
+    """``image`` with every channel blurred by a Gaussian of standard deviation ``sigma`` (physical units).
+
+    The border is extended by its nearest values (``mode="nearest"``), so glass stays glass at the image's edge.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if sigma <= 0:
+        return image
+    s = (sigma / image.dy, sigma / image.dx)
+    data = np.stack([gaussian_filter(c, s, mode="nearest") for c in image.data])
+    return Image(data, image.x, image.y)
+
+
 def pixel_centres(n: int, spacing: float = 1.0, origin: float = 0.0) -> np.ndarray:
     """Pixel-centre coordinates ``origin + (i + 0.5) * spacing`` for ``i < n``."""
     return origin + (np.arange(n) + 0.5) * spacing
