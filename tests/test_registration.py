@@ -731,6 +731,54 @@ def test_lddmm_affine_prior_keeps_a_partial_section_in_place():
     assert np.median(free) > 16.0 and free.max() > 30.0
 
 
+def test_blur_image_is_a_gaussian_in_physical_units_on_any_grid():
+    """A unit mass on a 2 x 4 µm grid, blurred by 12 µm: variance 144 µm² along both axes, mass kept."""
+    from spatialdata_align.registration._utils import Image, blur_image
+
+    x, y = np.arange(0.0, 400.0, 2.0) + 1.0, np.arange(0.0, 400.0, 4.0) + 2.0
+    data = np.zeros((1, y.size, x.size))
+    data[0, 50, 100] = 1.0
+    out = blur_image(Image(data, x, y), 12.0)
+    w = out.data[0]
+    gx, gy = np.meshgrid(x, y)
+    assert w.sum() == pytest.approx(1.0, rel=1e-6)
+    assert (w * (gx - x[100]) ** 2).sum() == pytest.approx(144.0, rel=0.02)
+    assert (w * (gy - y[50]) ** 2).sum() == pytest.approx(144.0, rel=0.02)
+    assert blur_image(Image(data, x, y), 0.0).data is data
+
+
+def test_lddmm_target_blur_is_a_gaussian_at_the_working_resolution(toy):
+    """``target_blur`` (source units) blurs the target after block-averaging it to the working pixel: the same fit as
+    a target blurred so by hand; a different one from no blur; the stored target extent is the image's own."""
+    from scipy.ndimage import gaussian_filter
+
+    from spatialdata_align.registration._utils import as_image
+
+    A = fit_affine(toy.landmarks_src, toy.landmarks_dst).matrix
+    kw = dict(FAST, scales=(2, 1), max_iter=(15, 8), affine_iter=0)
+    blurred = lddmm(toy.source, toy.target, affine=A, target_blur=40.0, **kw)
+    scale = abs(np.linalg.det(A[:2, :2])) ** 0.5
+    J = as_image(toy.target)
+    base = round(float(toy.source.x[1] - toy.source.x[0]) * scale / J.dx)
+    assert base == 2  # the toy target is block-averaged by 2 first
+    Jb = J.downsample(base)
+    sig = (40.0 * scale / Jb.dy, 40.0 * scale / Jb.dx)
+    by_hand = xr.DataArray(
+        np.stack([gaussian_filter(c, sig, mode="nearest") for c in Jb.data]),
+        dims=("c", "y", "x"),
+        coords={"y": Jb.y, "x": Jb.x},
+    )
+    ref = lddmm(toy.source, by_hand, affine=A, **kw)
+    pts = toy.src_pts[::500]
+    np.testing.assert_allclose(blurred.transform_points(pts), ref.transform_points(pts), atol=1e-3)
+    plain = lddmm(toy.source, toy.target, affine=A, **kw)
+    assert np.abs(plain.transform_points(pts) - blurred.transform_points(pts)).max() > 1.0
+    assert blurred.params["target_blur"] == 40.0 and plain.params["target_blur"] == 0.0
+    np.testing.assert_allclose(blurred.target_extent, plain.target_extent)
+    with pytest.raises(ValueError, match="target_blur"):
+        lddmm(toy.source, toy.target, affine=A, target_blur=-1.0, **kw)
+
+
 def test_lddmm_input_errors(toy):
     with pytest.raises(ValueError, match="zero variance"):
         lddmm(np.zeros((1, 20, 20)), toy.target, progress=False)

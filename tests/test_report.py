@@ -256,6 +256,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
         seen["landmark_term"] = kw.get("landmark_term")
         seen["sigma_p"] = kw.get("sigma_p")
         seen["kind"], seen["shape_prior"] = kw.get("kind"), kw.get("shape_prior")
+        seen["target_blur"] = kw.get("target_blur")
         n = len(src)
         return _quality.LooResult(errors=np.zeros(n), affine_errors=np.zeros(n), folds=[], runtime_s=0.0)
 
@@ -276,6 +277,8 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     # and the target channels it registered onto: the H&E as stain densities (the default)
     assert sda_store.get_entry(back, "xenium_to_visium_lddmm")["target_channels"] == "stains"
     assert final.params["target_channels"] == 2 and seen["target"] == ["haematoxylin", "eosin"]
+    # blurred as the fit's target was: by the source raster's blur (dx, 20 µm, by default)
+    assert final.params["target_blur"] == pytest.approx(20.0) and seen["target_blur"] == pytest.approx(20.0)
     # a store written before the target channels were recorded registered the raw image: so do its refits
     entry = sda_store.get_entry(back, "xenium_to_visium_lddmm")
     del entry["target_channels"]
