@@ -578,6 +578,9 @@ def test_field_arrays_of_another_id_or_shape_are_refused_with_the_reason(base):
         assert len(messages) == 1 and why in messages[0] and repr(LDDMM) in messages[0], messages
         with pytest.raises(KeyError, match="no stored transform 'xenium_to_visium_lddmm'"):
             _quiet_get(o, LDDMM)
+        # nor when the transforms are recovered from the table alone (attrs dropped, as spatialdata.concatenate does)
+        o.attrs = {}
+        assert _listed_and_why(o)[0] == {AFFINE}, why
     # a table with the carrier's name but not its format holds no fields
     o = _copy(s)
     o.tables[_store.TABLE].uns[_store.UNS_KEY] = {**o.tables[_store.TABLE].uns[_store.UNS_KEY], "format": "other/2"}
