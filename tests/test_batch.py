@@ -335,6 +335,7 @@ def test_a_task_that_dies_is_a_failed_row_and_the_others_finish(thread_client, t
 def test_default_out_dir_is_beside_the_manifest_and_a_file_is_refused(thread_client, tmp_path, monkeypatch):
     _stand_in(monkeypatch)
     m = _manifest(tmp_path / "m", THREE[:1])
+    monkeypatch.chdir(tmp_path)  # (not beside the working directory)
     sda.batch(m, client=thread_client, verbose=False, progress=False)
     assert (tmp_path / "m" / "manifest_aligned" / "p1" / "status.json").is_file()
     assert (tmp_path / "m" / "manifest_aligned" / "summary.csv").is_file()
