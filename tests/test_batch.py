@@ -354,3 +354,44 @@ def test_manifest_headers_and_names(tmp_path, monkeypatch):
         m.write_text(f"xenium,visium,name\nx1,v1,{bad}\n")
         with pytest.raises(ValueError, match=rf"line 2: name '{bad}' cannot be a folder name"):
             read_manifest(m)
+
+
+def test_a_local_cluster_of_the_asked_size_or_the_given_scheduler_and_closed_after(tmp_path, monkeypatch):
+    """Without a client: a LocalCluster of single-threaded worker processes, ``n_workers`` of them (default one per
+    pair to run, at most the CPUs), closed afterwards; with ``scheduler=``, a client of that address."""
+    import distributed
+
+    _stand_in(monkeypatch)
+    real_cluster, real_client = distributed.LocalCluster, distributed.Client
+    asked, made = [], []
+
+    def cluster(**kw):  # record what was asked; run it in this process (the stand-in pipeline lives here)
+        asked.append(kw)
+        made.append(real_cluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None))
+        return made[-1]
+
+    monkeypatch.setattr(distributed, "LocalCluster", cluster)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    m = _manifest(tmp_path / "m", THREE)
+    sda.batch(m, tmp_path / "o1", n_workers=5, verbose=False, progress=False)
+    sda.batch(m, tmp_path / "o2", verbose=False, progress=False)  # 3 pairs, 2 CPUs
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    sda.batch(m, tmp_path / "o3", verbose=False, progress=False)  # 3 pairs
+    assert [a["n_workers"] for a in asked] == [5, 2, 3]
+    assert all(a["threads_per_worker"] == 1 and a["processes"] is True for a in asked)
+    assert all(c.status.name == "closed" for c in made)
+    # an existing scheduler: connect to its address, start no cluster
+    addresses = []
+
+    def client(address=None, **kw):
+        addresses.append(address)
+        return real_client(made[-1] if address == "tcp://sched:8786" else address, **kw)
+
+    made.append(real_cluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None))
+    monkeypatch.setattr(distributed, "Client", client)
+    try:
+        summary = sda.batch(m, tmp_path / "o4", scheduler="tcp://sched:8786", verbose=False, progress=False)
+    finally:
+        made[-1].close()
+    assert addresses == ["tcp://sched:8786"] and len(asked) == 3
+    assert summary["status"].tolist() == ["ok", "ok", "ok"]
