@@ -210,6 +210,7 @@ def _stand_in(monkeypatch, fail=(), delay=None):
     def fake(xenium, visium, **kw):
         name = Path(kw["out"]).parent.name
         calls[name] = {"xenium": xenium, "visium": visium, **kw}
+        calls[name]["status_file_while_running"] = (Path(kw["out"]).parent / "status.json").exists()
         time.sleep((delay or {}).get(name, 0.0))
         if name in fail:
             raise RuntimeError(f"the fit of {name} diverged")
@@ -305,6 +306,8 @@ def test_rerun_skips_only_finished_pairs_with_unchanged_inputs_and_a_store(threa
     assert set(calls) == {"p1", "p2", "p3"}
     assert third["status"].tolist() == ["ok", "ok", "failed"]
     assert calls["p1"]["landmarks"] == str(tmp_path / "m" / "other.csv")
+    # while a pair runs again its earlier "ok" is gone (a batch killed meanwhile must not skip it next time)
+    assert not calls["p1"]["status_file_while_running"] and not calls["p2"]["status_file_while_running"]
 
 
 def test_a_task_that_dies_is_a_failed_row_and_the_others_finish(thread_client, tmp_path, monkeypatch):
