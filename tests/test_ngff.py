@@ -681,3 +681,27 @@ def test_native_affine_spares_landmarks_and_elements_already_in_the_target_syste
         get_transformation(s[XENIUM_CELLS], VISIUM_CS).to_affine_matrix(xy, xy)[:2],
         (s.align.get(AFFINE).affine @ get_transformation(s[XENIUM_CELLS], XENIUM_CS).to_affine_matrix(xy, xy))[:2],
     )
+
+
+def test_a_refit_keeps_global_in_step_with_the_exposed_system(base):
+    """With the Visium system exposed as "global", a later fit's native affine is what "global" shows too."""
+    s = base[0]
+    o = _copy(s)
+    xy = ("x", "y")
+    o.align.set_global(VISIUM_CS)
+    m = np.array([[0.5, 0.1, 7.0], [-0.1, 0.5, 3.0], [0.0, 0.0, 1.0]])
+    _store.store_registration(
+        o,
+        Registration(affine=m),
+        key="refit",
+        kind="affine",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_CELLS,
+        target_element=VISIUM_HIRES,
+    )
+    t = get_transformation(o[XENIUM_CELLS], get_all=True)
+    want = m @ t[XENIUM_CS].to_affine_matrix(xy, xy)
+    np.testing.assert_allclose(t[VISIUM_CS].to_affine_matrix(xy, xy), want)
+    np.testing.assert_allclose(t["global"].to_affine_matrix(xy, xy), want)
+    assert "global" not in get_transformation(s[XENIUM_CELLS], get_all=True)
