@@ -705,3 +705,14 @@ def test_a_refit_keeps_global_in_step_with_the_exposed_system(base):
     np.testing.assert_allclose(t[VISIUM_CS].to_affine_matrix(xy, xy), want)
     np.testing.assert_allclose(t["global"].to_affine_matrix(xy, xy), want)
     assert "global" not in get_transformation(s[XENIUM_CELLS], get_all=True)
+
+
+def test_removing_a_transform_removes_its_global_copies(base):
+    """Removing the affine takes its "global" mirror with it: the cells no longer show in "global" either."""
+    s = base[0]
+    o = _copy(s)
+    o.align.set_global(VISIUM_CS)
+    assert {VISIUM_CS, "global"} <= set(get_transformation(o[XENIUM_CELLS], get_all=True))
+    o.align.remove(AFFINE)
+    assert set(get_transformation(o[XENIUM_CELLS], get_all=True)) == {XENIUM_CS}
+    assert {VISIUM_CS, "global"} <= set(get_transformation(o[VISIUM_SPOTS], get_all=True))  # Visium's own stay
