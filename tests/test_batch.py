@@ -180,3 +180,221 @@ def test_transcripts_and_images_are_computed_on_the_workers(pairs, client, tmp_p
         img, np.arange(1100) + 0.5, np.arange(1200) + 0.5, out_x=warped.x.values, out_y=warped.y.values, map_step=1
     )
     np.testing.assert_array_equal(warped.values, ref.values)
+
+
+# ------------------------------------------------- the batch machinery with a stand-in pipeline (no alignment run)
+@pytest.fixture(scope="module")
+def thread_client():
+    """An in-process cluster (threads): a pipeline replaced in this process is the one its tasks call."""
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        yield c
+
+
+def _stand_in(monkeypatch, fail=(), delay=None):
+    """Replace ``run_pipeline`` by a recorder that writes an (empty) zarr store and returns made-up numbers.
+
+    Pair ``pN`` reports N + 1000 cells, N + 200 spots, N + 50 shared genes and a held-out LDDMM median of N + 0.5 µm
+    (the affine's is 99); pairs in ``fail`` raise.
+    """
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from spatialdata_align import _pipeline
+
+    calls = {}
+
+    def fake(xenium, visium, **kw):
+        name = Path(kw["out"]).parent.name
+        calls[name] = {"xenium": xenium, "visium": visium, **kw}
+        calls[name]["status_file_while_running"] = (Path(kw["out"]).parent / "status.json").exists()
+        time.sleep((delay or {}).get(name, 0.0))
+        if name in fail:
+            raise RuntimeError(f"the fit of {name} diverged")
+        Path(kw["out"]).mkdir(parents=True, exist_ok=True)
+        (Path(kw["out"]) / "zarr.json").write_text("{}")
+        n = int(name[1:])
+        summary = {
+            "n_cells": 1000 + n,
+            "n_spots": 200 + n,
+            "n_shared_genes": 50 + n,
+            "affine": {"method": "auto" if kw["auto_init"] else "landmarks"},
+            "accuracy": {
+                "loo_affine_um": {"median": 99.0, "max": 199.0},
+                "loo_lddmm_um": {"median": n + 0.5, "max": 40.0},
+            },
+        }
+        return SimpleNamespace(summary=summary, verdict="check" if n == 1 else "good")
+
+    monkeypatch.setattr(_pipeline, "run_pipeline", fake)
+    return calls
+
+
+def _manifest(root, rows):
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["xenium", "visium", "landmarks", "name"]).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+THREE = [("x1", "v1", "l1.csv", "p1"), ("x2", "v2", "", "p2"), ("x3", "v3", "l3.csv", "p3")]
+
+
+def test_summary_rows_follow_the_manifest_with_each_pairs_numbers(thread_client, tmp_path, monkeypatch):
+    """One row per pair in manifest order (p1 finishes last), its own numbers, paths and outcome; options reach
+    every pair, an empty landmarks cell means automatic initialisation, a failure is that pair's row only."""
+    calls = _stand_in(monkeypatch, fail={"p3"}, delay={"p1": 1.0})
+    m = _manifest(tmp_path / "m", THREE)
+    out = tmp_path / "out"
+    summary = sda.batch(
+        m, out, client=thread_client, verbose=False, progress=False, dx=12.0, gene="ACTB", bin_size=8, loo="affine"
+    )
+    assert summary["name"].tolist() == ["p1", "p2", "p3"]
+    assert summary["status"].tolist() == ["ok", "ok", "failed"]
+    assert summary["n_cells"].tolist()[:2] == [1001, 1002]
+    assert summary["n_spots"].tolist()[:2] == [201, 202]
+    assert summary["n_shared_genes"].tolist()[:2] == [51, 52]
+    assert summary["affine"].tolist()[:2] == ["landmarks", "auto"]
+    assert summary["verdict"].tolist()[:2] == ["check", "good"]
+    assert summary["heldout_median_um"].tolist()[:2] == [1.5, 2.5]  # the LDDMM's held-out error, not the affine's
+    assert summary["error"].tolist() == ["", "", "RuntimeError: the fit of p3 diverged"]
+    assert summary["zarr"].tolist() == [str(out / n / "aligned.zarr") for n in ("p1", "p2", "p3")]
+    assert summary["report"].tolist() == [str(out / n / "report") for n in ("p1", "p2", "p3")]
+    assert set(summary["worker"]) <= set(thread_client.scheduler_info()["workers"])
+    assert (summary["runtime_s"] >= 0).all() and summary.loc[0, "runtime_s"] >= 1.0
+    # the table on disk is the one returned
+    on_disk = pd.read_csv(out / "summary.csv")
+    assert on_disk["name"].tolist() == ["p1", "p2", "p3"] and on_disk["status"].tolist() == ["ok", "ok", "failed"]
+    assert on_disk["n_cells"].tolist()[:2] == [1001, 1002] and on_disk["heldout_median_um"].tolist()[:2] == [1.5, 2.5]
+    # what each pair's pipeline got
+    for n in ("p1", "p2", "p3"):
+        c = calls[n]
+        assert (c["xenium"], c["visium"]) == (str(tmp_path / "m" / f"x{n[1]}"), str(tmp_path / "m" / f"v{n[1]}"))
+        assert (c["out"], c["report"]) == (out / n / "aligned.zarr", out / n / "report")
+        assert (c["dx"], c["gene"], c["bin_size"], c["loo"], c["verbose"], c["progress"]) == (
+            12.0,
+            "ACTB",
+            8,
+            "affine",
+            False,
+            False,
+        )
+    assert (calls["p1"]["landmarks"], calls["p1"]["auto_init"]) == (str(tmp_path / "m" / "l1.csv"), False)
+    assert (calls["p2"]["landmarks"], calls["p2"]["auto_init"]) == (None, True)
+    st = json.loads((out / "p3" / "status.json").read_text())
+    assert st["status"] == "failed" and "RuntimeError: the fit of p3 diverged" in st["traceback"]
+    assert json.loads((out / "p1" / "status.json").read_text())["n_cells"] == 1001
+
+
+def test_rerun_skips_only_finished_pairs_with_unchanged_inputs_and_a_store(thread_client, tmp_path, monkeypatch):
+    calls = _stand_in(monkeypatch, fail={"p3"})
+    m = _manifest(tmp_path / "m", THREE)
+    out = tmp_path / "out"
+    sda.batch(m, out, client=thread_client, verbose=False, progress=False)
+    calls.clear()
+    again = sda.batch(m, out, client=thread_client, verbose=False, progress=False)
+    assert again["status"].tolist() == ["skipped", "skipped", "failed"] and set(calls) == {"p3"}
+    assert again["n_cells"].tolist()[:2] == [1001, 1002] and again["error"].tolist()[:2] == ["", ""]
+    # p1 given other landmarks, p2's zarr store gone: both run again (their old status is not trusted)
+    rows = [("x1", "v1", "other.csv", "p1"), *THREE[1:]]
+    m = _manifest(tmp_path / "m", rows)
+    shutil.rmtree(out / "p2" / "aligned.zarr")
+    calls.clear()
+    third = sda.batch(m, out, client=thread_client, verbose=False, progress=False)
+    assert set(calls) == {"p1", "p2", "p3"}
+    assert third["status"].tolist() == ["ok", "ok", "failed"]
+    assert calls["p1"]["landmarks"] == str(tmp_path / "m" / "other.csv")
+    # while a pair runs again its earlier "ok" is gone (a batch killed meanwhile must not skip it next time)
+    assert not calls["p1"]["status_file_while_running"] and not calls["p2"]["status_file_while_running"]
+
+
+def test_a_task_that_dies_is_a_failed_row_and_the_others_finish(thread_client, tmp_path, monkeypatch):
+    """A task whose worker dies (here: run_pair itself raises) is a failed row with its status file; not the batch."""
+    from spatialdata_align import _batch
+
+    _stand_in(monkeypatch)
+    real = _batch.run_pair
+
+    def dying(pair, out_dir, kw):
+        if pair["name"] == "p2":
+            (tmp_path / "out" / "p2").mkdir(parents=True)
+            raise OSError("worker tcp://10.0.0.1:1234 died")
+        return real(pair, out_dir, kw)
+
+    monkeypatch.setattr(_batch, "run_pair", dying)
+    summary = sda.batch(
+        _manifest(tmp_path / "m", THREE), tmp_path / "out", client=thread_client, verbose=False, progress=False
+    )
+    assert summary["status"].tolist() == ["ok", "failed", "ok"]
+    assert summary.loc[1, "error"] == "OSError: worker tcp://10.0.0.1:1234 died"
+    assert summary.loc[1, "zarr"] == str(tmp_path / "out" / "p2" / "aligned.zarr")
+    st = json.loads((tmp_path / "out" / "p2" / "status.json").read_text())
+    assert st["status"] == "failed" and st["error"] == "OSError: worker tcp://10.0.0.1:1234 died"
+    assert exit_code(summary) == 0
+
+
+def test_default_out_dir_is_beside_the_manifest_and_a_file_is_refused(thread_client, tmp_path, monkeypatch):
+    _stand_in(monkeypatch)
+    m = _manifest(tmp_path / "m", THREE[:1])
+    monkeypatch.chdir(tmp_path)  # (not beside the working directory)
+    sda.batch(m, client=thread_client, verbose=False, progress=False)
+    assert (tmp_path / "m" / "manifest_aligned" / "p1" / "status.json").is_file()
+    assert (tmp_path / "m" / "manifest_aligned" / "summary.csv").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="afile exists and is not a folder"):
+        sda.batch(m, tmp_path / "afile", client=thread_client, verbose=False, progress=False)
+
+
+def test_manifest_headers_and_names(tmp_path, monkeypatch):
+    m = tmp_path / "m.csv"
+    m.write_text(" Xenium , VISIUM,Landmarks,NAME\n~/x1, v1 ,,p\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (pair,) = read_manifest(m)
+    assert (pair.name, pair.xenium, pair.visium) == ("p", str(tmp_path / "home" / "x1"), str(tmp_path / "v1"))
+    for bad in (".", ".."):
+        m.write_text(f"xenium,visium,name\nx1,v1,{bad}\n")
+        with pytest.raises(ValueError, match=rf"line 2: name '{bad}' cannot be a folder name"):
+            read_manifest(m)
+
+
+def test_a_local_cluster_of_the_asked_size_or_the_given_scheduler_and_closed_after(tmp_path, monkeypatch):
+    """Without a client: a LocalCluster of single-threaded worker processes, ``n_workers`` of them (default one per
+    pair to run, at most the CPUs), closed afterwards; with ``scheduler=``, a client of that address."""
+    import distributed
+
+    _stand_in(monkeypatch)
+    real_cluster, real_client = distributed.LocalCluster, distributed.Client
+    asked, made = [], []
+
+    def cluster(**kw):  # record what was asked; run it in this process (the stand-in pipeline lives here)
+        asked.append(kw)
+        made.append(real_cluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None))
+        return made[-1]
+
+    monkeypatch.setattr(distributed, "LocalCluster", cluster)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    m = _manifest(tmp_path / "m", THREE)
+    sda.batch(m, tmp_path / "o1", n_workers=5, verbose=False, progress=False)
+    sda.batch(m, tmp_path / "o2", verbose=False, progress=False)  # 3 pairs, 2 CPUs
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    sda.batch(m, tmp_path / "o3", verbose=False, progress=False)  # 3 pairs
+    assert [a["n_workers"] for a in asked] == [5, 2, 3]
+    assert all(a["threads_per_worker"] == 1 and a["processes"] is True for a in asked)
+    assert all(c.status.name == "closed" for c in made)
+    # an existing scheduler: connect to its address, start no cluster
+    addresses = []
+
+    def client(address=None, **kw):
+        addresses.append(address)
+        return real_client(made[-1] if address == "tcp://sched:8786" else address, **kw)
+
+    made.append(real_cluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None))
+    monkeypatch.setattr(distributed, "Client", client)
+    try:
+        summary = sda.batch(m, tmp_path / "o4", scheduler="tcp://sched:8786", verbose=False, progress=False)
+    finally:
+        made[-1].close()
+    assert addresses == ["tcp://sched:8786"] and len(asked) == 3
+    assert summary["status"].tolist() == ["ok", "ok", "ok"]

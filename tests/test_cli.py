@@ -169,3 +169,139 @@ def test_console_script_is_installed():
     res = subprocess.run([*exe.split(), "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0
     assert "run" in res.stdout and "demo" in res.stdout
+
+
+# ------------------------------------------------------------------ flags reach the pipeline (no alignment run)
+def _record_calls(monkeypatch, verdict="good"):
+    """Replace the pipeline's entry points by recorders: each call's positional and keyword arguments."""
+    from types import SimpleNamespace
+
+    from spatialdata_align import _pipeline
+
+    calls = []
+
+    def fake(name):
+        def f(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            summary = {"n_cells": 1, "n_spots": 1, "n_shared_genes": 1, "verdict": {"level": verdict, "reasons": []}}
+            return SimpleNamespace(summary=summary, verdict=verdict)
+
+        return f
+
+    monkeypatch.setattr(_pipeline, "run_pipeline", fake("run"))
+    monkeypatch.setattr(_pipeline, "run_demo", fake("demo"))
+    return calls
+
+
+def test_run_passes_every_flag_to_run_pipeline(monkeypatch, tmp_path):
+    """Each ``run`` flag, at a non-default value, arrives at ``run_pipeline`` as the argument it names.
+
+    (Replacing any of them by its default in ``cli.main``, e.g. ``landmarks_target=None`` or ``dx=20.0``, passed
+    every test: the runs above use the default of most flags.)
+    """
+    calls = _record_calls(monkeypatch)
+    x, v, lm, lt = tmp_path / "xen", tmp_path / "vis", tmp_path / "src.npy", tmp_path / "dst.npy"
+    out, report = tmp_path / "o.zarr", tmp_path / "rep"
+    argv = ["run", "--xenium", str(x), "--visium", str(v), "--out", str(out), "--report", str(report)]
+    argv += ["--landmarks", str(lm), "--landmarks-target", str(lt), "--landmark-units", "hires", "--allow-flip"]
+    argv += ["--dx", "12.5", "--gene", "ACTB", "--bin-size", "8", "--device", "cuda:1", "--force", "--loo", "none"]
+    assert main([*argv, "--quiet"]) == 0
+    ((name, args, kw),) = calls
+    assert name == "run" and args == (x, v)
+    assert kw == {
+        "landmarks": lm,
+        "landmarks_target": lt,
+        "landmark_units": "hires",
+        "auto_init": False,
+        "out": out,
+        "report": report,
+        "flip": True,
+        "dx": 12.5,
+        "gene": "ACTB",
+        "verbose": False,
+        "progress": False,
+        "lddmm_params": {"device": "cuda:1"},
+        "force": True,
+        "loo": "none",
+        "bin_size": 8,
+    }
+    # --auto-init, and without --quiet: stage messages and progress bars
+    calls.clear()
+    argv = ["run", "--xenium", str(x), "--visium", str(v), "--out", str(out), "--auto-init"]
+    assert main(argv) == 0
+    kw = calls[0][2]
+    assert kw["auto_init"] is True and kw["landmarks"] is None and kw["report"] is None
+    assert kw["verbose"] is True and kw["progress"] is True
+
+
+def test_cli_defaults_are_the_api_defaults(monkeypatch, tmp_path):
+    """A flag left out means what leaving the argument out of the Python call means (and the documented value)."""
+    import inspect
+
+    from spatialdata_align._pipeline import run_pipeline
+
+    api = {k: p.default for k, p in inspect.signature(run_pipeline).parameters.items()}
+    calls = _record_calls(monkeypatch)
+    argv = ["run", "--xenium", "x", "--visium", "v", "--out", "o.zarr", "--landmarks", "l.csv", "--quiet"]
+    assert main(argv) == 0
+    kw = calls[0][2]
+    for k in ("landmarks_target", "landmark_units", "report", "dx", "gene", "flip", "force", "loo", "bin_size"):
+        assert kw[k] == api[k], k
+    want = (20.0, "EGFR", "lddmm", 16, "fullres")
+    assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["landmark_units"]) == want
+    assert kw["lddmm_params"] == {"device": "cpu"}
+
+
+def test_demo_passes_its_flags_to_run_demo(monkeypatch, tmp_path):
+    calls = _record_calls(monkeypatch)
+    argv = ["demo", "--out", str(tmp_path), "--n-cells", "1234", "--n-spots", "77", "--seed", "5", "--auto-init"]
+    argv += ["--visium-hd", "--bin-size", "8", "--dx", "30", "--gene", "ACTB", "--loo", "affine", "--quiet"]
+    assert main(argv) == 0
+    ((name, args, kw),) = calls
+    assert name == "demo" and args == (tmp_path,)
+    assert (kw["n_cells"], kw["n_spots"], kw["seed"], kw["auto_init"], kw["visium_hd"]) == (1234, 77, 5, True, True)
+    assert (kw["bin_size"], kw["dx"], kw["gene"], kw["loo"]) == (8, 30.0, "ACTB", "affine")
+    calls.clear()
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    kw = calls[0][2]
+    assert (kw["n_cells"], kw["n_spots"], kw["seed"], kw["auto_init"], kw["visium_hd"]) == (20000, 500, 0, False, False)
+
+
+def test_unreliable_verdict_exits_3_unless_forced(monkeypatch, tmp_path, capsys):
+    _record_calls(monkeypatch, verdict="unreliable")
+    argv = ["run", "--xenium", "x", "--visium", "v", "--out", "o.zarr", "--auto-init", "--quiet"]
+    assert main(argv) == 3
+    assert "Exit status 3; rerun with --force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+
+
+def test_batch_passes_its_flags_to_sda_batch(monkeypatch, tmp_path):
+    """Every ``batch`` flag reaches ``sda.batch`` (``--bin-size`` was accepted and silently dropped)."""
+    seen = []
+    monkeypatch.setattr(
+        "spatialdata_align._batch.batch", lambda *a, **kw: seen.append((a, kw)) or pd.DataFrame({"status": ["ok"]})
+    )
+    m, o = tmp_path / "m.csv", tmp_path / "out"
+    argv = ["batch", str(m), "--out-dir", str(o), "--scheduler", "tcp://h:8786", "--workers", "3", "--force"]
+    argv += ["--dx", "15", "--gene", "ACTB", "--bin-size", "8", "--device", "cuda", "--loo", "affine", "--quiet"]
+    assert main(argv) == 0
+    ((args, kw),) = seen
+    assert args == (m, o)
+    assert kw == {
+        "scheduler": "tcp://h:8786",
+        "n_workers": 3,
+        "force": True,
+        "verbose": False,
+        "progress": False,
+        "dx": 15.0,
+        "gene": "ACTB",
+        "lddmm_params": {"device": "cuda"},
+        "loo": "affine",
+        "bin_size": 8,
+    }
+    seen.clear()
+    assert main(["batch", str(m), "--out-dir", str(o)]) == 0
+    kw = seen[0][1]
+    assert (kw["scheduler"], kw["n_workers"], kw["force"], kw["verbose"]) == (None, None, False, True)
+    want = (20.0, "EGFR", "lddmm", 16, {"device": "cpu"})
+    assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["lddmm_params"]) == want

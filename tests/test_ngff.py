@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import pandas as pd
 import pytest
 import referencing
 import shapely
@@ -536,3 +537,182 @@ def test_read_transform_picks_a_transformation_by_name(tmp_path):
     assert not ngff.read_transform(path, name="one")[0].is_affine
     with pytest.raises(FileNotFoundError, match=r"no zarr\.json"):
         ngff.read_transform(tmp_path)
+
+
+# ------------------------------------------------------------------------------- stored entries: validation, layout
+def _with_record(s, **change):
+    """A copy of ``s`` whose carrier record of the LDDMM has ``change`` applied (``None`` deletes an item)."""
+    o = _copy(s)
+    records = {k: dict(v) for k, v in _store._records(o.tables[_store.TABLE]).items()}
+    for k, v in change.items():
+        if v is None:
+            del records[LDDMM][k]
+        else:
+            records[LDDMM][k] = v
+    o.tables[_store.TABLE] = _store._carrier(records)
+    return o
+
+
+def _listed_and_why(o):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listed = set(o.align.transforms.index)
+    return listed, [str(w.message) for w in caught if issubclass(w.category, _store.TransformDroppedWarning)]
+
+
+def test_field_arrays_of_another_id_or_shape_are_refused_with_the_reason(base):
+    """A record whose id or array shapes do not match the metadata is never used: unlisted, a warning says why."""
+    s = base[0]
+    rec = _store._records(s.tables[_store.TABLE])[LDDMM]
+    fwd, inv = np.asarray(rec["forward"]), np.asarray(rec["inverse"])
+    cases = {
+        "replaced by others": {"id": "0" * 32},
+        "its forward field array is missing or has the wrong shape": {"forward": fwd[:, :-1]},
+        "its inverse field array is missing or has the wrong shape": {"inverse": inv[:, :, :-2]},
+        "its inverse field array is missing": {"inverse": None},
+    }
+    for why, change in cases.items():
+        o = _with_record(s, **change)
+        listed, messages = _listed_and_why(o)
+        assert listed == {AFFINE}, why
+        assert len(messages) == 1 and why in messages[0] and repr(LDDMM) in messages[0], messages
+        with pytest.raises(KeyError, match="no stored transform 'xenium_to_visium_lddmm'"):
+            _quiet_get(o, LDDMM)
+        # nor when the transforms are recovered from the table alone (attrs dropped, as spatialdata.concatenate does)
+        o.attrs = {}
+        assert _listed_and_why(o)[0] == {AFFINE}, why
+    # a table with the carrier's name but not its format holds no fields
+    o = _copy(s)
+    o.tables[_store.TABLE].uns[_store.UNS_KEY] = {**o.tables[_store.TABLE].uns[_store.UNS_KEY], "format": "other/2"}
+    listed, messages = _listed_and_why(o)
+    assert listed == {AFFINE} and "its field arrays were dropped" in messages[0]
+    assert _store.TABLE not in _store.own_elements(o)
+
+
+def _quiet_get(o, key):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return o.align.get(key)
+
+
+def test_the_transforms_table_describes_each_entry(base):
+    s = base[0]
+    t = s.align.transforms
+    assert list(t.index) == [AFFINE, LDDMM]
+    assert t.loc[LDDMM, ["kind", "source_cs", "target_cs", "source_element", "target_element"]].tolist() == [
+        "lddmm",
+        XENIUM_CS,
+        VISIUM_CS,
+        XENIUM_CELLS,
+        VISIUM_HIRES,
+    ]
+    assert t.loc[AFFINE, "kind"] == "affine" and t.loc[AFFINE, "source_cs"] == XENIUM_CS
+    # the LDDMM's fields: the spacing of their grid (read back from the arrays' grid, not from the table)
+    grid = s.align.get(LDDMM).forward_field
+    assert t.loc[LDDMM, "field_spacing"] == pytest.approx(grid.dx) and grid.dx > 0
+    assert pd.isna(t.loc[AFFINE, "field_spacing"])
+    # iterations: the length of the energy trace of a fit
+    o = _copy(s)
+    energy = pd.DataFrame({"total": np.linspace(5.0, 1.0, 7), "match": np.ones(7)})
+    reg = Registration(affine=np.eye(3), energy=energy)
+    _store.store_registration(
+        o,
+        reg,
+        key="seven",
+        kind="affine",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=None,
+        target_element=None,
+        native=False,
+        extra={"note": "kept"},
+    )
+    assert o.align.transforms.loc["seven", "iterations"] == 7
+    assert _store.get_entry(o, "seven")["note"] == "kept"  # extra metadata stored with the entry
+    with pytest.raises(ValueError, match="without '/'"):
+        _store.store_registration(
+            o,
+            reg,
+            key="a/b",
+            kind="affine",
+            source_cs=XENIUM_CS,
+            target_cs=VISIUM_CS,
+            source_element=None,
+            target_element=None,
+        )
+
+
+def test_native_affine_spares_landmarks_and_elements_already_in_the_target_system(base):
+    """The affine is registered on the source system's elements, not on the landmark points, not on an element the
+    user placed in the target system; a refit into the same target replaces the earlier native affine."""
+    from spatialdata.transformations import Identity, Scale
+
+    s = base[0]
+    o = _copy(s)
+    xy = ("x", "y")
+    both = sd.models.ShapesModel.parse(
+        np.array([[1.0, 2.0], [3.0, 4.0]]),
+        geometry=0,
+        radius=np.ones(2),
+        transformations={XENIUM_CS: Identity(), VISIUM_CS: Scale([2.0, 2.0], axes=xy)},
+    )
+    o.shapes["both"] = both
+    m = np.array([[0.5, 0.1, 7.0], [-0.1, 0.5, 3.0], [0.0, 0.0, 1.0]])
+    entry, _ = _store.store_registration(
+        o,
+        Registration(affine=m),
+        key="refit",
+        kind="affine",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_CELLS,
+        target_element=VISIUM_HIRES,
+    )
+    got = get_transformation(o[XENIUM_CELLS], VISIUM_CS).to_affine_matrix(xy, xy)
+    np.testing.assert_allclose(got, m @ get_transformation(o[XENIUM_CELLS], XENIUM_CS).to_affine_matrix(xy, xy))
+    assert XENIUM_CELLS in entry["native_elements"] and "both" not in entry["native_elements"]
+    np.testing.assert_allclose(get_transformation(o["both"], VISIUM_CS).to_affine_matrix(xy, xy), np.diag([2.0, 2, 1]))
+    lm = [n for n in o.points if n.startswith("landmarks")]
+    assert lm and not set(lm) & set(entry["native_elements"])
+    for n in lm:
+        assert len(get_transformation(o[n], get_all=True)) == 1, n
+    # the original object keeps its own affine
+    np.testing.assert_allclose(
+        get_transformation(s[XENIUM_CELLS], VISIUM_CS).to_affine_matrix(xy, xy)[:2],
+        (s.align.get(AFFINE).affine @ get_transformation(s[XENIUM_CELLS], XENIUM_CS).to_affine_matrix(xy, xy))[:2],
+    )
+
+
+def test_a_refit_keeps_global_in_step_with_the_exposed_system(base):
+    """With the Visium system exposed as "global", a later fit's native affine is what "global" shows too."""
+    s = base[0]
+    o = _copy(s)
+    xy = ("x", "y")
+    o.align.set_global(VISIUM_CS)
+    m = np.array([[0.5, 0.1, 7.0], [-0.1, 0.5, 3.0], [0.0, 0.0, 1.0]])
+    _store.store_registration(
+        o,
+        Registration(affine=m),
+        key="refit",
+        kind="affine",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_CELLS,
+        target_element=VISIUM_HIRES,
+    )
+    t = get_transformation(o[XENIUM_CELLS], get_all=True)
+    want = m @ t[XENIUM_CS].to_affine_matrix(xy, xy)
+    np.testing.assert_allclose(t[VISIUM_CS].to_affine_matrix(xy, xy), want)
+    np.testing.assert_allclose(t["global"].to_affine_matrix(xy, xy), want)
+    assert "global" not in get_transformation(s[XENIUM_CELLS], get_all=True)
+
+
+def test_removing_a_transform_removes_its_global_copies(base):
+    """Removing the affine takes its "global" mirror with it: the cells no longer show in "global" either."""
+    s = base[0]
+    o = _copy(s)
+    o.align.set_global(VISIUM_CS)
+    assert {VISIUM_CS, "global"} <= set(get_transformation(o[XENIUM_CELLS], get_all=True))
+    o.align.remove(AFFINE)
+    assert set(get_transformation(o[XENIUM_CELLS], get_all=True)) == {XENIUM_CS}
+    assert {VISIUM_CS, "global"} <= set(get_transformation(o[VISIUM_SPOTS], get_all=True))  # Visium's own stay

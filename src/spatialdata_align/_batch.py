@@ -335,7 +335,7 @@ def _gather(client, todo, out_dir, pipeline_kwargs, rows, k, n, verbose, progres
     }
     bar = tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress)
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):  # (not the default client's loop: there may be none)
             pair = futures[fut]
             try:
                 row = fut.result()

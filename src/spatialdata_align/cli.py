@@ -234,6 +234,7 @@ def _batch(args, verbose: bool) -> int:
             gene=args.gene,
             lddmm_params={"device": args.device},
             loo=args.loo,
+            bin_size=args.bin_size,
         )
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
         print(f"spatialdata-align: error: {err}", file=sys.stderr)
