@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from spatialdata_align.registration._utils import as_image
+from spatialdata_align.registration._utils import as_image, blur_image
 
 SWAP = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # (x, y) <-> (row, col)
 #: STalign iteration budgets of the sweep
@@ -58,6 +58,8 @@ def run_stalign(d, reg, niter: int, steps: dict | None = None):
     J_img = as_image(d["target"])
     base = max(1, round(reg.params["target_pixel"] / J_img.dx))
     J_img = J_img.downsample(base)
+    if reg.params.get("target_blur"):  # the engine blurred its working target (source units): so is STalign's
+        J_img = blur_image(J_img, float(reg.params["target_blur"]) * abs(np.linalg.det(d["affine"][:2, :2])) ** 0.5)
     scale = np.asarray(reg.params["source_intensity_scale"], float)
     if scale.size != I_img.data.shape[0]:
         raise ValueError(
