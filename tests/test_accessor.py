@@ -285,8 +285,17 @@ def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twi
     lm_src, lm_dst = sd.align.landmarks()
     sigma_p = LANDMARK_SIGMA_UM * np.sqrt(abs(np.linalg.det(fit.matrix[:2, :2])))
     assert reg.params["n_landmarks"] == len(lm_src) and reg.params["sigma_p"] == pytest.approx(sigma_p)
+    # ... and the target blurred by the raster's own blur (dx, 20 µm)
+    assert reg.params["target_blur"] == 20.0
     direct = lddmm(
-        src, tgt, affine=fit.matrix, source_landmarks=lm_src, target_landmarks=lm_dst, sigma_p=sigma_p, **LDDMM_KW
+        src,
+        tgt,
+        affine=fit.matrix,
+        source_landmarks=lm_src,
+        target_landmarks=lm_dst,
+        sigma_p=sigma_p,
+        target_blur=20.0,
+        **LDDMM_KW,
     )
     # ... up to the sampling of the stored form (displacement fields, linear interpolation): << 1 µm
     assert reg.is_sampled and not direct.is_sampled
