@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import shapely
 from _tl_data import UM_PER_PX, add_aligned, add_aligned_xy, add_native_affine, make_pair, twin_pair, twin_truth_px
 from scipy.spatial import cKDTree
@@ -606,3 +607,147 @@ def test_cell_type_labels_are_reused_for_the_same_counts_only(monkeypatch):
     assert calls["n"] == 3
     sda.tl.cell_type_labels(ad.AnnData(X), 2)  # dense counts: a dense digest, clustered once more
     assert calls["n"] == 4
+
+
+# ------------------------------------------------------------------------ the hand-countable tiny pair
+#: tiny pair (``_tl_data.tiny_pair``), in Visium table order (spots 13, 11, 12, 10): the cells within 50 px
+#: (27.5 µm at 0.55 µm/px) of each spot, their summed A and B, and their non-control library (A + B: CTRL is a
+#: control by its feature type, NegControlProbe_1 by its name)
+TINY_MEMBERS = [[7, 8], [4, 5], [6], [0, 1, 2]]
+TINY_PSEUDO = np.array([[4, 5], [5, 1], [0, 2], [3, 4]], dtype=float)
+TINY_LIB = np.array([9, 6, 2, 7], dtype=float)
+
+
+def _tiny_expected(members, rows=None, visium_x=None) -> pd.DataFrame:
+    """compare_genes' table recomputed with numpy/scipy from the tiny pair's counts, for the spots ``rows``."""
+    from _tl_data import TINY_ROWS, TINY_X
+
+    rows = np.arange(4) if rows is None else np.asarray(rows)
+    P = np.array([TINY_X[m][:, :2].sum(0) for m in members], dtype=float)[rows]
+    lib = np.array([TINY_X[m][:, :2].sum() for m in members], dtype=float)[rows]
+    ids = np.array(TINY_ROWS, dtype=float)[rows]
+    V = np.column_stack([ids, 2 * ids - 19]) if visium_x is None else visium_x[rows]
+    vlib = V.sum(1) + 100  # GAPDH: Visium only, in the library
+    x = np.log1p(P / lib[:, None] * np.median(lib))
+    v = np.log1p(V / vlib[:, None] * np.median(vlib))
+    out = pd.DataFrame(
+        {
+            "gene": ["A", "B"],
+            "n_spots": len(rows),
+            "pearson": [pearsonr(x[:, j], v[:, j])[0] for j in range(2)],
+            "spearman": [spearmanr(x[:, j], v[:, j])[0] for j in range(2)],
+            "xenium_detection": (P > 0).mean(0),
+            "visium_detection": (V > 0).mean(0),
+            "xenium_mean": x.mean(0),
+            "visium_mean": v.mean(0),
+        }
+    )
+    return out.sort_values("pearson", ascending=False).reset_index(drop=True)
+
+
+def _assert_table(df, expect):
+    pd.testing.assert_frame_equal(df, expect, check_dtype=False, atol=1e-9, rtol=1e-6)
+
+
+def test_tiny_pseudo_spots_hand_counted():
+    """Pseudo-spots of the tiny pair: counted by hand, in the Visium table's row order (not the shapes' order), with
+    the spot ids and in-tissue flags of those rows; a feature-type control stays out of the library."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    ps = sda.tl.pseudo_spots(sd, copy=True)
+    assert ps.obs_names.tolist() == [f"BC{i}-1" for i in TINY_ROWS]
+    assert ps.var_names.tolist() == ["A", "B"] and ps.var["visium_var"].tolist() == ["A", "b"]
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    np.testing.assert_array_equal(ps.obs["n_cells"], [2, 2, 1, 3])
+    np.testing.assert_array_equal(ps.obs["total_counts"], TINY_LIB)
+    np.testing.assert_array_equal(ps.obs["instance_id"], TINY_ROWS)  # the spot each row annotates
+    np.testing.assert_array_equal(ps.obs["in_tissue"], [1, 1, 0, 1])
+    np.testing.assert_array_equal(ps.obsm["spatial"], [[300, 300], [300, 100], [100, 300], [100, 100]])
+    assert ps.uns["sda_pseudo_spots"]["radius_px"] == pytest.approx(50.0)
+    assert ps.uns["sda_pseudo_spots"]["radius_um"] == pytest.approx(27.5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"spot_radius": False},  # spots drawn as squares: the 27.5 µm default through um_per_px
+        {"spot_radius": False, "um_per_px": False},  # um_per_px from scalefactors' spot_diameter_fullres
+        {"um_per_px": False, "scalefactors": False},  # um_per_px from the spot radius
+    ],
+)
+def test_tiny_pseudo_spots_default_radius_and_um_per_px_sources(kw):
+    """Without a spot radius the default is 27.5 µm (50 px here, not the 55 µm diameter); µm-per-pixel comes from
+    uns['visium']['um_per_px'], else spot_diameter_fullres (55 µm), else the spot radius (27.5 µm)."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair(**kw)
+    assert _data.um_per_px(sd) == pytest.approx(0.55)
+    for ps in (sda.tl.pseudo_spots(sd, copy=True), sda.tl.pseudo_spots(sd, radius=27.5, units="um", copy=True)):
+        np.testing.assert_array_equal(ps.obs["n_cells"], [2, 2, 1, 3])
+        np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    # 34 µm = 61.8 px: the cell 60 px below spot 10 joins it
+    np.testing.assert_array_equal(sda.tl.pseudo_spots(sd, radius=34.0, copy=True).obs["n_cells"], [2, 2, 1, 4])
+
+
+def test_tiny_compare_genes_hand_computed():
+    """compare_genes on the tiny pair against numpy/scipy: pearson, spearman, detection and the mean log-normalised
+    expression of each modality; in-tissue spots only by default."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair()
+    _assert_table(sda.tl.compare_genes(sd, in_tissue_only=False, copy=True), _tiny_expected(TINY_MEMBERS))
+    _assert_table(sda.tl.compare_genes(sd, copy=True), _tiny_expected(TINY_MEMBERS, rows=[0, 1, 3]))
+
+
+def test_tiny_compare_genes_passes_radius_layers_and_pseudo_through():
+    """radius reaches the pseudo-spots, layer / visium_layer choose the counts of each modality, and a given
+    ``pseudo`` is matched to the spots by barcode whatever its row order."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair()
+    wide = [[7, 8], [4, 5], [6], [0, 1, 2, 3]]  # 34 µm (61.8 px): the cell 60 px from spot 10 joins it
+    _assert_table(sda.tl.compare_genes(sd, radius=34.0, in_tissue_only=False, copy=True), _tiny_expected(wide))
+    _assert_table(
+        sda.tl.compare_genes(sd, radius=62.0, units="px", in_tissue_only=False, copy=True), _tiny_expected(wide)
+    )
+    # counts in layers, X holding something else
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables[VISIUM_TABLE]
+    xt.layers["counts"], vt.layers["raw"] = xt.X.copy(), vt.X.copy()
+    xt.X = xt.X[::-1].copy()
+    vt.X = vt.X[[1, 2, 3, 0]].copy()
+    ps = sda.tl.pseudo_spots(sd, layer="counts", copy=True)
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    np.testing.assert_array_equal(ps.obs["total_counts"], TINY_LIB)
+    df = sda.tl.compare_genes(sd, layer="counts", visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_expected(TINY_MEMBERS))
+    df = sda.tl.compare_genes(sd, pseudo=ps[::-1].copy(), visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_expected(TINY_MEMBERS))
+
+
+def test_tiny_compare_genes_subset_and_undefined_correlations():
+    """``genes`` restricts the table to those genes; with fewer than 3 spots the correlations are NaN, and genes
+    whose correlation is undefined sort last."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    df = sda.tl.compare_genes(sd, ["b"], in_tissue_only=False, copy=True)
+    expect = _tiny_expected(TINY_MEMBERS)
+    _assert_table(df, expect[expect["gene"] == "B"].reset_index(drop=True))
+    pe = sda.tl.paired_expression(sd, ["b"], in_tissue_only=False)
+    assert pe.genes == ["B"] and pe.xenium.shape == (4, 1)
+    np.testing.assert_array_equal(pe.xy, [[300, 300], [300, 100], [100, 300], [100, 100]])
+    pe = sda.tl.paired_expression(sd)  # in tissue: spots 13, 11, 10
+    np.testing.assert_array_equal(pe.xy, [[300, 300], [300, 100], [100, 100]])
+    # two spots (10 and 11, in the box): correlations undefined, not +-1
+    two = sda.tl.compare_genes(sda.tl.subset_shared(sd, (50, 50, 350, 150)), copy=True)
+    assert (two["n_spots"] == 2).all() and two["pearson"].isna().all() and two["spearman"].isna().all()
+    # no Visium A anywhere: A's correlation is undefined and sorts after B's
+    vt = sd.tables[VISIUM_TABLE]
+    vt.X = sp.csr_matrix(vt.X.toarray() * np.array([0, 1, 1], dtype=np.float32))
+    df = sda.tl.compare_genes(sd, in_tissue_only=False, copy=True)
+    assert df["gene"].tolist() == ["B", "A"] and np.isnan(df["pearson"].iloc[1])
+    ids = np.array(TINY_ROWS, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy: constant input
+        _assert_table(df, _tiny_expected(TINY_MEMBERS, visium_x=np.column_stack([0 * ids, 2 * ids - 19])))
