@@ -380,3 +380,65 @@ def tiny_pair(*, spot_radius: bool = True, um_per_px: bool = True, scalefactors:
     xt = ad.AnnData(sp.csr_matrix(TINY_X), obs=xobs, var=xvar)
     xt = TableModel.parse(xt, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     return SpatialData(shapes={VISIUM_SPOTS: spots, XENIUM_CELLS: cells}, tables={VISIUM_TABLE: vt, XENIUM_TABLE: xt})
+
+
+#: the tiny Visium HD grid: 3 x 3 bins of 10 px (named 16 µm), centres (5 + 10 i, 5 + 10 j); bin "s_<i>_<j>"
+#: at column i, row j. Cells (full-res px) and the bin holding each (None: off the grid)
+TINY_HD_CELLS = [
+    ((4.0, 4.0), "s_0_0"),
+    ((14.9, 5.0), "s_1_0"),
+    ((15.2, 1.0), "s_1_0"),
+    ((9.9, 25.0), "s_0_2"),
+    ((25.0, 25.0), "s_2_2"),
+    ((21.0, 29.0), "s_2_2"),
+    ((24.0, 14.0), "s_2_1"),
+    ((31.0, 5.0), None),  # 6 px right of the last column's centre: beyond half a side
+    ((5.0, -2.0), None),  # above the grid
+]
+TINY_HD_ROWS = ["s_2_2", "s_0_0", "s_1_1", "s_2_1", "s_0_2", "s_1_0", "s_0_1", "s_2_0", "s_1_2"]  # table order
+
+
+def tiny_hd(*, native: bool = True) -> SpatialData:
+    """The tiny HD grid (:data:`TINY_HD_ROWS` order in its table, shapes in column-major order) and nine cells.
+
+    Xenium counts (A, B, NegControlProbe_1) of cell ``k``: ``(k + 1, 2 * (k % 3), 1)``; Visium HD counts of the bin
+    at column i, row j: ``A = 1 + i + 3 * j``, ``b = 9 - i - j``, ``GAPDH = 10``; bins of column 0 are out of tissue.
+    """
+    import shapely
+
+    names = [f"s_{i}_{j}" for i in range(3) for j in range(3)]
+    ctr = {f"s_{i}_{j}": (5.0 + 10 * i, 5.0 + 10 * j) for i in range(3) for j in range(3)}
+    squares = [shapely.box(x - 5, y - 5, x + 5, y + 5) for x, y in (ctr[n] for n in names)]
+    bins = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=squares, index=pd.Index(names)), transformations={VISIUM_CS: Identity()}
+    )
+    ij = np.array([[int(n.split("_")[1]), int(n.split("_")[2])] for n in TINY_HD_ROWS])
+    V = np.column_stack([1 + ij[:, 0] + 3 * ij[:, 1], 9 - ij.sum(1), np.full(9, 10)]).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "in_tissue": (ij[:, 0] > 0).astype(int),
+            REGION_KEY: pd.Categorical(["visium_hd_bins_016um"] * 9),
+            INSTANCE_KEY: TINY_HD_ROWS,
+        },
+        index=pd.Index(TINY_HD_ROWS),
+    )
+    uns = {UNS_VISIUM_KEY: {"scalefactors": {"spot_diameter_fullres": 10.0}, "um_per_px": 1.6}}
+    vt = ad.AnnData(sp.csr_matrix(V), obs=obs, var=pd.DataFrame(index=["A", "b", "GAPDH"]), uns=uns)
+    vt = TableModel.parse(vt, region="visium_hd_bins_016um", region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    xy = np.array([c for c, _ in TINY_HD_CELLS])
+    n = len(xy)
+    k = np.arange(n)
+    X = np.column_stack([k + 1, 2 * (k % 3), np.ones(n)]).astype(np.float32)
+    cells = ShapesModel.parse(
+        gpd.GeoDataFrame({"radius": np.ones(n)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), index=k),
+        transformations={VISIUM_CS: Identity()},
+    )
+    xobs = pd.DataFrame(
+        {REGION_KEY: pd.Categorical([XENIUM_CELLS] * n), INSTANCE_KEY: k}, index=[f"c{i}" for i in range(n)]
+    )
+    xt = ad.AnnData(sp.csr_matrix(X), obs=xobs, var=pd.DataFrame(index=["A", "B", "NegControlProbe_1"]))
+    xt = TableModel.parse(xt, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    return SpatialData(
+        shapes={"visium_hd_bins_016um": bins, XENIUM_CELLS: cells},
+        tables={"visium_hd_table_016um": vt, XENIUM_TABLE: xt},
+    )

@@ -618,24 +618,17 @@ TINY_PSEUDO = np.array([[4, 5], [5, 1], [0, 2], [3, 4]], dtype=float)
 TINY_LIB = np.array([9, 6, 2, 7], dtype=float)
 
 
-def _tiny_expected(members, rows=None, visium_x=None) -> pd.DataFrame:
-    """compare_genes' table recomputed with numpy/scipy from the tiny pair's counts, for the spots ``rows``."""
-    from _tl_data import TINY_ROWS, TINY_X
-
-    rows = np.arange(4) if rows is None else np.asarray(rows)
-    P = np.array([TINY_X[m][:, :2].sum(0) for m in members], dtype=float)[rows]
-    lib = np.array([TINY_X[m][:, :2].sum() for m in members], dtype=float)[rows]
-    ids = np.array(TINY_ROWS, dtype=float)[rows]
-    V = np.column_stack([ids, 2 * ids - 19]) if visium_x is None else visium_x[rows]
-    vlib = V.sum(1) + 100  # GAPDH: Visium only, in the library
+def _numpy_table(P, lib, V, vlib, genes=("A", "B")) -> pd.DataFrame:
+    """compare_genes' table recomputed with numpy/scipy: counts ``P`` / ``V`` (spots x genes) and libraries."""
+    P, V, lib, vlib = (np.asarray(a, dtype=float) for a in (P, V, lib, vlib))
     x = np.log1p(P / lib[:, None] * np.median(lib))
     v = np.log1p(V / vlib[:, None] * np.median(vlib))
     out = pd.DataFrame(
         {
-            "gene": ["A", "B"],
-            "n_spots": len(rows),
-            "pearson": [pearsonr(x[:, j], v[:, j])[0] for j in range(2)],
-            "spearman": [spearmanr(x[:, j], v[:, j])[0] for j in range(2)],
+            "gene": list(genes),
+            "n_spots": len(P),
+            "pearson": [pearsonr(x[:, j], v[:, j])[0] for j in range(len(genes))],
+            "spearman": [spearmanr(x[:, j], v[:, j])[0] for j in range(len(genes))],
             "xenium_detection": (P > 0).mean(0),
             "visium_detection": (V > 0).mean(0),
             "xenium_mean": x.mean(0),
@@ -643,6 +636,18 @@ def _tiny_expected(members, rows=None, visium_x=None) -> pd.DataFrame:
         }
     )
     return out.sort_values("pearson", ascending=False).reset_index(drop=True)
+
+
+def _tiny_expected(members, rows=None, visium_x=None) -> pd.DataFrame:
+    """compare_genes' table of the tiny pair for the spots ``rows`` (Visium table positions), with numpy/scipy."""
+    from _tl_data import TINY_ROWS, TINY_X
+
+    rows = np.arange(4) if rows is None else np.asarray(rows)
+    P = np.array([TINY_X[m][:, :2].sum(0) for m in members], dtype=float)[rows]
+    lib = np.array([TINY_X[m][:, :2].sum() for m in members], dtype=float)[rows]
+    ids = np.array(TINY_ROWS, dtype=float)[rows]
+    V = np.column_stack([ids, 2 * ids - 19]) if visium_x is None else visium_x[rows]
+    return _numpy_table(P, lib, V, V.sum(1) + 100)  # GAPDH: Visium only, in the library
 
 
 def _assert_table(df, expect):
@@ -751,3 +756,84 @@ def test_tiny_compare_genes_subset_and_undefined_correlations():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy: constant input
         _assert_table(df, _tiny_expected(TINY_MEMBERS, visium_x=np.column_stack([0 * ids, 2 * ids - 19])))
+
+
+# ------------------------------------------------------------------------------------ tiny Visium HD grid
+#: tiny HD grid (``_tl_data.tiny_hd``) in its table's order: summed (A, B) of the cells in each bin, cells per bin
+TINY_HD_BINNED = np.array([[11, 6], [1, 0], [0, 0], [7, 0], [4, 0], [5, 6], [0, 0], [0, 0], [0, 0]], dtype=float)
+TINY_HD_NCELLS = [2, 1, 0, 1, 1, 2, 0, 0, 0]
+
+
+def _tiny_hd_expected(rows, library="all") -> pd.DataFrame:
+    from _tl_data import TINY_HD_ROWS
+
+    ij = np.array([[int(n.split("_")[1]), int(n.split("_")[2])] for n in np.asarray(TINY_HD_ROWS)[rows]])
+    V = np.column_stack([1 + ij[:, 0] + 3 * ij[:, 1], 9 - ij.sum(1)])
+    P = TINY_HD_BINNED[rows]
+    df = _numpy_table(P, P.sum(1), V, V.sum(1) + (10 if library == "all" else 0))
+    df.insert(2, "bin_size_um", 16)
+    return df
+
+
+def test_tiny_bin_cells_hand_counted():
+    """A cell joins the bin whose square holds its centre (within half a side on both axes), none off the grid;
+    rows follow the HD table (not the shapes), with its barcodes, ids and in-tissue flags."""
+    from _tl_data import TINY_HD_ROWS, tiny_hd
+
+    sd = tiny_hd()
+    b = sda.tl.bin_cells(sd, 16, copy=True)
+    assert b.obs_names.tolist() == TINY_HD_ROWS
+    np.testing.assert_array_equal(b.X.toarray(), TINY_HD_BINNED)
+    np.testing.assert_array_equal(b.obs["n_cells"], TINY_HD_NCELLS)
+    np.testing.assert_array_equal(b.obs["total_counts"], TINY_HD_BINNED.sum(1))  # the control probe left out
+    np.testing.assert_array_equal(b.obs["instance_id"], TINY_HD_ROWS)
+    np.testing.assert_array_equal(b.obs["in_tissue"], [not n.startswith("s_0") for n in TINY_HD_ROWS])
+    centres = [[5 + 10 * int(n.split("_")[1]), 5 + 10 * int(n.split("_")[2])] for n in TINY_HD_ROWS]
+    np.testing.assert_allclose(b.obsm["spatial"], centres)
+    only_b = sda.tl.bin_cells(sd, 16, genes=["b"], copy=True)
+    assert only_b.var_names.tolist() == ["B"]
+    np.testing.assert_array_equal(only_b.X.toarray(), TINY_HD_BINNED[:, 1:])
+    # counts from a layer
+    xt = sd.tables[XENIUM_TABLE]
+    xt.layers["counts"] = xt.X.copy()
+    xt.X = xt.X[::-1].copy()
+    b = sda.tl.bin_cells(sd, 16, layer="counts", copy=True)
+    np.testing.assert_array_equal(b.X.toarray(), TINY_HD_BINNED)
+    np.testing.assert_array_equal(b.obs["total_counts"], TINY_HD_BINNED.sum(1))
+    assert sda.tl.bin_cells(sd, 16, key_added="mine") is None and sd.tables["mine"].n_obs == 9
+
+
+def test_tiny_compare_bins_hand_computed_and_options():
+    """compare_bins against numpy/scipy on the tiny grid, with in_tissue_only, min_cells, library, layer and
+    visium_layer reaching the comparison."""
+    from _tl_data import tiny_hd
+
+    sd = tiny_hd()
+    occupied = [0, 1, 3, 4, 5]  # table rows of the bins holding cells
+    tissue = [0, 3, 5]
+    _assert_table(sda.tl.compare_bins(sd, 16, in_tissue_only=False, copy=True), _tiny_hd_expected(occupied))
+    _assert_table(sda.tl.compare_bins(sd, 16, copy=True), _tiny_hd_expected(tissue))
+    _assert_table(
+        sda.tl.compare_bins(sd, 16, library="shared", in_tissue_only=False, copy=True),
+        _tiny_hd_expected(occupied, library="shared"),
+    )
+    two = sda.tl.compare_bins(sd, 16, min_cells=2, in_tissue_only=False, copy=True)  # bins s_2_2 and s_1_0
+    assert (two["n_spots"] == 2).all() and two["pearson"].isna().all()
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables["visium_hd_table_016um"]
+    xt.layers["counts"], vt.layers["raw"] = xt.X.copy(), vt.X.copy()
+    xt.X, vt.X = xt.X[::-1].copy(), vt.X[::-1].copy()
+    df = sda.tl.compare_bins(sd, 16, layer="counts", visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_hd_expected(occupied))
+
+
+def test_hd_bin_sizes_need_both_the_bins_and_their_table():
+    """A bins element without its table is no usable bin size (listing it would send bin_cells to a missing table)."""
+    from _tl_data import tiny_hd
+
+    from spatialdata_align.tl._bins import hd_bin_sizes
+
+    sd = tiny_hd()
+    sd.shapes["visium_hd_bins_008um"] = sd.shapes["visium_hd_bins_016um"]
+    assert hd_bin_sizes(sd) == [16]
+    with pytest.raises(ValueError, match=r"bin sizes present: \[16\]"):
+        sda.tl.bin_cells(sd, 8, copy=True)
