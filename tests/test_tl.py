@@ -837,3 +837,86 @@ def test_hd_bin_sizes_need_both_the_bins_and_their_table():
     assert hd_bin_sizes(sd) == [16]
     with pytest.raises(ValueError, match=r"bin sizes present: \[16\]"):
         sda.tl.bin_cells(sd, 8, copy=True)
+
+
+def test_cell_type_labels_follow_composition_not_depth_or_control_probes():
+    """Two populations by their genes, each with cells of 1x and 20x depth, and control probes high in every other
+    cell: the labels split the populations (not normalising would split by depth, clustering the controls would
+    split odd from even cells)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n = 400
+    pop = np.arange(n) < 200
+    lam = np.full((n, 20), 1.0)
+    lam[pop, :10] = 5.0
+    lam[~pop, 10:] = 5.0
+    depth = np.where(rng.random(n) < 0.5, 1.0, 20.0)
+    genes = rng.poisson(lam * depth[:, None])
+    controls = rng.poisson(np.where(np.arange(n) % 2 == 0, 40.0, 0.0)[:, None] * np.ones((1, 6)))
+    names = [f"G{i}" for i in range(20)] + [f"NegControlProbe_{i}" for i in range(6)]
+    t = ad.AnnData(sp.csr_matrix(np.hstack([genes, controls]).astype(float)), var=pd.DataFrame(index=names))
+    labels = sda.tl.cell_type_labels(t, 2)
+    assert len(set(labels[pop])) == 1 and len(set(labels[~pop])) == 1 and labels[0] != labels[-1]
+
+
+def test_shared_genes_spelling_feature_types_and_repeats():
+    """The gene column keeps the Xenium spelling; Visium features that are not gene expression (e.g. antibody
+    capture) are not shared and stay out of the Visium library; a gene asked twice (any case) is compared once."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables[VISIUM_TABLE]
+    xt.var_names = ["A", "b", "CTRL", "NegControlProbe_1"]
+    vt.var_names = ["A", "B", "GAPDH"]
+    assert sda.tl.shared_genes(sd)["gene"].tolist() == ["A", "b"]
+    gm = sda.tl.shared_genes(sd, ["a", "A", "B"])
+    assert gm["gene"].tolist() == ["A", "b"] and gm["visium_var"].tolist() == [["A"], ["B"]]
+    assert sda.tl.compare_genes(sd, ["a", "A"], copy=True)["gene"].tolist() == ["A"]
+    vt.var["feature_types"] = ["Gene Expression", "Antibody Capture", "Gene Expression"]
+    assert sda.tl.shared_genes(sd)["gene"].tolist() == ["A"]
+    ids = np.array(TINY_ROWS, dtype=float)
+    pe = sda.tl.paired_expression(sd, in_tissue_only=False)
+    vlib = ids + 100  # A + GAPDH: the antibody's counts are no library
+    np.testing.assert_allclose(pe.visium[:, 0], np.log1p(ids / vlib * np.median(vlib)))
+
+
+def test_modality_reads_um_per_px_first_and_scales_radii_into_the_frame():
+    """uns['visium']['um_per_px'] wins over the spot diameter (HD and CytAssist spots are not 55 µm); spots stored
+    at half scale with a Scale(2) into ``visium`` keep their 50 px radius there."""
+    import geopandas as gpd
+    from _tl_data import TINY_SPOTS, tiny_pair
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    sd = tiny_pair()
+    sd.tables[VISIUM_TABLE].uns["visium"]["um_per_px"] = 0.5
+    assert _data.um_per_px(sd) == 0.5
+    assert sda.tl.pseudo_spots(sd, radius=27.5, copy=True).uns["sda_pseudo_spots"]["radius_px"] == pytest.approx(55)
+    sd = tiny_pair(um_per_px=False, scalefactors=False)
+    xy = np.array(list(TINY_SPOTS.values())) / 2
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(4, 25.0)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), index=list(TINY_SPOTS)
+    )
+    sd.shapes[VISIUM_SPOTS] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Scale([2.0, 2.0], axes=("x", "y"))})
+    np.testing.assert_allclose(_data.visium(sd).radius, 50.0)
+    assert _data.um_per_px(sd) == pytest.approx(0.55)
+    ps = sda.tl.pseudo_spots(sd, copy=True)
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+
+
+def test_a_table_annotating_several_elements_is_refused():
+    """Rows of another element would be paired with the wrong geometries."""
+    from _tl_data import tiny_pair
+    from spatialdata.models import TableModel
+
+    sd = tiny_pair()
+    vt = sd.tables[VISIUM_TABLE].copy()
+    vt.obs["region"] = pd.Categorical([VISIUM_SPOTS, VISIUM_SPOTS, XENIUM_CELLS, VISIUM_SPOTS])
+    vt.obs["instance_id"] = [13, 11, 0, 10]
+    del vt.uns[TableModel.ATTRS_KEY]
+    sd.tables[VISIUM_TABLE] = TableModel.parse(
+        vt, region=[VISIUM_SPOTS, XENIUM_CELLS], region_key="region", instance_key="instance_id"
+    )
+    with pytest.raises(ValueError, match="annotates several elements"):
+        sda.tl.pseudo_spots(sd, copy=True)
