@@ -920,3 +920,77 @@ def test_a_table_annotating_several_elements_is_refused():
     )
     with pytest.raises(ValueError, match="annotates several elements"):
         sda.tl.pseudo_spots(sd, copy=True)
+
+
+def _lattice_counts(p) -> np.ndarray:
+    """Aligned cells per spot lattice cell (nearest spot, within the hexagon's circumradius), by brute force."""
+    d = np.linalg.norm(p.forward(p.cells_um)[:, None, :] - p.spots_px[None], axis=-1)
+    near = d.argmin(1)
+    on = d.min(1) <= p.pitch_px / np.sqrt(3)
+    return np.bincount(near[on], minlength=len(p.spots_px))
+
+
+def test_shared_region_outside_the_tissue_counts_only_cells_on_the_lattice(pair):
+    """in_tissue_only=False: every spot whose lattice cell holds >= min_cells cells, out-of-tissue and edge spots
+    too, each a whole hexagon; cells beyond the lattice count for no spot; n_cells sums the selected spots."""
+    sd = pair.sdata
+    counts = _lattice_counts(pair)
+    d = np.linalg.norm(pair.forward(pair.cells_um)[:, None, :] - pair.spots_px[None], axis=-1).min(1)
+    assert (d > pair.pitch_px / np.sqrt(3)).sum() > 20  # cells beyond the lattice's edge
+    sda.tl.shared_region(sd, min_cells=3, in_tissue_only=False, key_added="region_all")
+    gdf = sd.shapes["region_all"]
+    region = gdf.geometry.iloc[0]
+    inside = shapely.contains_xy(region, pair.spots_px[:, 0], pair.spots_px[:, 1])
+    np.testing.assert_array_equal(inside, counts >= 3)
+    assert (inside & ~pair.in_tissue).sum() > 20  # out-of-tissue spots joined
+    assert int(gdf["n_spots"].iloc[0]) == inside.sum()
+    assert gdf["n_cells"].iloc[0] == counts[inside].sum()
+    assert region.area == pytest.approx(inside.sum() * np.sqrt(3) / 2 * pair.pitch_px**2, rel=1e-3)
+
+
+def test_shared_region_match_weights_count_at_most_one():
+    """A match weight above 1 (a rounding overshoot) counts as 1: the weighted region equals the count rule."""
+    p = fresh()
+    p.sdata.tables[TABLE_AL].obs[MATCH_WEIGHT_KEY] = 3.0
+    region = sda.tl.shared_region(p.sdata, min_cells=8, use_match_weight=True, copy=True)
+    inside = shapely.contains_xy(region, p.spots_px[:, 0], p.spots_px[:, 1])
+    np.testing.assert_array_equal(inside, p.in_tissue & (_lattice_counts(p) >= 8))
+
+
+def test_subset_shared_by_a_circle_element_through_its_transformation():
+    """A region given as a circles element is the union of its disks mapped into ``cs``: a disk of radius 105 at
+    (50, 50), scaled by 2 into ``visium``, holds the spots within 210 px of (100, 100): ids 10, 11, 12, not 13."""
+    import geopandas as gpd
+    from _tl_data import tiny_pair
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    sd = tiny_pair()
+    roi = gpd.GeoDataFrame({"radius": [105.0]}, geometry=gpd.points_from_xy([50.0], [50.0]))
+    sd.shapes["roi"] = ShapesModel.parse(roi, transformations={VISIUM_CS: Scale([2.0, 2.0], axes=("x", "y"))})
+    out = sda.tl.subset_shared(sd, "roi")
+    assert sorted(out.shapes[VISIUM_SPOTS].index) == [10, 11, 12]
+    assert sorted(out.tables[VISIUM_TABLE].obs["instance_id"]) == [10, 11, 12]
+    assert "roi" in out.shapes and len(out.shapes["roi"]) == 1
+
+
+def test_subset_shared_region_in_another_coordinate_system():
+    """``cs`` names the region's frame: a box in Xenium µm keeps the cells whose µm position lies in it."""
+    p = fresh()
+    box = (600.0, 500.0, 1800.0, 1400.0)
+    with pytest.warns(UserWarning, match="not mapped"):
+        out = sda.tl.subset_shared(p.sdata, box, cs=XENIUM_CS)
+    um = p.cells_um
+    inb = (um[:, 0] > box[0]) & (um[:, 0] < box[2]) & (um[:, 1] > box[1]) & (um[:, 1] < box[3])
+    assert 100 < inb.sum() < len(um) - 100
+    np.testing.assert_array_equal(np.sort(out.shapes[XENIUM_CELLS].index), np.flatnonzero(inb))
+    # the same box as a Shapes element, mapped to both frames: read in the frame asked for
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel
+
+    aff = Affine(p.matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+    roi = gpd.GeoDataFrame(geometry=[shapely.box(*box)])
+    p.sdata.shapes["roi"] = ShapesModel.parse(roi, transformations={XENIUM_CS: Identity(), VISIUM_CS: aff})
+    with pytest.warns(UserWarning, match="not mapped"):
+        out = sda.tl.subset_shared(p.sdata, "roi", cs=XENIUM_CS)
+    np.testing.assert_array_equal(np.sort(out.shapes[XENIUM_CELLS].index), np.flatnonzero(inb))
