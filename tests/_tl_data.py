@@ -290,3 +290,155 @@ def twin_truth_px(twin, sdata: SpatialData) -> tuple[np.ndarray, np.ndarray, np.
     spots = twin.visium_spots_truth()
     spots_px = twin.truth.forward(spots[["x_um", "y_um"]].to_numpy(dtype=float))
     return cells_px, spots_px, spots["in_tissue"].to_numpy().astype(bool)
+
+
+# ------------------------------------------------------------------------------ a hand-countable pair
+#: the tiny pair's spots (full-res px): shapes index -> centre; the Visium table lists them as TINY_ROWS
+TINY_SPOTS = {10: (100.0, 100.0), 11: (300.0, 100.0), 12: (100.0, 300.0), 13: (300.0, 300.0)}
+TINY_ROWS = [13, 11, 12, 10]  # table row order, unlike the shapes' order
+#: cells (full-res px) and their counts of A, B, CTRL (a control by feature type only), NegControlProbe_1
+TINY_CELLS = np.array(
+    [
+        [100, 100],  # spot 10, centre
+        [130, 100],  # spot 10, 30 px
+        [100, 149],  # spot 10, 49 px
+        [100, 160],  # 60 px from spot 10: outside its 50 px radius
+        [300, 100],  # spot 11
+        [260, 100],  # spot 11, 40 px
+        [100, 300],  # spot 12
+        [310, 310],  # spot 13, 14 px
+        [290, 300],  # spot 13, 10 px
+    ],
+    dtype=float,
+)
+TINY_X = np.array(
+    [
+        [1, 0, 5, 1],
+        [2, 1, 0, 0],
+        [0, 3, 0, 2],
+        [7, 7, 7, 7],
+        [4, 0, 1, 0],
+        [1, 1, 0, 0],
+        [0, 2, 0, 0],
+        [3, 0, 0, 1],
+        [1, 5, 2, 0],
+    ],
+    dtype=np.float32,
+)
+
+
+def tiny_pair(*, spot_radius: bool = True, um_per_px: bool = True, scalefactors: bool = True) -> SpatialData:
+    """Four Visium spots (55 µm = 100 px across, so 0.55 µm/px) and nine Xenium cells at hand-picked places.
+
+    ``spot_radius=False`` draws the spots as squares (no ``radius`` column); ``um_per_px`` / ``scalefactors``
+    leave those entries out of ``visium_table.uns["visium"]``. Spot ids are 10-13 and the Visium table lists them
+    out of order (:data:`TINY_ROWS`); cells are mapped into ``visium`` by identity.
+    """
+    import shapely
+
+    ids = np.array(list(TINY_SPOTS))
+    xy = np.array(list(TINY_SPOTS.values()))
+    if spot_radius:
+        gdf = gpd.GeoDataFrame({"radius": np.full(4, 50.0)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), index=ids)
+    else:
+        gdf = gpd.GeoDataFrame(geometry=[shapely.box(x - 40, y - 40, x + 40, y + 40) for x, y in xy], index=ids)
+    spots = ShapesModel.parse(gdf, transformations={VISIUM_CS: Identity()})
+    # Visium: A, B (as "b"), GAPDH; the counts of spot id i are (i, 2 * i - 19, 100)
+    rows = np.array(TINY_ROWS)
+    V = np.column_stack([rows, 2 * rows - 19, np.full(4, 100)]).astype(np.float32)
+    vobs = pd.DataFrame(
+        {
+            "in_tissue": (rows != 12).astype(int),
+            REGION_KEY: pd.Categorical([VISIUM_SPOTS] * 4),
+            INSTANCE_KEY: rows,
+        },
+        index=[f"BC{i}-1" for i in rows],
+    )
+    info: dict = {}
+    if scalefactors:
+        info["scalefactors"] = {"spot_diameter_fullres": 100.0, "tissue_hires_scalef": 1.0}
+    if um_per_px:
+        info["um_per_px"] = 0.55
+    vt = ad.AnnData(sp.csr_matrix(V), obs=vobs, var=pd.DataFrame(index=["A", "b", "GAPDH"]), uns={UNS_VISIUM_KEY: info})
+    vt = TableModel.parse(vt, region=VISIUM_SPOTS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    n = len(TINY_CELLS)
+    cells = ShapesModel.parse(
+        gpd.GeoDataFrame(
+            {"radius": np.full(n, 3.0)},
+            geometry=gpd.points_from_xy(TINY_CELLS[:, 0], TINY_CELLS[:, 1]),
+            index=np.arange(n),
+        ),
+        transformations={VISIUM_CS: Identity(), XENIUM_CS: Identity()},
+    )
+    xvar = pd.DataFrame(
+        {"feature_types": ["Gene Expression", "Gene Expression", "Negative Control Probe", "Negative Control Probe"]},
+        index=["A", "B", "CTRL", "NegControlProbe_1"],
+    )
+    xobs = pd.DataFrame(
+        {REGION_KEY: pd.Categorical([XENIUM_CELLS] * n), INSTANCE_KEY: np.arange(n)}, index=[f"c{i}" for i in range(n)]
+    )
+    xt = ad.AnnData(sp.csr_matrix(TINY_X), obs=xobs, var=xvar)
+    xt = TableModel.parse(xt, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    return SpatialData(shapes={VISIUM_SPOTS: spots, XENIUM_CELLS: cells}, tables={VISIUM_TABLE: vt, XENIUM_TABLE: xt})
+
+
+#: the tiny Visium HD grid: 3 x 3 bins of 10 px (named 16 µm), centres (5 + 10 i, 5 + 10 j); bin "s_<i>_<j>"
+#: at column i, row j. Cells (full-res px) and the bin holding each (None: off the grid)
+TINY_HD_CELLS = [
+    ((4.0, 4.0), "s_0_0"),
+    ((14.9, 5.0), "s_1_0"),
+    ((15.2, 1.0), "s_1_0"),
+    ((9.9, 25.0), "s_0_2"),
+    ((25.0, 25.0), "s_2_2"),
+    ((21.0, 29.0), "s_2_2"),
+    ((24.0, 14.0), "s_2_1"),
+    ((31.0, 5.0), None),  # 6 px right of the last column's centre: beyond half a side
+    ((5.0, -2.0), None),  # above the grid
+]
+TINY_HD_ROWS = ["s_2_2", "s_0_0", "s_1_1", "s_2_1", "s_0_2", "s_1_0", "s_0_1", "s_2_0", "s_1_2"]  # table order
+
+
+def tiny_hd(*, native: bool = True) -> SpatialData:
+    """The tiny HD grid (:data:`TINY_HD_ROWS` order in its table, shapes in column-major order) and nine cells.
+
+    Xenium counts (A, B, NegControlProbe_1) of cell ``k``: ``(k + 1, 2 * (k % 3), 1)``; Visium HD counts of the bin
+    at column i, row j: ``A = 1 + i + 3 * j``, ``b = 9 - i - j``, ``GAPDH = 10``; bins of column 0 are out of tissue.
+    """
+    import shapely
+
+    names = [f"s_{i}_{j}" for i in range(3) for j in range(3)]
+    ctr = {f"s_{i}_{j}": (5.0 + 10 * i, 5.0 + 10 * j) for i in range(3) for j in range(3)}
+    squares = [shapely.box(x - 5, y - 5, x + 5, y + 5) for x, y in (ctr[n] for n in names)]
+    bins = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=squares, index=pd.Index(names)), transformations={VISIUM_CS: Identity()}
+    )
+    ij = np.array([[int(n.split("_")[1]), int(n.split("_")[2])] for n in TINY_HD_ROWS])
+    V = np.column_stack([1 + ij[:, 0] + 3 * ij[:, 1], 9 - ij.sum(1), np.full(9, 10)]).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "in_tissue": (ij[:, 0] > 0).astype(int),
+            REGION_KEY: pd.Categorical(["visium_hd_bins_016um"] * 9),
+            INSTANCE_KEY: TINY_HD_ROWS,
+        },
+        index=pd.Index(TINY_HD_ROWS),
+    )
+    uns = {UNS_VISIUM_KEY: {"scalefactors": {"spot_diameter_fullres": 10.0}, "um_per_px": 1.6}}
+    vt = ad.AnnData(sp.csr_matrix(V), obs=obs, var=pd.DataFrame(index=["A", "b", "GAPDH"]), uns=uns)
+    vt = TableModel.parse(vt, region="visium_hd_bins_016um", region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    xy = np.array([c for c, _ in TINY_HD_CELLS])
+    n = len(xy)
+    k = np.arange(n)
+    X = np.column_stack([k + 1, 2 * (k % 3), np.ones(n)]).astype(np.float32)
+    cells = ShapesModel.parse(
+        gpd.GeoDataFrame({"radius": np.ones(n)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), index=k),
+        transformations={VISIUM_CS: Identity()},
+    )
+    xobs = pd.DataFrame(
+        {REGION_KEY: pd.Categorical([XENIUM_CELLS] * n), INSTANCE_KEY: k}, index=[f"c{i}" for i in range(n)]
+    )
+    xt = ad.AnnData(sp.csr_matrix(X), obs=xobs, var=pd.DataFrame(index=["A", "B", "NegControlProbe_1"]))
+    xt = TableModel.parse(xt, region=XENIUM_CELLS, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    return SpatialData(
+        shapes={"visium_hd_bins_016um": bins, XENIUM_CELLS: cells},
+        tables={"visium_hd_table_016um": vt, XENIUM_TABLE: xt},
+    )

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import shapely
 from _tl_data import UM_PER_PX, add_aligned, add_aligned_xy, add_native_affine, make_pair, twin_pair, twin_truth_px
 from scipy.spatial import cKDTree
@@ -606,3 +607,390 @@ def test_cell_type_labels_are_reused_for_the_same_counts_only(monkeypatch):
     assert calls["n"] == 3
     sda.tl.cell_type_labels(ad.AnnData(X), 2)  # dense counts: a dense digest, clustered once more
     assert calls["n"] == 4
+
+
+# ------------------------------------------------------------------------ the hand-countable tiny pair
+#: tiny pair (``_tl_data.tiny_pair``), in Visium table order (spots 13, 11, 12, 10): the cells within 50 px
+#: (27.5 µm at 0.55 µm/px) of each spot, their summed A and B, and their non-control library (A + B: CTRL is a
+#: control by its feature type, NegControlProbe_1 by its name)
+TINY_MEMBERS = [[7, 8], [4, 5], [6], [0, 1, 2]]
+TINY_PSEUDO = np.array([[4, 5], [5, 1], [0, 2], [3, 4]], dtype=float)
+TINY_LIB = np.array([9, 6, 2, 7], dtype=float)
+
+
+def _numpy_table(P, lib, V, vlib, genes=("A", "B")) -> pd.DataFrame:
+    """compare_genes' table recomputed with numpy/scipy: counts ``P`` / ``V`` (spots x genes) and libraries."""
+    P, V, lib, vlib = (np.asarray(a, dtype=float) for a in (P, V, lib, vlib))
+    x = np.log1p(P / lib[:, None] * np.median(lib))
+    v = np.log1p(V / vlib[:, None] * np.median(vlib))
+    out = pd.DataFrame(
+        {
+            "gene": list(genes),
+            "n_spots": len(P),
+            "pearson": [pearsonr(x[:, j], v[:, j])[0] for j in range(len(genes))],
+            "spearman": [spearmanr(x[:, j], v[:, j])[0] for j in range(len(genes))],
+            "xenium_detection": (P > 0).mean(0),
+            "visium_detection": (V > 0).mean(0),
+            "xenium_mean": x.mean(0),
+            "visium_mean": v.mean(0),
+        }
+    )
+    return out.sort_values("pearson", ascending=False).reset_index(drop=True)
+
+
+def _tiny_expected(members, rows=None, visium_x=None) -> pd.DataFrame:
+    """compare_genes' table of the tiny pair for the spots ``rows`` (Visium table positions), with numpy/scipy."""
+    from _tl_data import TINY_ROWS, TINY_X
+
+    rows = np.arange(4) if rows is None else np.asarray(rows)
+    P = np.array([TINY_X[m][:, :2].sum(0) for m in members], dtype=float)[rows]
+    lib = np.array([TINY_X[m][:, :2].sum() for m in members], dtype=float)[rows]
+    ids = np.array(TINY_ROWS, dtype=float)[rows]
+    V = np.column_stack([ids, 2 * ids - 19]) if visium_x is None else visium_x[rows]
+    return _numpy_table(P, lib, V, V.sum(1) + 100)  # GAPDH: Visium only, in the library
+
+
+def _assert_table(df, expect):
+    pd.testing.assert_frame_equal(df, expect, check_dtype=False, atol=1e-9, rtol=1e-6)
+
+
+def test_tiny_pseudo_spots_hand_counted():
+    """Pseudo-spots of the tiny pair: counted by hand, in the Visium table's row order (not the shapes' order), with
+    the spot ids and in-tissue flags of those rows; a feature-type control stays out of the library."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    ps = sda.tl.pseudo_spots(sd, copy=True)
+    assert ps.obs_names.tolist() == [f"BC{i}-1" for i in TINY_ROWS]
+    assert ps.var_names.tolist() == ["A", "B"] and ps.var["visium_var"].tolist() == ["A", "b"]
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    np.testing.assert_array_equal(ps.obs["n_cells"], [2, 2, 1, 3])
+    np.testing.assert_array_equal(ps.obs["total_counts"], TINY_LIB)
+    np.testing.assert_array_equal(ps.obs["instance_id"], TINY_ROWS)  # the spot each row annotates
+    np.testing.assert_array_equal(ps.obs["in_tissue"], [1, 1, 0, 1])
+    np.testing.assert_array_equal(ps.obsm["spatial"], [[300, 300], [300, 100], [100, 300], [100, 100]])
+    assert ps.uns["sda_pseudo_spots"]["radius_px"] == pytest.approx(50.0)
+    assert ps.uns["sda_pseudo_spots"]["radius_um"] == pytest.approx(27.5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"spot_radius": False},  # spots drawn as squares: the 27.5 µm default through um_per_px
+        {"spot_radius": False, "um_per_px": False},  # um_per_px from scalefactors' spot_diameter_fullres
+        {"um_per_px": False, "scalefactors": False},  # um_per_px from the spot radius
+    ],
+)
+def test_tiny_pseudo_spots_default_radius_and_um_per_px_sources(kw):
+    """Without a spot radius the default is 27.5 µm (50 px here, not the 55 µm diameter); µm-per-pixel comes from
+    uns['visium']['um_per_px'], else spot_diameter_fullres (55 µm), else the spot radius (27.5 µm)."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair(**kw)
+    assert _data.um_per_px(sd) == pytest.approx(0.55)
+    for ps in (sda.tl.pseudo_spots(sd, copy=True), sda.tl.pseudo_spots(sd, radius=27.5, units="um", copy=True)):
+        np.testing.assert_array_equal(ps.obs["n_cells"], [2, 2, 1, 3])
+        np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    # 34 µm = 61.8 px: the cell 60 px below spot 10 joins it
+    np.testing.assert_array_equal(sda.tl.pseudo_spots(sd, radius=34.0, copy=True).obs["n_cells"], [2, 2, 1, 4])
+
+
+def test_tiny_compare_genes_hand_computed():
+    """compare_genes on the tiny pair against numpy/scipy: pearson, spearman, detection and the mean log-normalised
+    expression of each modality; in-tissue spots only by default."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair()
+    _assert_table(sda.tl.compare_genes(sd, in_tissue_only=False, copy=True), _tiny_expected(TINY_MEMBERS))
+    _assert_table(sda.tl.compare_genes(sd, copy=True), _tiny_expected(TINY_MEMBERS, rows=[0, 1, 3]))
+
+
+def test_tiny_compare_genes_passes_radius_layers_and_pseudo_through():
+    """radius reaches the pseudo-spots, layer / visium_layer choose the counts of each modality, and a given
+    ``pseudo`` is matched to the spots by barcode whatever its row order."""
+    from _tl_data import tiny_pair
+
+    sd = tiny_pair()
+    wide = [[7, 8], [4, 5], [6], [0, 1, 2, 3]]  # 34 µm (61.8 px): the cell 60 px from spot 10 joins it
+    _assert_table(sda.tl.compare_genes(sd, radius=34.0, in_tissue_only=False, copy=True), _tiny_expected(wide))
+    _assert_table(
+        sda.tl.compare_genes(sd, radius=62.0, units="px", in_tissue_only=False, copy=True), _tiny_expected(wide)
+    )
+    # counts in layers, X holding something else
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables[VISIUM_TABLE]
+    xt.layers["counts"], vt.layers["raw"] = xt.X.copy(), vt.X.copy()
+    xt.X = xt.X[::-1].copy()
+    vt.X = vt.X[[1, 2, 3, 0]].copy()
+    ps = sda.tl.pseudo_spots(sd, layer="counts", copy=True)
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+    np.testing.assert_array_equal(ps.obs["total_counts"], TINY_LIB)
+    df = sda.tl.compare_genes(sd, layer="counts", visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_expected(TINY_MEMBERS))
+    df = sda.tl.compare_genes(sd, pseudo=ps[::-1].copy(), visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_expected(TINY_MEMBERS))
+
+
+def test_tiny_compare_genes_subset_and_undefined_correlations():
+    """``genes`` restricts the table to those genes; with fewer than 3 spots the correlations are NaN, and genes
+    whose correlation is undefined sort last."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    df = sda.tl.compare_genes(sd, ["b"], in_tissue_only=False, copy=True)
+    expect = _tiny_expected(TINY_MEMBERS)
+    _assert_table(df, expect[expect["gene"] == "B"].reset_index(drop=True))
+    pe = sda.tl.paired_expression(sd, ["b"], in_tissue_only=False)
+    assert pe.genes == ["B"] and pe.xenium.shape == (4, 1)
+    np.testing.assert_array_equal(pe.xy, [[300, 300], [300, 100], [100, 300], [100, 100]])
+    pe = sda.tl.paired_expression(sd)  # in tissue: spots 13, 11, 10
+    np.testing.assert_array_equal(pe.xy, [[300, 300], [300, 100], [100, 100]])
+    # two spots (10 and 11, in the box): correlations undefined, not +-1
+    two = sda.tl.compare_genes(sda.tl.subset_shared(sd, (50, 50, 350, 150)), copy=True)
+    assert (two["n_spots"] == 2).all() and two["pearson"].isna().all() and two["spearman"].isna().all()
+    # no Visium A anywhere: A's correlation is undefined and sorts after B's
+    vt = sd.tables[VISIUM_TABLE]
+    vt.X = sp.csr_matrix(vt.X.toarray() * np.array([0, 1, 1], dtype=np.float32))
+    df = sda.tl.compare_genes(sd, in_tissue_only=False, copy=True)
+    assert df["gene"].tolist() == ["B", "A"] and np.isnan(df["pearson"].iloc[1])
+    ids = np.array(TINY_ROWS, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy: constant input
+        _assert_table(df, _tiny_expected(TINY_MEMBERS, visium_x=np.column_stack([0 * ids, 2 * ids - 19])))
+
+
+# ------------------------------------------------------------------------------------ tiny Visium HD grid
+#: tiny HD grid (``_tl_data.tiny_hd``) in its table's order: summed (A, B) of the cells in each bin, cells per bin
+TINY_HD_BINNED = np.array([[11, 6], [1, 0], [0, 0], [7, 0], [4, 0], [5, 6], [0, 0], [0, 0], [0, 0]], dtype=float)
+TINY_HD_NCELLS = [2, 1, 0, 1, 1, 2, 0, 0, 0]
+
+
+def _tiny_hd_expected(rows, library="all") -> pd.DataFrame:
+    from _tl_data import TINY_HD_ROWS
+
+    ij = np.array([[int(n.split("_")[1]), int(n.split("_")[2])] for n in np.asarray(TINY_HD_ROWS)[rows]])
+    V = np.column_stack([1 + ij[:, 0] + 3 * ij[:, 1], 9 - ij.sum(1)])
+    P = TINY_HD_BINNED[rows]
+    df = _numpy_table(P, P.sum(1), V, V.sum(1) + (10 if library == "all" else 0))
+    df.insert(2, "bin_size_um", 16)
+    return df
+
+
+def test_tiny_bin_cells_hand_counted():
+    """A cell joins the bin whose square holds its centre (within half a side on both axes), none off the grid;
+    rows follow the HD table (not the shapes), with its barcodes, ids and in-tissue flags."""
+    from _tl_data import TINY_HD_ROWS, tiny_hd
+
+    sd = tiny_hd()
+    b = sda.tl.bin_cells(sd, 16, copy=True)
+    assert b.obs_names.tolist() == TINY_HD_ROWS
+    np.testing.assert_array_equal(b.X.toarray(), TINY_HD_BINNED)
+    np.testing.assert_array_equal(b.obs["n_cells"], TINY_HD_NCELLS)
+    np.testing.assert_array_equal(b.obs["total_counts"], TINY_HD_BINNED.sum(1))  # the control probe left out
+    np.testing.assert_array_equal(b.obs["instance_id"], TINY_HD_ROWS)
+    np.testing.assert_array_equal(b.obs["in_tissue"], [not n.startswith("s_0") for n in TINY_HD_ROWS])
+    centres = [[5 + 10 * int(n.split("_")[1]), 5 + 10 * int(n.split("_")[2])] for n in TINY_HD_ROWS]
+    np.testing.assert_allclose(b.obsm["spatial"], centres)
+    only_b = sda.tl.bin_cells(sd, 16, genes=["b"], copy=True)
+    assert only_b.var_names.tolist() == ["B"]
+    np.testing.assert_array_equal(only_b.X.toarray(), TINY_HD_BINNED[:, 1:])
+    # counts from a layer
+    xt = sd.tables[XENIUM_TABLE]
+    xt.layers["counts"] = xt.X.copy()
+    xt.X = xt.X[::-1].copy()
+    b = sda.tl.bin_cells(sd, 16, layer="counts", copy=True)
+    np.testing.assert_array_equal(b.X.toarray(), TINY_HD_BINNED)
+    np.testing.assert_array_equal(b.obs["total_counts"], TINY_HD_BINNED.sum(1))
+    assert sda.tl.bin_cells(sd, 16, key_added="mine") is None and sd.tables["mine"].n_obs == 9
+
+
+def test_tiny_compare_bins_hand_computed_and_options():
+    """compare_bins against numpy/scipy on the tiny grid, with in_tissue_only, min_cells, library, layer and
+    visium_layer reaching the comparison."""
+    from _tl_data import tiny_hd
+
+    sd = tiny_hd()
+    occupied = [0, 1, 3, 4, 5]  # table rows of the bins holding cells
+    tissue = [0, 3, 5]
+    _assert_table(sda.tl.compare_bins(sd, 16, in_tissue_only=False, copy=True), _tiny_hd_expected(occupied))
+    _assert_table(sda.tl.compare_bins(sd, 16, copy=True), _tiny_hd_expected(tissue))
+    _assert_table(
+        sda.tl.compare_bins(sd, 16, library="shared", in_tissue_only=False, copy=True),
+        _tiny_hd_expected(occupied, library="shared"),
+    )
+    two = sda.tl.compare_bins(sd, 16, min_cells=2, in_tissue_only=False, copy=True)  # bins s_2_2 and s_1_0
+    assert (two["n_spots"] == 2).all() and two["pearson"].isna().all()
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables["visium_hd_table_016um"]
+    xt.layers["counts"], vt.layers["raw"] = xt.X.copy(), vt.X.copy()
+    xt.X, vt.X = xt.X[::-1].copy(), vt.X[::-1].copy()
+    df = sda.tl.compare_bins(sd, 16, layer="counts", visium_layer="raw", in_tissue_only=False, copy=True)
+    _assert_table(df, _tiny_hd_expected(occupied))
+
+
+def test_hd_bin_sizes_need_both_the_bins_and_their_table():
+    """A bins element without its table is no usable bin size (listing it would send bin_cells to a missing table)."""
+    from _tl_data import tiny_hd
+
+    from spatialdata_align.tl._bins import hd_bin_sizes
+
+    sd = tiny_hd()
+    sd.shapes["visium_hd_bins_008um"] = sd.shapes["visium_hd_bins_016um"]
+    assert hd_bin_sizes(sd) == [16]
+    with pytest.raises(ValueError, match=r"bin sizes present: \[16\]"):
+        sda.tl.bin_cells(sd, 8, copy=True)
+
+
+def test_cell_type_labels_follow_composition_not_depth_or_control_probes():
+    """Two populations by their genes, each with cells of 1x and 20x depth, and control probes high in every other
+    cell: the labels split the populations (not normalising would split by depth, clustering the controls would
+    split odd from even cells)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n = 400
+    pop = np.arange(n) < 200
+    lam = np.full((n, 20), 1.0)
+    lam[pop, :10] = 5.0
+    lam[~pop, 10:] = 5.0
+    depth = np.where(rng.random(n) < 0.5, 1.0, 20.0)
+    genes = rng.poisson(lam * depth[:, None])
+    controls = rng.poisson(np.where(np.arange(n) % 2 == 0, 40.0, 0.0)[:, None] * np.ones((1, 6)))
+    names = [f"G{i}" for i in range(20)] + [f"NegControlProbe_{i}" for i in range(6)]
+    t = ad.AnnData(sp.csr_matrix(np.hstack([genes, controls]).astype(float)), var=pd.DataFrame(index=names))
+    labels = sda.tl.cell_type_labels(t, 2)
+    assert len(set(labels[pop])) == 1 and len(set(labels[~pop])) == 1 and labels[0] != labels[-1]
+
+
+def test_shared_genes_spelling_feature_types_and_repeats():
+    """The gene column keeps the Xenium spelling; Visium features that are not gene expression (e.g. antibody
+    capture) are not shared and stay out of the Visium library; a gene asked twice (any case) is compared once."""
+    from _tl_data import TINY_ROWS, tiny_pair
+
+    sd = tiny_pair()
+    xt, vt = sd.tables[XENIUM_TABLE], sd.tables[VISIUM_TABLE]
+    xt.var_names = ["A", "b", "CTRL", "NegControlProbe_1"]
+    vt.var_names = ["A", "B", "GAPDH"]
+    assert sda.tl.shared_genes(sd)["gene"].tolist() == ["A", "b"]
+    gm = sda.tl.shared_genes(sd, ["a", "A", "B"])
+    assert gm["gene"].tolist() == ["A", "b"] and gm["visium_var"].tolist() == [["A"], ["B"]]
+    assert sda.tl.compare_genes(sd, ["a", "A"], copy=True)["gene"].tolist() == ["A"]
+    vt.var["feature_types"] = ["Gene Expression", "Antibody Capture", "Gene Expression"]
+    assert sda.tl.shared_genes(sd)["gene"].tolist() == ["A"]
+    ids = np.array(TINY_ROWS, dtype=float)
+    pe = sda.tl.paired_expression(sd, in_tissue_only=False)
+    vlib = ids + 100  # A + GAPDH: the antibody's counts are no library
+    np.testing.assert_allclose(pe.visium[:, 0], np.log1p(ids / vlib * np.median(vlib)))
+
+
+def test_modality_reads_um_per_px_first_and_scales_radii_into_the_frame():
+    """uns['visium']['um_per_px'] wins over the spot diameter (HD and CytAssist spots are not 55 µm); spots stored
+    at half scale with a Scale(2) into ``visium`` keep their 50 px radius there."""
+    import geopandas as gpd
+    from _tl_data import TINY_SPOTS, tiny_pair
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    sd = tiny_pair()
+    sd.tables[VISIUM_TABLE].uns["visium"]["um_per_px"] = 0.5
+    assert _data.um_per_px(sd) == 0.5
+    assert sda.tl.pseudo_spots(sd, radius=27.5, copy=True).uns["sda_pseudo_spots"]["radius_px"] == pytest.approx(55)
+    sd = tiny_pair(um_per_px=False, scalefactors=False)
+    xy = np.array(list(TINY_SPOTS.values())) / 2
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(4, 25.0)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), index=list(TINY_SPOTS)
+    )
+    sd.shapes[VISIUM_SPOTS] = ShapesModel.parse(gdf, transformations={VISIUM_CS: Scale([2.0, 2.0], axes=("x", "y"))})
+    np.testing.assert_allclose(_data.visium(sd).radius, 50.0)
+    assert _data.um_per_px(sd) == pytest.approx(0.55)
+    ps = sda.tl.pseudo_spots(sd, copy=True)
+    np.testing.assert_array_equal(ps.X.toarray(), TINY_PSEUDO)
+
+
+def test_a_table_annotating_several_elements_is_refused():
+    """Rows of another element would be paired with the wrong geometries."""
+    from _tl_data import tiny_pair
+    from spatialdata.models import TableModel
+
+    sd = tiny_pair()
+    vt = sd.tables[VISIUM_TABLE].copy()
+    vt.obs["region"] = pd.Categorical([VISIUM_SPOTS, VISIUM_SPOTS, XENIUM_CELLS, VISIUM_SPOTS])
+    vt.obs["instance_id"] = [13, 11, 0, 10]
+    del vt.uns[TableModel.ATTRS_KEY]
+    sd.tables[VISIUM_TABLE] = TableModel.parse(
+        vt, region=[VISIUM_SPOTS, XENIUM_CELLS], region_key="region", instance_key="instance_id"
+    )
+    with pytest.raises(ValueError, match="annotates several elements"):
+        sda.tl.pseudo_spots(sd, copy=True)
+
+
+def _lattice_counts(p) -> np.ndarray:
+    """Aligned cells per spot lattice cell (nearest spot, within the hexagon's circumradius), by brute force."""
+    d = np.linalg.norm(p.forward(p.cells_um)[:, None, :] - p.spots_px[None], axis=-1)
+    near = d.argmin(1)
+    on = d.min(1) <= p.pitch_px / np.sqrt(3)
+    return np.bincount(near[on], minlength=len(p.spots_px))
+
+
+def test_shared_region_outside_the_tissue_counts_only_cells_on_the_lattice(pair):
+    """in_tissue_only=False: every spot whose lattice cell holds >= min_cells cells, out-of-tissue and edge spots
+    too, each a whole hexagon; cells beyond the lattice count for no spot; n_cells sums the selected spots."""
+    sd = pair.sdata
+    counts = _lattice_counts(pair)
+    d = np.linalg.norm(pair.forward(pair.cells_um)[:, None, :] - pair.spots_px[None], axis=-1).min(1)
+    assert (d > pair.pitch_px / np.sqrt(3)).sum() > 20  # cells beyond the lattice's edge
+    sda.tl.shared_region(sd, min_cells=3, in_tissue_only=False, key_added="region_all")
+    gdf = sd.shapes["region_all"]
+    region = gdf.geometry.iloc[0]
+    inside = shapely.contains_xy(region, pair.spots_px[:, 0], pair.spots_px[:, 1])
+    np.testing.assert_array_equal(inside, counts >= 3)
+    assert (inside & ~pair.in_tissue).sum() > 20  # out-of-tissue spots joined
+    assert int(gdf["n_spots"].iloc[0]) == inside.sum()
+    assert gdf["n_cells"].iloc[0] == counts[inside].sum()
+    assert region.area == pytest.approx(inside.sum() * np.sqrt(3) / 2 * pair.pitch_px**2, rel=1e-3)
+
+
+def test_shared_region_match_weights_count_at_most_one():
+    """A match weight above 1 (a rounding overshoot) counts as 1: the weighted region equals the count rule."""
+    p = fresh()
+    p.sdata.tables[TABLE_AL].obs[MATCH_WEIGHT_KEY] = 3.0
+    region = sda.tl.shared_region(p.sdata, min_cells=8, use_match_weight=True, copy=True)
+    inside = shapely.contains_xy(region, p.spots_px[:, 0], p.spots_px[:, 1])
+    np.testing.assert_array_equal(inside, p.in_tissue & (_lattice_counts(p) >= 8))
+
+
+def test_subset_shared_by_a_circle_element_through_its_transformation():
+    """A region given as a circles element is the union of its disks mapped into ``cs``: a disk of radius 105 at
+    (50, 50), scaled by 2 into ``visium``, holds the spots within 210 px of (100, 100): ids 10, 11, 12, not 13."""
+    import geopandas as gpd
+    from _tl_data import tiny_pair
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Scale
+
+    sd = tiny_pair()
+    roi = gpd.GeoDataFrame({"radius": [105.0]}, geometry=gpd.points_from_xy([50.0], [50.0]))
+    sd.shapes["roi"] = ShapesModel.parse(roi, transformations={VISIUM_CS: Scale([2.0, 2.0], axes=("x", "y"))})
+    out = sda.tl.subset_shared(sd, "roi")
+    assert sorted(out.shapes[VISIUM_SPOTS].index) == [10, 11, 12]
+    assert sorted(out.tables[VISIUM_TABLE].obs["instance_id"]) == [10, 11, 12]
+    assert "roi" in out.shapes and len(out.shapes["roi"]) == 1
+
+
+def test_subset_shared_region_in_another_coordinate_system():
+    """``cs`` names the region's frame: a box in Xenium µm keeps the cells whose µm position lies in it."""
+    p = fresh()
+    box = (600.0, 500.0, 1800.0, 1400.0)
+    with pytest.warns(UserWarning, match="not mapped"):
+        out = sda.tl.subset_shared(p.sdata, box, cs=XENIUM_CS)
+    um = p.cells_um
+    inb = (um[:, 0] > box[0]) & (um[:, 0] < box[2]) & (um[:, 1] > box[1]) & (um[:, 1] < box[3])
+    assert 100 < inb.sum() < len(um) - 100
+    np.testing.assert_array_equal(np.sort(out.shapes[XENIUM_CELLS].index), np.flatnonzero(inb))
+    # the same box as a Shapes element, mapped to both frames: read in the frame asked for
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel
+
+    aff = Affine(p.matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+    roi = gpd.GeoDataFrame(geometry=[shapely.box(*box)])
+    p.sdata.shapes["roi"] = ShapesModel.parse(roi, transformations={XENIUM_CS: Identity(), VISIUM_CS: aff})
+    with pytest.warns(UserWarning, match="not mapped"):
+        out = sda.tl.subset_shared(p.sdata, "roi", cs=XENIUM_CS)
+    np.testing.assert_array_equal(np.sort(out.shapes[XENIUM_CELLS].index), np.flatnonzero(inb))
