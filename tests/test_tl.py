@@ -994,3 +994,43 @@ def test_subset_shared_region_in_another_coordinate_system():
     with pytest.warns(UserWarning, match="not mapped"):
         out = sda.tl.subset_shared(p.sdata, "roi", cs=XENIUM_CS)
     np.testing.assert_array_equal(np.sort(out.shapes[XENIUM_CELLS].index), np.flatnonzero(inb))
+
+
+def test_subset_shared_keeps_the_rows_of_a_multi_region_table_by_region():
+    """A table annotating three elements: rows of the subset element follow its kept instances, rows of an element
+    not mapped to the region's coordinate system are all kept (it is carried over unfiltered), rows of an element left
+    with no instance go, and the table stops naming it (subset_shared raised spatialdata's ValidationError there); the
+    other columns travel with their rows."""
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel, TableModel
+
+    def circles(xy, cs):
+        gdf = gpd.GeoDataFrame({"radius": np.full(len(xy), 5.0)}, geometry=shapely.points(xy))
+        gdf.index = pd.Index(np.arange(len(xy)) + 100, name="id")
+        return ShapesModel.parse(gdf, transformations={cs: Identity()})
+
+    a = circles(np.array([[10.0, 10.0], [50.0, 50.0], [90.0, 90.0]]), VISIUM_CS)  # ids 100, 101, 102
+    b = circles(np.array([[10.0, 10.0], [500.0, 500.0]]), "other")  # ids 100, 101, not in visium
+    c = circles(np.array([[900.0, 900.0]]), VISIUM_CS)  # id 100, outside any box below
+    obs = pd.DataFrame(
+        {
+            "region": pd.Categorical(["a"] * 3 + ["b"] * 2 + ["c"]),
+            "id": [100, 101, 102, 100, 101, 100],
+            "tag": list("uvwxyz"),
+        },
+        index=[f"r{i}" for i in range(6)],
+    )
+    table = TableModel.parse(
+        ad.AnnData(X=np.arange(12.0).reshape(6, 2), obs=obs), region=["a", "b", "c"], region_key="region",
+        instance_key="id",
+    )  # fmt: skip
+    s = SpatialData(shapes={"a": a, "b": b, "c": c}, tables={"t": table})
+    with pytest.warns(UserWarning, match="not mapped"):
+        out = sda.tl.subset_shared(s, (0.0, 0.0, 60.0, 60.0), cs=VISIUM_CS)
+    t = out.tables["t"]
+    assert t.obs["tag"].tolist() == ["u", "v", "x", "y"]  # a: 100, 101; b: both; c: none
+    # c lost every row, so the table no longer annotates it (spatialdata refuses a table naming a region it lacks)
+    assert t.uns["spatialdata_attrs"]["region"] == ["a", "b"] and list(t.obs["region"].cat.categories) == ["a", "b"]
+    np.testing.assert_array_equal(t.X, [[0.0, 1.0], [2.0, 3.0], [6.0, 7.0], [8.0, 9.0]])
+    assert sorted(out.shapes["a"].index) == [100, 101] and len(out.shapes["b"]) == 2 and "c" not in out.shapes
+    assert len(s.tables["t"]) == 6  # the input is not changed

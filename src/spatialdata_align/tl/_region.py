@@ -275,7 +275,12 @@ def _filter_table(table, kept: dict[str, pd.Index], dropped: set[str]):
             keep |= rows
     if not keep.any():
         return None
-    return table[keep].copy()
+    out = table[keep].copy()
+    if len(set(reg_col[keep])) < len(regions):  # an annotated element lost every row: it no longer annotates it
+        if isinstance(out.obs[region_key].dtype, pd.CategoricalDtype):
+            out.obs[region_key] = out.obs[region_key].cat.remove_unused_categories()
+        SpatialData.update_annotated_regions_metadata(out)
+    return out
 
 
 def subset_shared(
