@@ -149,6 +149,20 @@ def _copy(s):
     return sd.deepcopy(s)
 
 
+def _refit(o, m):
+    """Store the affine ``m`` (Xenium -> Visium) on ``o`` under the key "refit", as a later fit would."""
+    return _store.store_registration(
+        o,
+        Registration(affine=m),
+        key="refit",
+        kind="affine",
+        source_cs=XENIUM_CS,
+        target_cs=VISIUM_CS,
+        source_element=XENIUM_CELLS,
+        target_element=VISIUM_HIRES,
+    )
+
+
 # ------------------------------------------------------------------------------------------ NGFF form
 def test_stored_metadata_validates_against_the_ngff_schema(base):
     s = base[0]
@@ -658,16 +672,7 @@ def test_native_affine_spares_landmarks_and_elements_already_in_the_target_syste
     )
     o.shapes["both"] = both
     m = np.array([[0.5, 0.1, 7.0], [-0.1, 0.5, 3.0], [0.0, 0.0, 1.0]])
-    entry, _ = _store.store_registration(
-        o,
-        Registration(affine=m),
-        key="refit",
-        kind="affine",
-        source_cs=XENIUM_CS,
-        target_cs=VISIUM_CS,
-        source_element=XENIUM_CELLS,
-        target_element=VISIUM_HIRES,
-    )
+    entry, _ = _refit(o, m)
     got = get_transformation(o[XENIUM_CELLS], VISIUM_CS).to_affine_matrix(xy, xy)
     np.testing.assert_allclose(got, m @ get_transformation(o[XENIUM_CELLS], XENIUM_CS).to_affine_matrix(xy, xy))
     assert XENIUM_CELLS in entry["native_elements"] and "both" not in entry["native_elements"]
@@ -690,16 +695,7 @@ def test_a_refit_keeps_global_in_step_with_the_exposed_system(base):
     xy = ("x", "y")
     o.align.set_global(VISIUM_CS)
     m = np.array([[0.5, 0.1, 7.0], [-0.1, 0.5, 3.0], [0.0, 0.0, 1.0]])
-    _store.store_registration(
-        o,
-        Registration(affine=m),
-        key="refit",
-        kind="affine",
-        source_cs=XENIUM_CS,
-        target_cs=VISIUM_CS,
-        source_element=XENIUM_CELLS,
-        target_element=VISIUM_HIRES,
-    )
+    _refit(o, m)
     t = get_transformation(o[XENIUM_CELLS], get_all=True)
     want = m @ t[XENIUM_CS].to_affine_matrix(xy, xy)
     np.testing.assert_allclose(t[VISIUM_CS].to_affine_matrix(xy, xy), want)
