@@ -1034,3 +1034,19 @@ def test_subset_shared_keeps_the_rows_of_a_multi_region_table_by_region():
     np.testing.assert_array_equal(t.X, [[0.0, 1.0], [2.0, 3.0], [6.0, 7.0], [8.0, 9.0]])
     assert sorted(out.shapes["a"].index) == [100, 101] and len(out.shapes["b"]) == 2 and "c" not in out.shapes
     assert len(s.tables["t"]) == 6  # the input is not changed
+
+
+def test_cell_type_labels_cluster_on_n_pcs_components():
+    """Two genes vary continuously and oppositely (the largest variance: the first component), two others split
+    the cells into two groups (the second): two types found on one component cut the continuum, on two they are
+    the groups. Fails when ``n_pcs`` is ignored, or left out of the labels' cache key (asked in either order)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    t, groups = rng.uniform(-1.0, 1.0, 600), rng.integers(0, 2, 600)
+    s = 0.62 * (2 * groups - 1)
+    lam = 2000.0 * np.exp(np.stack([1.2 * t, -1.2 * t, s, -s], axis=1))
+    table = ad.AnnData(rng.poisson(lam).astype(np.float32), var=pd.DataFrame(index=["g1", "g2", "g3", "g4"]))
+    for order in ((2, 1), (1, 2)):
+        got = {n: adjusted_rand_score(groups, sda.tl.cell_type_labels(table, 2, n_pcs=n)) for n in order}
+        assert got[2] > 0.95 and got[1] < 0.2, (order, got)
