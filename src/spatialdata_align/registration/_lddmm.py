@@ -569,8 +569,6 @@ def lddmm(
         raise ValueError("source image has zero variance (empty raster?); nothing to register.")
     scale_i = np.where(scale_i > 0, scale_i, np.maximum(I_img.data.reshape(len(scale_i), -1).max(1), 1e-12))
     I_img = Image(I_img.data / scale_i[:, None, None], I_img.x, I_img.y)
-    if float(J_img.data.std()) == 0:
-        raise ValueError("target image has zero variance; nothing to register.")
     A0 = np.eye(3) if affine is None else homogeneous(affine)
     lm_src = lm_dst = None
     if (source_landmarks is None) != (target_landmarks is None):
@@ -596,7 +594,9 @@ def lddmm(
         # image first differs from it by less than the block averaging does
         J_img = blur_image(J_img.downsample(base_j), target_blur * scale_a)
         base_j = 1
-    std_j = float(J_img.data.std(axis=(1, 2)).mean())
+    std_j = float(J_img.data.std(axis=(1, 2)).mean())  # (after the blur: the match noise of the blurred target)
+    if std_j == 0:
+        raise ValueError("target image has zero variance; nothing to register.")
     if kernel_scales is None:
         kernel_scales = default_kernel_scales(I_img, a)
     kernel_scales = tuple(float(s) for s in np.atleast_1d(kernel_scales))
