@@ -607,6 +607,28 @@ def test_cell_type_labels_are_reused_for_the_same_counts_only(monkeypatch):
     assert calls["n"] == 3
     sda.tl.cell_type_labels(ad.AnnData(X), 2)  # dense counts: a dense digest, clustered once more
     assert calls["n"] == 4
+    sda.tl.cell_type_labels(ad.AnnData(sp.csr_matrix(X)), 2, seed=1)  # another seed
+    assert calls["n"] == 5
+
+
+def test_cell_type_labels_seed_reaches_the_clustering(monkeypatch):
+    """Counts with no populations have many equally good partitions: k-means' seed picks one, the same seed the
+    same one (the kept labels cleared in between, so the clustering runs each time)."""
+    import anndata as ad
+    import scipy.sparse as sp
+    from sklearn.metrics import adjusted_rand_score
+
+    from spatialdata_align.tl import _data
+
+    X = sp.csr_matrix(np.random.default_rng(3).poisson(2.0, (500, 25)).astype(float))
+
+    def labels(seed):
+        monkeypatch.setattr(_data, "_LABELS_CACHE", type(_data._LABELS_CACHE)())
+        return sda.tl.cell_type_labels(ad.AnnData(X), 6, seed=seed)
+
+    first = labels(0)
+    np.testing.assert_array_equal(labels(0), first)
+    assert adjusted_rand_score(first, labels(1)) < 0.9
 
 
 # ------------------------------------------------------------------------ the hand-countable tiny pair
