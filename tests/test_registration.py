@@ -970,3 +970,24 @@ def test_a_level_runs_min_iter_before_it_may_stop(toy):
     (level,) = reg.params["levels"]
     assert level["reason"].startswith("converged")
     assert 26 <= level["iterations"] <= 30
+
+
+def test_default_sigma_r_grows_with_the_tissue_and_keeps_its_pixel_floor():
+    """The default regularisation scale: ``SIGMA_R_TISSUE`` x the side of the source tissue (where the first channel
+    exceeds a tenth of its maximum), at least ``SIGMA_R_PIXELS`` source pixels; an explicit value is kept."""
+
+    def run(n_y, n_x, block, dx, **kw):
+        y, x = (np.arange(n) * dx for n in (n_y, n_x))
+        img = np.zeros((1, n_y, n_x))
+        img[0, 5 : 5 + block[0], 5 : 5 + block[1]] = 1.0
+        img[0, 6, 6] = 1.05  # the maximum; the faint rim below a tenth of it is not tissue
+        img[0, 5 + block[0], 5 : 5 + block[1]] = 0.09
+        src = xr.DataArray(img, dims=("c", "y", "x"), coords={"c": [0], "y": y, "x": x})
+        tgt = np.random.default_rng(0).uniform(size=(1, n_y, n_x))
+        reg = lddmm(src, tgt, scales=(1,), max_iter=(1,), affine_iter=0, progress=False, **kw)
+        return reg.params["sigma_r"]
+
+    assert run(160, 190, (120, 150), 20.0) == pytest.approx(0.1 * np.sqrt(120 * 150) * 20.0)  # 268 µm
+    assert run(60, 60, (40, 40), 20.0) == pytest.approx(200.0)  # an 0.8 mm section: 10 pixels
+    assert run(160, 190, (120, 150), 10.0) == pytest.approx(0.1 * np.sqrt(120 * 150) * 10.0)  # (134 > 100)
+    assert run(60, 60, (40, 40), 20.0, sigma_r=55.0) == 55.0

@@ -73,6 +73,14 @@ _MAX_TRIALS = 20
 #: The pipeline's grids at 20 µm pixels are 100 x 85 to 200 x 170 at the finest level (demo, twin, corpus pairs)
 SINGLE_THREAD_PIXELS = 100_000
 
+#: default ``sigma_r``: the larger of ``SIGMA_R_PIXELS`` source pixels and ``SIGMA_R_TISSUE`` x the side of the source
+#: tissue (the square root of its area). The regulariser's unit is a velocity in source units, while serial sections
+#: deform by a strain, a fraction of their size; the floor keeps sections smaller than ~2 mm (at 20 µm pixels) at the
+#: pixel-scale value chosen on the validation corpus (``docs/accuracy.md``, "The regularisation scale from the size of
+#: the tissue")
+SIGMA_R_PIXELS = 10.0
+SIGMA_R_TISSUE = 0.1
+
 
 class RegistrationDivergedWarning(UserWarning):
     """Emitted when the optimiser diverges; the last good state is returned."""
@@ -494,8 +502,10 @@ def lddmm(
         intensity units). Defaults: ``0.5 * std(target)``, ``2 * sigma_m``, and the spread of the target's
         tissue colours (at least ``sigma_m``): the artifact class explains target tissue that the source lacks.
     sigma_r
-        Regularisation scale: larger allows larger deformations (source units). Default ``10 * dx`` of
-        the source image.
+        Regularisation scale: larger allows larger deformations (source units). Default: the larger of ``10 * dx``
+        of the source image and a tenth of the side of the source tissue (the square root of its area; the tissue
+        is where the first channel exceeds a tenth of its maximum): ``SIGMA_R_PIXELS`` and ``SIGMA_R_TISSUE``. So a
+        section of 2 mm or less at 20 µm pixels gets 200 µm, a 7 mm brain section ~700 µm (``docs/accuracy.md``).
     sigma_p
         Landmark tolerance (target units). Default: two source pixels mapped to target units.
     sigma_affine
@@ -607,7 +617,10 @@ def lddmm(
         raise ValueError("kernel_weights must be non-negative, one per kernel scale, and not all zero.")
     a = min(kernel_scales)
     dv = float(a / 2 if dv is None else dv)
-    sigma_r = float(10 * dxI if sigma_r is None else sigma_r)
+    # source tissue: pixels of the first channel (the cell density) above a tenth of its maximum
+    n_tissue = float((I_img.data[0] > 0.1 * I_img.data[0].max()).sum())
+    tissue_side = math.sqrt(n_tissue * I_img.dx * I_img.dy)
+    sigma_r = float(max(SIGMA_R_PIXELS * dxI, SIGMA_R_TISSUE * tissue_side) if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
     sigma_a = None if sigma_a is None else float(sigma_a)
@@ -656,7 +669,6 @@ def lddmm(
     sigma_affine = float(0.05 * half if sigma_affine is None else sigma_affine)
     if not np.isfinite(sigma_affine) or sigma_affine < 0:
         raise ValueError(f"sigma_affine must be >= 0 (0: no prior), got {sigma_affine!r}.")
-    n_tissue = float((I_img.data[0] > 0.1 * I_img.data[0].max()).sum())
     prob.affine_weight = n_tissue / (2 * sigma_affine**2) if sigma_affine > 0 else 0.0
     sigmas = (sigma_m, sigma_b, sigma_a)
     # tissue level of the source's first channel (the cell density): a quarter of its typical value over tissue
