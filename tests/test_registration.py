@@ -972,9 +972,10 @@ def test_a_level_runs_min_iter_before_it_may_stop(toy):
     assert 26 <= level["iterations"] <= 30
 
 
-def test_default_sigma_r_grows_with_the_tissue_and_keeps_its_pixel_floor():
-    """The default regularisation scale: ``SIGMA_R_TISSUE`` x the side of the source tissue (where the first channel
-    exceeds a tenth of its maximum), at least ``SIGMA_R_PIXELS`` source pixels; an explicit value is kept."""
+def test_default_regularisation_scales_grow_with_the_tissue_and_keep_their_pixel_floors():
+    """The default ``sigma_r``: ``SIGMA_R_TISSUE`` (0.1) x the side of the source tissue (where the first channel
+    exceeds a tenth of its maximum), at least ``SIGMA_R_PIXELS`` (10) source pixels; the default shortest kernel scale
+    ``a``: ``A_TISSUE`` (0.035) x that side, at least ``A_PIXELS`` (8) pixels. Explicit values are kept."""
 
     def run(n_y, n_x, block, dx, **kw):
         y, x = (np.arange(n) * dx for n in (n_y, n_x))
@@ -985,9 +986,13 @@ def test_default_sigma_r_grows_with_the_tissue_and_keeps_its_pixel_floor():
         src = xr.DataArray(img, dims=("c", "y", "x"), coords={"c": [0], "y": y, "x": x})
         tgt = np.random.default_rng(0).uniform(size=(1, n_y, n_x))
         reg = lddmm(src, tgt, scales=(1,), max_iter=(1,), affine_iter=0, progress=False, **kw)
-        return reg.params["sigma_r"]
+        return reg.params["sigma_r"], reg.params["a"]
 
-    assert run(160, 190, (120, 150), 20.0) == pytest.approx(0.1 * np.sqrt(120 * 150) * 20.0)  # 268 µm
-    assert run(60, 60, (40, 40), 20.0) == pytest.approx(200.0)  # an 0.8 mm section: 10 pixels
-    assert run(160, 190, (120, 150), 10.0) == pytest.approx(0.1 * np.sqrt(120 * 150) * 10.0)  # (134 > 100)
-    assert run(60, 60, (40, 40), 20.0, sigma_r=55.0) == 55.0
+    side = np.sqrt(120 * 150) * 20.0  # 2683 µm: sigma_r from the tissue, a at its floor
+    assert run(160, 190, (120, 150), 20.0) == pytest.approx((0.1 * side, 160.0))
+    assert run(60, 60, (40, 40), 20.0) == pytest.approx((200.0, 160.0))  # an 0.8 mm section: both at their floors
+    side = np.sqrt(240 * 250) * 20.0  # 4899 µm: both from the tissue
+    assert run(260, 270, (240, 250), 20.0) == pytest.approx((0.1 * side, 0.035 * side))
+    side = np.sqrt(120 * 150) * 10.0  # at 10 µm pixels the floors halve
+    assert run(160, 190, (120, 150), 10.0) == pytest.approx((0.1 * side, 80.0))
+    assert run(60, 60, (40, 40), 20.0, sigma_r=55.0, a=100.0) == (55.0, 100.0)

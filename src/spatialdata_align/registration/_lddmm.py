@@ -74,12 +74,17 @@ _MAX_TRIALS = 20
 SINGLE_THREAD_PIXELS = 100_000
 
 #: default ``sigma_r``: the larger of ``SIGMA_R_PIXELS`` source pixels and ``SIGMA_R_TISSUE`` x the side of the source
-#: tissue (the square root of its area). The regulariser's unit is a velocity in source units, while serial sections
-#: deform by a strain, a fraction of their size; the floor keeps sections smaller than ~2 mm (at 20 µm pixels) at the
-#: pixel-scale value chosen on the validation corpus (``docs/accuracy.md``, "The regularisation scale from the size of
+#: tissue (:func:`tissue_side`). The regulariser's unit is a velocity in source units, while serial sections deform by
+#: a strain, a fraction of their size; the floor keeps sections smaller than ~2 mm (at 20 µm pixels) at the
+#: pixel-scale value chosen on the validation corpus (``docs/accuracy.md``, "The regularisation scales from the size of
 #: the tissue")
 SIGMA_R_PIXELS = 10.0
 SIGMA_R_TISSUE = 0.1
+#: default shortest kernel scale ``a``: the larger of ``A_PIXELS`` source pixels and ``A_TISSUE`` x the side of the
+#: source tissue (a deformation's length scales grow with the section as its size does; sections under ~4.5 mm at 20
+#: µm pixels keep ``8 * dx``)
+A_PIXELS = 8.0
+A_TISSUE = 0.035
 
 
 class RegistrationDivergedWarning(UserWarning):
@@ -141,15 +146,27 @@ def _as_tuple(v, n: int, name: str) -> tuple:
     return v
 
 
+def tissue_pixels(source: Image) -> int:
+    """Pixels of source tissue: where the first channel (the cell density) exceeds a tenth of its maximum."""
+    d0 = source.data[0]
+    return int((d0 > 0.1 * d0.max()).sum())
+
+
+def tissue_side(source: Image) -> float:
+    """Side of the source tissue (source units): the square root of its area (:func:`tissue_pixels`)."""
+    return math.sqrt(tissue_pixels(source) * source.dx * source.dy)
+
+
 def default_kernel_scales(source: Image, a: float | None = None) -> tuple[float, ...]:
     """Length scales of the smoothing kernel, from the source image (source units).
 
-    The shortest is ``a`` (default 8 source pixels); longer ones follow at factors of 3 up to a quarter of the
+    The shortest is ``a`` (default the larger of ``A_PIXELS`` (8) source pixels and ``A_TISSUE`` (3.5 %) of the side
+    of the source tissue, :func:`tissue_side`); longer ones follow at factors of 3 up to a quarter of the
     source's extent, so a deformation found where the tissue has texture extends smoothly over featureless
     tissue instead of decaying to the affine within ``a`` of it.
     """
     xmin, xmax, ymin, ymax = source.extent
-    a0 = float(8 * source.dx if a is None else a)
+    a0 = float(max(A_PIXELS * source.dx, A_TISSUE * tissue_side(source)) if a is None else a)
     top = max(xmax - xmin, ymax - ymin) / 4
     scales = [a0]
     while scales[-1] * 3 <= top * 1.5:
@@ -485,8 +502,8 @@ def lddmm(
         in source units). Adds a spot term with a per-feature affine calibration and noise levels estimated
         by maximum likelihood.
     a
-        Shortest smoothness length scale of the velocity field (source units). Default ``8 * dx`` of the
-        source image.
+        Shortest smoothness length scale of the velocity field (source units). Default: the larger of ``8 * dx`` of
+        the source image and 3.5 % of the side of the source tissue (:func:`default_kernel_scales`).
     kernel_scales, kernel_weights
         Length scales ``a_i`` (source units) and relative prior variances ``c_i`` of the multi-scale
         kernel. Default: :func:`default_kernel_scales` (``a`` and factors of 3 up to a quarter of the
@@ -617,10 +634,9 @@ def lddmm(
         raise ValueError("kernel_weights must be non-negative, one per kernel scale, and not all zero.")
     a = min(kernel_scales)
     dv = float(a / 2 if dv is None else dv)
-    # source tissue: pixels of the first channel (the cell density) above a tenth of its maximum
-    n_tissue = float((I_img.data[0] > 0.1 * I_img.data[0].max()).sum())
-    tissue_side = math.sqrt(n_tissue * I_img.dx * I_img.dy)
-    sigma_r = float(max(SIGMA_R_PIXELS * dxI, SIGMA_R_TISSUE * tissue_side) if sigma_r is None else sigma_r)
+    n_tissue = float(tissue_pixels(I_img))
+    side = math.sqrt(n_tissue * I_img.dx * I_img.dy)  # (tissue_side)
+    sigma_r = float(max(SIGMA_R_PIXELS * dxI, SIGMA_R_TISSUE * side) if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
     sigma_a = None if sigma_a is None else float(sigma_a)
