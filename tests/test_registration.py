@@ -972,6 +972,22 @@ def test_a_level_runs_min_iter_before_it_may_stop(toy):
     assert 26 <= level["iterations"] <= 30
 
 
+def test_a_level_at_its_cap_says_how_its_turns_were_spent(toy):
+    """``iterations`` counts the steps taken; a level stopped by its cap says how many of the cap's turns refreshed
+    the mixture instead (so "45 iterations, iteration cap (50)" does not read as a miscount)."""
+    import re
+
+    fit = fit_affine(toy.landmarks_src, toy.landmarks_dst)
+    kw = dict(FAST, scales=(2,), max_iter=(80,), affine_iter=0, tol=1e-12, min_iter=80)
+    (level,) = lddmm(toy.source, toy.target, affine=fit.matrix, **kw).params["levels"]
+    assert not level["converged"] and level["reason"] == "iteration cap (80)" and level["iterations"] == 80
+    # mixture updates every other turn: a few turns go to refreshing a stale mixture
+    (level,) = lddmm(toy.source, toy.target, affine=fit.matrix, em_every=2, **kw).params["levels"]
+    m = re.fullmatch(r"iteration cap \(80: (\d+) steps, (\d+) mixture refreshes\)", level["reason"])
+    assert m, level["reason"]
+    assert int(m[1]) == level["iterations"] < 80 and int(m[1]) + int(m[2]) == 80
+
+
 def test_default_regularisation_scales_grow_with_the_tissue_and_keep_their_pixel_floors():
     """The default ``sigma_r``: ``SIGMA_R_TISSUE`` (0.1) x the side of the source tissue (where the first channel
     exceeds a tenth of its maximum), at least ``SIGMA_R_PIXELS`` (10) source pixels; the default shortest kernel scale

@@ -900,6 +900,10 @@ def lddmm(
                         )
                         break
             bar.update(max(n_iter - it, 0))
+            if reason.startswith("iteration cap") and n_steps < n_iter:
+                # ("iterations" counts the steps taken; the cap counts loop turns, some of which refreshed a stale
+                # mixture instead of stepping)
+                reason = f"iteration cap ({n_iter}: {n_steps} steps, {n_iter - n_steps} mixture refreshes)"
             stage_log.append({"level": li, "scale": scales[li], "stage": kind, "iterations": n_steps, "reason": reason,
                               "converged": reason.startswith(("converged", "no descent"))})  # fmt: skip
             m = lvl.mixture
