@@ -146,27 +146,30 @@ def _as_tuple(v, n: int, name: str) -> tuple:
     return v
 
 
-def tissue_pixels(source: Image) -> int:
-    """Pixels of source tissue: where the first channel (the cell density) exceeds a tenth of its maximum."""
+def tissue_mask(source: Image) -> np.ndarray:
+    """Source tissue: where the first channel (the cell density) exceeds a tenth of its maximum."""
     d0 = source.data[0]
-    return int((d0 > 0.1 * d0.max()).sum())
+    return d0 > 0.1 * d0.max()
 
 
-def tissue_side(source: Image) -> float:
-    """Side of the source tissue (source units): the square root of its area (:func:`tissue_pixels`)."""
-    return math.sqrt(tissue_pixels(source) * source.dx * source.dy)
+def tissue_side(source: Image, mask: np.ndarray | None = None) -> float:
+    """Side of the source tissue (source units): the square root of the area of ``mask`` (:func:`tissue_mask`)."""
+    n = int((tissue_mask(source) if mask is None else mask).sum())
+    return math.sqrt(n * source.dx * source.dy)
 
 
-def default_kernel_scales(source: Image, a: float | None = None) -> tuple[float, ...]:
+def default_kernel_scales(source: Image, a: float | None = None, *, side: float | None = None) -> tuple[float, ...]:
     """Length scales of the smoothing kernel, from the source image (source units).
 
     The shortest is ``a`` (default the larger of ``A_PIXELS`` (8) source pixels and ``A_TISSUE`` (3.5 %) of the side
     of the source tissue, :func:`tissue_side`); longer ones follow at factors of 3 up to a quarter of the
     source's extent, so a deformation found where the tissue has texture extends smoothly over featureless
-    tissue instead of decaying to the affine within ``a`` of it.
+    tissue instead of decaying to the affine within ``a`` of it. ``side``: the tissue's side, if already measured.
     """
     xmin, xmax, ymin, ymax = source.extent
-    a0 = float(max(A_PIXELS * source.dx, A_TISSUE * tissue_side(source)) if a is None else a)
+    if a is None:
+        a = max(A_PIXELS * source.dx, A_TISSUE * (tissue_side(source) if side is None else side))
+    a0 = float(a)
     top = max(xmax - xmin, ymax - ymin) / 4
     scales = [a0]
     while scales[-1] * 3 <= top * 1.5:
@@ -624,8 +627,12 @@ def lddmm(
     std_j = float(J_img.data.std(axis=(1, 2)).mean())  # (after the blur: the match noise of the blurred target)
     if std_j == 0:
         raise ValueError("target image has zero variance; nothing to register.")
+    # source tissue: one mask for the scale defaults, the affine prior's weight and the occupancy's tissue level
+    on_tissue = tissue_mask(I_img)
+    n_tissue = float(on_tissue.sum())
+    side = tissue_side(I_img, on_tissue)
     if kernel_scales is None:
-        kernel_scales = default_kernel_scales(I_img, a)
+        kernel_scales = default_kernel_scales(I_img, a, side=side)
     kernel_scales = tuple(float(s) for s in np.atleast_1d(kernel_scales))
     if kernel_weights is None:
         kernel_weights = (1.0,) * len(kernel_scales)
@@ -634,8 +641,6 @@ def lddmm(
         raise ValueError("kernel_weights must be non-negative, one per kernel scale, and not all zero.")
     a = min(kernel_scales)
     dv = float(a / 2 if dv is None else dv)
-    n_tissue = float(tissue_pixels(I_img))
-    side = math.sqrt(n_tissue * I_img.dx * I_img.dy)  # (tissue_side)
     sigma_r = float(max(SIGMA_R_PIXELS * dxI, SIGMA_R_TISSUE * side) if sigma_r is None else sigma_r)
     sigma_m = float(0.5 * std_j if sigma_m is None else sigma_m)
     sigma_b = float(2 * sigma_m if sigma_b is None else sigma_b)
@@ -688,8 +693,7 @@ def lddmm(
     prob.affine_weight = n_tissue / (2 * sigma_affine**2) if sigma_affine > 0 else 0.0
     sigmas = (sigma_m, sigma_b, sigma_a)
     # tissue level of the source's first channel (the cell density): a quarter of its typical value over tissue
-    d0 = I_img.data[0]
-    on = d0[d0 > 0.1 * d0.max()]
+    on = I_img.data[0][on_tissue]
     tissue_level = float(0.25 * np.median(on)) if on.size else 0.1
     active = (True, background, artifact)
 
@@ -800,7 +804,6 @@ def lddmm(
             S, Y = [], []
             track = [extra["z_track"]]
             good = x.clone()
-            reason = f"iteration cap ({n_iter})"
             fresh_em, n_steps = True, 0
             tol_move = tol * lvl.factor * dxI
             it = 0
@@ -899,11 +902,13 @@ def lddmm(
                             f"{window} iterations"
                         )
                         break
+            else:
+                # the cap counts loop turns; "iterations" counts the steps taken, and a turn may refresh a stale
+                # mixture instead of stepping
+                refreshed = n_iter - n_steps
+                spent = f": {n_steps} steps, {refreshed} mixture refreshes" if refreshed else ""
+                reason = f"iteration cap ({n_iter}{spent})"
             bar.update(max(n_iter - it, 0))
-            if reason.startswith("iteration cap") and n_steps < n_iter:
-                # ("iterations" counts the steps taken; the cap counts loop turns, some of which refreshed a stale
-                # mixture instead of stepping)
-                reason = f"iteration cap ({n_iter}: {n_steps} steps, {n_iter - n_steps} mixture refreshes)"
             stage_log.append({"level": li, "scale": scales[li], "stage": kind, "iterations": n_steps, "reason": reason,
                               "converged": reason.startswith(("converged", "no descent"))})  # fmt: skip
             m = lvl.mixture
