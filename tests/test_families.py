@@ -482,7 +482,7 @@ def test_accuracy_cache_reuses_pairs_of_the_same_generators_only(tmp_path, monke
     assert accuracy.make_pair("stroma", "own", 0, tmp_path)[0] == tmp_path / "stroma-own-s0"
     accuracy.make_pair("stroma", "own", 0, tmp_path)
     assert calls["n"] == 1  # reused
-    monkeypatch.setattr(accuracy, "generator_digest", lambda: "other")
+    monkeypatch.setattr(accuracy, "generator_digest", lambda family="": "other")
     accuracy.make_pair("stroma", "own", 0, tmp_path)
     assert calls["n"] == 2  # other generators: generated again
     accuracy.make_pair("stroma", "own", 0, tmp_path)

@@ -694,6 +694,36 @@ def test_visium_any_image_subset_reads_exactly(vin, tmp_path, variant):
     assert node["scalefactors"]["spot_diameter_fullres"] == 80.0
 
 
+@pytest.mark.parametrize("name", ["tissue_image.btf", "tissue_image.tiff"])
+def test_visium_fullres_bigtiff_tiled_reads_exactly(vin, tmp_path, name):
+    """Space Ranger's full-resolution image as CytAssist runs ship it: a tiled BigTIFF, often named ``.btf``."""
+    import tifffile
+
+    out = vin.write(tmp_path / "outs", images=("hires",))
+    tifffile.imwrite(out / name, vin.fullres, photometric="rgb", bigtiff=True, tile=(16, 16))
+    sdata = sda.io.read_visium(out)
+    full = _scale0(sdata.images[VISIUM_FULLRES])
+    np.testing.assert_array_equal(np.asarray(full.values), vin.fullres.transpose(2, 0, 1))
+    np.testing.assert_allclose(_matrix(sdata.images[VISIUM_FULLRES], VISIUM_CS), np.eye(3))
+
+
+def test_lazy_image_reads_tiff_level0_by_tiles_and_names_a_bad_file(tmp_path):
+    import tifffile
+
+    from spatialdata_align.io._files import lazy_image
+
+    a = np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pyr.ome.btf", bigtiff=True) as w:  # a pyramid: level 0 + one sub-level
+        w.write(a, subifds=1, tile=(32, 32), photometric="rgb")
+        w.write(a[::2, ::2], subfiletype=1, tile=(32, 32), photometric="rgb")
+    im = lazy_image(tmp_path / "pyr.ome.btf")
+    assert im.shape == a.shape and im.chunksize == (32, 32, 3)  # the file's tiles, not one whole plane
+    np.testing.assert_array_equal(im.compute(), a)
+    (tmp_path / "bad.btf").write_bytes(b"not a tiff")
+    with pytest.raises(ValueError, match=r"bad\.btf could not be read as an image \(TiffFileError"):
+        lazy_image(tmp_path / "bad.btf")
+
+
 def _drawn_circles(ax) -> tuple[np.ndarray, np.ndarray]:
     """Centres and radii (axes data units) of the circles scanpy drew, sorted by centre."""
     paths = ax.collections[0].get_paths()

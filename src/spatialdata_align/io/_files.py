@@ -44,3 +44,33 @@ def missing(folder: Path, what: str, candidates: Sequence[str]) -> FileNotFoundE
     """A :class:`FileNotFoundError` naming the missing file(s) and listing what ``folder`` holds."""
     names = " or ".join(repr(c) for c in candidates)
     return FileNotFoundError(f"{what}: none of {names} found in {folder}; it holds: {folder_listing(folder)}.")
+
+
+#: suffixes read as TIFF (BigTIFF ``.btf`` is what Space Ranger and slide scanners write for large images)
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
+
+
+def lazy_image(file: Path):
+    """A lazy dask array of an image file's pixels (full resolution), raising a ``ValueError`` naming the file.
+
+    TIFF files (``.tif``, ``.tiff``, ``.btf``, OME-TIFF, BigTIFF, pyramidal: level 0) are opened with
+    ``tifffile``'s zarr view, chunked by the file's own tiles or strips, so only the tiles a computation touches
+    are read. ``dask_image.imread`` (pims) names its loader by the suffix and refused ``.btf`` outright, and it
+    reads a whole plane per chunk. Other formats (PNG, JPEG) go through ``dask_image.imread``.
+    """
+    import dask.array as da
+
+    try:
+        if file.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            import zarr
+
+            node = zarr.open(tifffile.imread(file, aszarr=True, level=0), mode="r")
+            if isinstance(node, zarr.Group):  # a multiscale (pyramidal) series: level 0 is the first array
+                node = node[sorted(node.array_keys(), key=lambda k: (len(k), k))[0]]
+            return da.from_zarr(node)
+        from dask_image.imread import imread
+
+        return imread(str(file))
+    except Exception as e:  # tifffile/zarr/pims raise many types
+        raise ValueError(f"{file} could not be read as an image ({type(e).__name__}: {e}).") from None

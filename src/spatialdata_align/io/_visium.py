@@ -31,7 +31,7 @@ from .._constants import (
     VISIUM_TABLE,
     VISIUM_TARGET_ORDER,
 )
-from ._files import check_folder, find_first, folder_listing, missing
+from ._files import TIFF_SUFFIXES, check_folder, find_first, folder_listing, lazy_image, missing
 from ._matrix import features_of, read_feature_matrix
 from ._xenium import gene_var
 
@@ -52,7 +52,7 @@ SPATIAL_IMAGES = {
     VISIUM_LOWRES: ("tissue_lowres_image.png", "tissue_lowres_scalef", "lowres"),
     VISIUM_CYTASSIST: ("cytassist_image.tiff", "regist_target_img_scalef", None),
 }
-_FULLRES_SUFFIXES = (".tif", ".tiff", ".btf")
+_FULLRES_SUFFIXES = TIFF_SUFFIXES
 #: full-resolution images get pyramid levels down to at most this many pixels on their long side, so that the
 #: registration (which reads the finest level with at most ~4 Mpx) gets a downsampled image, not the full one
 _PYRAMID_TOP_PX = 2048
@@ -321,12 +321,7 @@ def _find_fullres(path: Path, fullres_image: str | Path | bool | None) -> Path |
 
 
 def _read_fullres(file: Path):
-    from dask_image.imread import imread
-
-    try:
-        im = imread(str(file))
-    except Exception as e:  # the image libraries raise many types
-        raise ValueError(f"{file} could not be read as an image ({type(e).__name__}: {e}).") from None
+    im = lazy_image(file)
     if im.ndim == 4 and im.shape[0] == 1:
         im = im[0]
     if im.ndim == 2:

@@ -34,7 +34,7 @@ from .._constants import (
     XENIUM_TRANSCRIPTS,
 )
 from .._elements import parse_lazy_points
-from ._files import check_folder, find_first, folder_listing, missing
+from ._files import check_folder, find_first, folder_listing, lazy_image, missing
 from ._matrix import features_of, read_feature_matrix
 from ._transcripts import read_transcripts_csv, read_transcripts_parquet
 
@@ -302,14 +302,10 @@ def _channel_names(files: list[Path]) -> list[str]:
 
 def _read_channels(files: list[Path]):
     import dask.array as da
-    from dask_image.imread import imread
 
     planes = []
     for file in files:
-        try:
-            image = imread(str(file))
-        except Exception as e:  # tifffile/pims raise many types
-            raise ValueError(f"{file} could not be read as an image ({type(e).__name__}: {e}).") from None
+        image = lazy_image(file)
         if image.ndim == 2:
             image = image[None]
         if image.ndim != 3:
