@@ -970,3 +970,44 @@ def test_visium_malformed_files(vcopy):
     (vcopy / "filtered_feature_bc_matrix.h5").write_bytes(b"")
     with pytest.raises(ValueError, match=r"filtered_feature_bc_matrix\.h5 is not a readable HDF5 file"):
         sda.io.read_visium(vcopy, images=False)
+
+
+# ------------------------------------------------------------------------------------------------ empty inputs
+def test_xenium_with_no_cells_is_named(xin, tmp_path):
+    from spatialdata_align.datasets._tenx import write_xenium
+
+    out = tmp_path / "x"
+    write_xenium(
+        out, cells=xin.cells.iloc[:0], counts=xin.counts[:0], feature_ids=xin.feature_ids,
+        feature_names=xin.feature_names, feature_types=xin.feature_types,
+        transcripts=xin.transcripts.assign(cell_id="UNASSIGNED"), morphology=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"cells\.(csv\.gz|parquet) holds no cells"):
+        sda.io.read_xenium(out)
+
+
+def test_visium_with_no_tissue_spot_is_named(vin, tmp_path):
+    from spatialdata_align.datasets._tenx import write_visium
+
+    out = tmp_path / "outs"
+    write_visium(
+        out, barcodes=vin.barcodes, in_tissue=np.zeros(len(vin.barcodes), int), array_row=vin.array_row,
+        array_col=vin.array_col, pxl_row_in_fullres=vin.pxl_row, pxl_col_in_fullres=vin.pxl_col,
+        counts=sparse.csr_matrix((0, len(vin.feature_ids)), dtype=np.int32), feature_ids=vin.feature_ids,
+        feature_names=vin.feature_names, scalefactors=vin.scalefactors, hires_image=vin.hires, lowres_image=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"filtered_feature_bc_matrix\.h5 holds no barcodes \(0 of the \d+ spots"):
+        sda.io.read_visium(out)
+
+
+@pytest.mark.parametrize("fmt", ["csv.gz", "parquet"])
+def test_xenium_transcripts_file_with_no_rows_warns_and_reads_the_rest(xin, tmp_path, fmt):
+    out = xin.write(tmp_path / "x", morphology=None, transcripts_format=fmt)
+    f = out / f"transcripts.{fmt}"
+    empty = pd.read_parquet(f) if fmt == "parquet" else pd.read_csv(f)
+    empty = empty.iloc[:0]
+    empty.to_parquet(f) if fmt == "parquet" else empty.to_csv(f, index=False)
+    with pytest.warns(UserWarning, match=rf"transcripts\.{fmt.replace('.', '[.]')} holds no transcripts"):
+        sdata = sda.io.read_xenium(out)
+    assert not sdata.points
+    assert sdata.tables["xenium_table"].n_obs == len(xin.cells)

@@ -144,6 +144,31 @@ def test_visium_hd_folders_as_users_have_them(hd_dirs, hin, tmp_path):
         sda.io.read_visium_hd(tmp_path / "empty")
 
 
+def test_visium_hd_download_of_some_bin_sizes_and_one_bin_folder(hd_dirs, hin, tmp_path):
+    """Users share what they downloaded: one or two bin sizes, or one bin's square_<size>um/ folder."""
+    from spatialdata_align.io._visium_hd import default_bins
+
+    only8 = shutil.copytree(hd_dirs["binned"], tmp_path / "only8")
+    for s in ("square_002um", "square_016um"):
+        shutil.rmtree(only8 / "binned_outputs" / s)
+    sd = sda.io.read_visium_hd(only8)  # the default (8, 16): the one present
+    assert set(sd.tables) == {"visium_hd_table_008um"}
+    assert sd.tables["visium_hd_table_008um"].n_obs == int(hin.bins[8]["in_tissue"].sum())
+    assert default_bins(only8) == (8,) and default_bins(only8, include=(16,)) == (8, 16)
+    assert default_bins(hd_dirs["binned"]) == (8, 16) and default_bins(hd_dirs["binned"], include=(2,)) == (2, 8, 16)
+    only2 = shutil.copytree(hd_dirs["binned"], tmp_path / "only2")
+    shutil.rmtree(only2 / "binned_outputs" / "square_008um")
+    assert default_bins(only2) == (16,)  # 16 present: 2 µm bins only when asked for
+    # one bin size's folder: detected as HD (read_pair and the CLI route it), read from its parent
+    one = hd_dirs["binned"] / "binned_outputs" / "square_008um"
+    assert sda.io.is_visium_hd(one)
+    assert set(sda.io.read_visium_hd(one).tables) == {"visium_hd_table_008um", "visium_hd_table_016um"}
+    # read_visium on an HD folder says which reader to use (it read a bin folder as 55 µm spots, 7x off in scale)
+    for path in (hd_dirs["binned"], one):
+        with pytest.raises(ValueError, match=r"is a Visium HD folder .*read_visium_hd"):
+            sda.io.read_visium(path)
+
+
 # ------------------------------------------------------------------------------------------ the twin's HD layout
 @pytest.fixture(scope="module")
 def hd_twin(tmp_path_factory):

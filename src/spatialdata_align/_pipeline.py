@@ -27,6 +27,7 @@ from ._constants import (
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
+from .io._visium_hd import default_bins
 from .registration._quality import DEFAULT_MAX_REFITS
 from .registration._result import _json_default
 from .tl._bins import BINNED_CELLS_KEY, UNS_COMPARE_BINS_KEY
@@ -168,7 +169,9 @@ def run_pipeline(
     lm = inliers = None
     with _checks.collecting(findings, force=force):
         with stages("read Xenium + Visium"):
-            sdata = sda.io.read_pair(xenium, visium)
+            # HD: the default bin sizes present, and the one compared (--bin-size)
+            hd_kw = {"bins": default_bins(visium, include=(bin_size,))} if hd else {}
+            sdata = sda.io.read_pair(xenium, visium, **hd_kw)
             target = sda.io.registration_target(sdata)  # the best Visium image present
             if landmarks is not None:
                 src, dst, names = read_landmarks(landmarks, landmarks_target)

@@ -727,11 +727,55 @@ def _focus_paths(out: Path, n_channels: int, xoa_version: int) -> list[Path]:
     return [out / "morphology_focus" / f"morphology_focus_{i:04d}.ome.tif" for i in range(n_channels)]
 
 
+def _write_multifile_ome(paths: list[Path], morphology: np.ndarray, pixel_size: float) -> None:
+    """One channel per file, as XOA >= 2 writes ``morphology_focus/``: a multi-file OME-TIFF.
+
+    Every file holds one channel's pixels, and its OME-XML describes the whole image (all channels, named), each
+    channel's plane referenced by file name and UUID (``TiffData``/``UUID``), so OME readers (tifffile, Bio-Formats,
+    spatialdata-io) open the set from any of its files.
+    """
+    import uuid
+
+    import tifffile
+
+    c, h, w = morphology.shape
+    ids = [f"urn:uuid:{uuid.UUID(int=i + 1)}" for i in range(c)]  # fixed: the same folder bytes for a seed
+    channels = "".join(
+        f'<Channel ID="Channel:0:{i}" Name="{FOCUS_CHANNELS[i]}" SamplesPerPixel="1"/>' for i in range(c)
+    )
+    data = "".join(
+        f'<TiffData FirstC="{i}" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1">'
+        f'<UUID FileName="{p.name}">{ids[i]}</UUID></TiffData>'
+        for i, p in enumerate(paths)
+    )
+    for i, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" UUID="{ids[i]}">'
+            '<Image ID="Image:0" Name="morphology_focus"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint16" '
+            f'SizeX="{w}" SizeY="{h}" SizeC="{c}" SizeZ="1" SizeT="1" PhysicalSizeX="{float(pixel_size)}" '
+            f'PhysicalSizeY="{float(pixel_size)}">{channels}{data}</Pixels></Image></OME>'
+        )
+        tifffile.imwrite(
+            path,
+            np.asarray(morphology[i], np.uint16),
+            description=xml,
+            metadata=None,
+            photometric="minisblack",
+            tile=(256, 256),
+            compression="zlib",
+        )
+
+
 def _write_morphology(out: Path, morphology: np.ndarray, pixel_size: float, xoa_version: int) -> None:
-    """One OME-TIFF per channel (XOA >= 2) or the DAPI focus + MIP images (XOA 1)."""
+    """One channel per file of a multi-file OME-TIFF (XOA >= 2) or the DAPI focus + MIP images (XOA 1)."""
     n = 1 if xoa_version == 1 else morphology.shape[0]
-    for i, path in enumerate(_focus_paths(out, n, xoa_version)):
-        _write_ome_tiff(path, morphology[i], pixel_size, channel=FOCUS_CHANNELS[i])
+    paths = _focus_paths(out, n, xoa_version)
+    if n > 1:
+        _write_multifile_ome(paths, morphology[:n], pixel_size)
+    else:
+        _write_ome_tiff(paths[0], morphology[0], pixel_size, channel=FOCUS_CHANNELS[0])
     if xoa_version == 1:
         _write_ome_tiff(out / "morphology_mip.ome.tif", morphology[0], pixel_size)
 

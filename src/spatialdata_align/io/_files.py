@@ -50,13 +50,17 @@ def missing(folder: Path, what: str, candidates: Sequence[str]) -> FileNotFoundE
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 
 
-def lazy_image(file: Path):
+def lazy_image(file: Path, *, own_pages: bool = False):
     """A lazy dask array of an image file's pixels (full resolution), raising a ``ValueError`` naming the file.
 
     TIFF files (``.tif``, ``.tiff``, ``.btf``, OME-TIFF, BigTIFF, pyramidal: level 0) are opened with
     ``tifffile``'s zarr view, chunked by the file's own tiles or strips, so only the tiles a computation touches
     are read. ``dask_image.imread`` (pims) names its loader by the suffix and refused ``.btf`` outright, and it
     reads a whole plane per chunk. Other formats (PNG, JPEG) go through ``dask_image.imread``.
+
+    ``own_pages=True`` reads only the pixels stored in ``file``, ignoring its OME-XML: a multi-file OME-TIFF
+    (Xenium's ``morphology_focus/`` since XOA 2: one channel per file, every file's OME-XML listing all of them)
+    otherwise opens as the whole set from each of its files.
     """
     import dask.array as da
 
@@ -65,7 +69,8 @@ def lazy_image(file: Path):
             import tifffile
             import zarr
 
-            node = zarr.open(tifffile.imread(file, aszarr=True, level=0), mode="r")
+            kw = {"is_ome": False} if own_pages else {}
+            node = zarr.open(tifffile.imread(file, aszarr=True, level=0, **kw), mode="r")
             if isinstance(node, zarr.Group):  # a multiscale (pyramidal) series: level 0 is the first array
                 node = node[sorted(node.array_keys(), key=lambda k: (len(k), k))[0]]
             return da.from_zarr(node)

@@ -151,7 +151,10 @@ def read_transcripts_parquet(file: Path):
 
 
 def read_transcripts_csv(file: Path):
-    """``transcripts.csv(.gz)``: one partition (gzip cannot be split), so its ``RangeIndex`` is unique."""
+    """``transcripts.csv(.gz)``: one partition (gzip cannot be split), so its ``RangeIndex`` is unique.
+
+    ``None`` when it has no rows (like :func:`read_transcripts_parquet`).
+    """
     import dask.dataframe as dd
 
     try:
@@ -166,6 +169,8 @@ def read_transcripts_csv(file: Path):
         names = ddf["feature_name"].drop_duplicates().compute()
     except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} could not be read as a transcripts table ({type(e).__name__}: {e}).") from None
+    if len(names) == 0:  # a header and no rows: no transcripts, as for an empty transcripts.parquet
+        return None
     cat = pd.CategoricalDtype(categories=pd.Index(names.astype(str).unique()))
     ddf["feature_name"] = ddf["feature_name"].astype(cat)
     return ddf

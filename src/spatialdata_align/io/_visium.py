@@ -414,6 +414,13 @@ def read_visium(
     """
     path = check_folder(path, "Space Ranger outs")
     check_folder_modality(path, "visium")
+    from ._visium_hd import is_visium_hd  # (that module builds on this one)
+
+    if is_visium_hd(path):
+        raise ValueError(
+            f"{path} is a Visium HD folder (binned_outputs/square_<size>um/): read it with "
+            "sda.io.read_visium_hd (sda.io.read_pair and spatialdata-align run detect it)."
+        )
     if not (path / "spatial").is_dir() and (path / "outs").is_dir():
         path = path / "outs"
     counts_path = _find_counts(path, counts_file)
@@ -434,6 +441,12 @@ def read_visium(
     if images and not image_arrays and full_file is None:
         warnings.warn(f"Visium folder {path} has no image at all: nothing to register onto.", stacklevel=2)
     mat = read_feature_matrix(counts_path)
+    if mat.n_obs == 0:
+        raise ValueError(
+            f"{counts_path} holds no barcodes ({int(positions['in_tissue'].sum())} of the {len(positions)} spots of "
+            f"{pos_file.name} are in tissue): no spot to read. If Space Ranger found no tissue, check its tissue "
+            "detection (or give the raw matrix with counts_file=)."
+        )
     features, counts = features_of(mat), mat.X
     if gex_only:
         gex = (features["feature_type"] == "Gene Expression").to_numpy()

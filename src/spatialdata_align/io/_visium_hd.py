@@ -61,8 +61,14 @@ _DATASET_ID = "visium_hd"
 
 
 def find_binned_outputs(path: Path) -> Path | None:
-    """The ``binned_outputs/`` folder of a Visium HD ``outs/`` (or run, or ``binned_outputs``) folder, else None."""
-    for cand in (path / _BINNED, path / "outs" / _BINNED, path):
+    """The ``binned_outputs/`` folder of a Visium HD folder, else None.
+
+    ``path`` may be the ``outs/`` folder, the run folder, ``binned_outputs/`` or one bin size's ``square_<size>um/``.
+    """
+    cands = [path / _BINNED, path / "outs" / _BINNED, path]
+    if _BIN_DIR.match(path.name):  # one bin size's folder: its parent holds them all
+        cands.append(path.parent)
+    for cand in cands:
         if cand.is_dir() and any(_BIN_DIR.match(p.name) and p.is_dir() for p in cand.iterdir()):
             return cand
     return None
@@ -76,6 +82,22 @@ def is_visium_hd(path: str | Path) -> bool:
 
 def _available(binned: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in sorted(binned.iterdir()) if p.is_dir() and (m := _BIN_DIR.match(p.name))}
+
+
+#: the bin sizes (µm) read by default, those of them that the run has
+DEFAULT_BINS = (8, 16)
+
+
+def default_bins(path: str | Path, include=()) -> tuple[int, ...]:
+    """Bin sizes (µm) :func:`read_visium_hd` reads by default from a Visium HD folder, plus ``include``.
+
+    Those of :data:`DEFAULT_BINS` that the folder holds; if it holds neither (a download of one bin size, say), every
+    size it holds but 2 µm (millions of bins), or 2 µm if that is all.
+    """
+    binned = find_binned_outputs(Path(path))
+    have = sorted(_available(binned)) if binned is not None else []
+    out = [b for b in DEFAULT_BINS if b in have] or [b for b in have if b != 2] or have
+    return tuple(sorted({*out, *(int(b) for b in include)}))
 
 
 def _bin_elements(size: int, positions: pd.DataFrame, mat: ad.AnnData, scalefactors: dict, library: str, images):
@@ -216,7 +238,7 @@ def _delegate(outs: Path, bins, gex_only: bool, want_images: bool):
 
 def read_visium_hd(
     path: str | Path,
-    bins=(8, 16),
+    bins=None,
     *,
     images: bool = True,
     fullres_image: str | Path | bool | None = "auto",
@@ -234,9 +256,11 @@ def read_visium_hd(
     Parameters
     ----------
     path
-        The ``outs/`` folder, the run folder holding it, or a ``binned_outputs/`` folder.
+        The ``outs/`` folder, the run folder holding it, a ``binned_outputs/`` folder or one bin size's
+        ``square_<size>um/`` folder in it.
     bins
         Bin sizes (µm) to read, e.g. ``(8, 16)`` or ``(2, 8, 16)`` (the 2 µm bins are many: millions of rows).
+        Default: 8 and 16 µm, those of them present (a folder with neither: every size present but 2 µm).
     images
         Read the images present.
     fullres_image
@@ -270,7 +294,7 @@ def read_visium_hd(
     if binned is None:
         raise missing(path, "Visium HD binned outputs", [f"{_BINNED}/square_<size>um/"])
     outs = binned.parent if binned.name == _BINNED else binned
-    bins = tuple(int(b) for b in np.atleast_1d(bins))
+    bins = default_bins(binned) if bins is None else tuple(int(b) for b in np.atleast_1d(bins))
     if not bins:
         raise ValueError("bins must name at least one bin size (µm), e.g. bins=(8, 16).")
     files = _bin_files(binned, bins)

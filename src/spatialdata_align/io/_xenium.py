@@ -202,6 +202,11 @@ def _read_cells_file(file: Path) -> pd.DataFrame:
     lacking = [c for c in _CELLS_REQUIRED if c not in cells.columns]
     if lacking:
         raise ValueError(f"{file} lacks required column(s) {lacking}; it has {list(cells.columns)}.")
+    if len(cells) == 0:
+        raise ValueError(
+            f"{file} holds no cells (a header and no rows): nothing to read or align. Check that the Xenium run "
+            "segmented cells in this region, or give the run folder of another region."
+        )
     cells = cells.reset_index(drop=True)
     cells["cell_id"] = _decode_str(cells["cell_id"])
     for c in ("x_centroid", "y_centroid"):
@@ -240,6 +245,7 @@ def _read_transcripts(file: Path):
     """Lazy transcripts with a unique index (``None`` for an empty parquet file: the models reject it)."""
     ddf = read_transcripts_parquet(file) if file.name.endswith(".parquet") else read_transcripts_csv(file)
     if ddf is None:
+        warnings.warn(f"{file} holds no transcripts (no rows); the transcripts are not read.", stacklevel=3)
         return None
     columns = list(ddf.columns)
     coords = {"x": "x_location", "y": "y_location"}
@@ -305,7 +311,8 @@ def _read_channels(files: list[Path]):
 
     planes = []
     for file in files:
-        image = lazy_image(file)
+        # one channel per file (a multi-file OME-TIFF: each file's OME-XML lists the whole set)
+        image = lazy_image(file, own_pages=len(files) > 1)
         if image.ndim == 2:
             image = image[None]
         if image.ndim != 3:
