@@ -1,7 +1,9 @@
 """The validation table: alignment accuracy and time on every synthetic pair family, the twin sections and real tissue.
 
-For each family (``sda.datasets.FAMILIES`` plus ``twin``) x cell density x seed, a pair is generated (real 10x
-folders, cached with ``--cache``) and read with ``sda.io.read_pair``; then, through the public path users take:
+For each family (``sda.datasets.FAMILIES`` plus ``twin``; ``breast-arch`` and ``brain-arch`` of ``_realarch.py``,
+whose tissue is a real density raster, when named and ``../shared/data`` is present) x cell density x seed, a pair is
+generated (real 10x folders, cached with ``--cache``) and read with ``sda.io.read_pair``; then, through the public
+path users take:
 
 * **affine**: the landmark affine, ``sdata.align.affine(..., flip=True)`` from ``truth/landmarks.csv`` (3-6
   landmarks with 8-15 µm click noise for the families; the twin's landmarks are exact); unlike
@@ -56,6 +58,7 @@ from spatialdata_align.registration import fit_affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers
+import _realarch
 import real_tre
 
 #: what the engine defaults were chosen on (the lead keeps this up to date): family -> "all" or the set of
@@ -89,14 +92,17 @@ def density_value(family: str, setting: str) -> float | None:
     return None if setting == "own" else float(setting)
 
 
-def generator_digest() -> str:
-    """A digest of the generators' source (``spatialdata_align/datasets/*.py``).
+def generator_digest(family: str = "") -> str:
+    """A digest of the generators' source (``spatialdata_align/datasets/*.py``, plus ``_realarch.py`` for its families).
 
     A cached pair is reused only when it was written by the same generators: a table once mixed pairs of an older
     generator version (the own-density seed-0 pairs of every family, left in a ``--cache`` folder) with fresh ones.
     """
     h = hashlib.blake2b(digest_size=8)
-    for f in sorted(Path(sda.datasets.__file__).parent.glob("*.py")):
+    files = sorted(Path(sda.datasets.__file__).parent.glob("*.py"))
+    if family in _realarch.MODELS:
+        files.append(Path(_realarch.__file__))
+    for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -106,7 +112,7 @@ def make_pair(family: str, setting: str, seed: int, cache: Path):
     """Generate (or reuse from ``cache``) one pair; returns ``(SyntheticPair, generation seconds)``."""
     folder = cache / f"{family}-{setting}-s{seed}"
     done = folder / "truth" / "done.json"
-    digest = generator_digest()
+    digest = generator_digest(family)
     if done.is_file():
         stamp = json.loads(done.read_text())
         if stamp.get("generator") == digest:
@@ -118,6 +124,8 @@ def make_pair(family: str, setting: str, seed: int, cache: Path):
     if family == "twin":
         n = 20000 if dens is None else round(dens * TWIN_AREA_MM2)
         sda.datasets.twin_sections(folder, n_cells=n, seed=seed)
+    elif family in _realarch.MODELS:
+        _realarch.realarch_pair(family, folder, seed=seed, density=dens)
     else:
         sda.datasets.pair_family(family, folder, seed=seed, density=dens)
     dt = time.perf_counter() - t
@@ -274,7 +282,7 @@ def _pooled(rs: list[dict], method: str) -> dict | None:
 def aggregate(rows: list[dict]) -> list[dict]:
     """One table row per (family, density setting): errors pooled over seeds, times averaged."""
     out = []
-    rank = {f: i for i, f in enumerate([*sda.datasets.FAMILIES, "twin", "merfish", "xenium-breast"])}
+    rank = {f: i for i, f in enumerate([*sda.datasets.FAMILIES, "twin", *_realarch.MODELS, "merfish", "xenium-breast"])}
     keys = sorted(
         {(r["family"], r.get("setting", "")) for r in rows},
         key=lambda k: (rank.get(k[0], len(rank)), k[0], float(k[1]) if k[1].replace(".", "").isdigit() else np.inf),
@@ -369,8 +377,17 @@ def _jsonable(rows):
 
 def main(argv=None) -> list[dict]:
     all_fams = [*sda.datasets.FAMILIES, "twin"]
+    real_arch = list(_realarch.MODELS) if _realarch.available() else []
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--families", nargs="+", default=all_fams, choices=all_fams)
+    ap.add_argument(
+        "--families",
+        nargs="+",
+        default=all_fams,
+        choices=all_fams + real_arch,
+        help="pair families (default: the package's six and twin); "
+        f"{' and '.join(_realarch.MODELS)} (tissue from real density rasters, never tuned on) run only when named "
+        "and ../shared/data is present",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument(
         "--densities", nargs="+", default=["900", "2000", "own"], help="cells/mm² settings; 'own' = family default"

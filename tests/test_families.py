@@ -487,3 +487,40 @@ def test_accuracy_cache_reuses_pairs_of_the_same_generators_only(tmp_path, monke
     assert calls["n"] == 2  # other generators: generated again
     accuracy.make_pair("stroma", "own", 0, tmp_path)
     assert calls["n"] == 2
+
+
+def test_real_architecture_families_follow_the_real_density(tmp_path):
+    """benchmarks/_realarch.py: pairs whose tissue is a real density raster (skipped without ../shared/data)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import _realarch
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    if not _realarch.available():
+        pytest.skip("the real rasters (../shared/data/stalign_rasters) are not here")
+    pair = _realarch.realarch_pair("brain-arch", tmp_path / "b", seed=1, density=900, size_mm=3.0)
+    assert pair.family == "brain-arch"
+    assert pair.n_cells / pair.params["xenium_area_mm2"] == pytest.approx(900, rel=0.01)
+    assert 3 <= len(pd.read_csv(pair.landmarks_path)) <= 6
+    # the cells follow the real raster: cell counts per 300 µm block (blocks wholly in the tissue) correlate with the
+    # model's density there (0.61 here; cells drawn uniformly over the tissue: 0.01)
+    model = _realarch.MODELS["brain-arch"](np.random.default_rng(0), 3000.0)
+    xy = model.sample_cells(np.random.default_rng(1), 900.0)[0]
+    s = round(300.0 / model.raster_um)
+
+    def blocks(a):
+        h, w = (np.array(a.shape) // s) * s
+        return a[:h, :w].reshape(h // s, s, w // s, s).mean((1, 3))
+
+    dens, full = blocks(model.dnorm.data), blocks((model.sd.data > 0).astype(float)) == 1
+    ij = ((xy - model.dnorm.origin + model.raster_um / 2) / (s * model.raster_um)).astype(int)
+    ok = (ij[:, 0] < dens.shape[1]) & (ij[:, 1] < dens.shape[0])
+    counts = np.zeros_like(dens)
+    np.add.at(counts, (ij[ok, 1], ij[ok, 0]), 1)
+    assert full.sum() > 30
+    assert np.corrcoef(counts[full], dens[full])[0, 1] > 0.4
+    # the accuracy script runs them, and its cache digest covers their generator
+    assert accuracy.generator_digest("brain-arch") != accuracy.generator_digest("stroma")
+    with pytest.raises(ValueError, match="unknown real-architecture family"):
+        _realarch.realarch_pair("liver-arch", tmp_path / "x")
