@@ -369,6 +369,29 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     assert np.abs(reg.transform_points(back) - spots_px).max() < 0.2
 
 
+def test_apply_again_replaces_its_copy_and_leaves_the_aligned_tables_alone(fitted):
+    """Re-running a notebook cell: spatialdata's get_element_annotators matched 'xenium_cells' inside
+    'xenium_cells_aligned' (a substring test), so a second apply mapped the aligned table again (~3 mm off)."""
+    from spatialdata_align._elements import annotating_tables
+    from spatialdata_align.tl._data import _table_for
+
+    sd, _, reg = fitted
+    sd.align.apply(XENIUM_CELLS)
+    tables = set(sd.tables)
+    sd.align.apply(XENIUM_CELLS)
+    assert set(sd.tables) == tables
+    want = reg.transform_points(element_xy(sd, XENIUM_CELLS, XENIUM_CS))
+    np.testing.assert_allclose(sd.tables[f"{XENIUM_TABLE}_aligned"].obsm["spatial"], want)
+    assert annotating_tables(sd, XENIUM_CELLS) == [XENIUM_TABLE]
+    # a user's table of the aligned copy, named to sort first, is not taken for the cells' own table
+    sd.tables["annot_subset"] = sd.tables[f"{XENIUM_TABLE}_aligned"][:50].copy()
+    try:
+        assert _table_for(sd, XENIUM_CELLS, None) == XENIUM_TABLE
+        assert annotating_tables(sd, "xenium_cells_aligned") == ["annot_subset", f"{XENIUM_TABLE}_aligned"]
+    finally:
+        del sd.tables["annot_subset"]
+
+
 def test_apply_polygons_follow_the_lddmm_not_just_its_affine(fitted):
     """Polygon shapes (cell or nucleus boundaries) are mapped vertex by vertex with the full fitted map.
 

@@ -248,6 +248,28 @@ def test_concatenated_results_need_a_key_unless_they_came_from_one_object(fitted
     np.testing.assert_array_equal(_quiet(one.align.transform_points, cells), s.align.transform_points(cells))
 
 
+def test_without_attrs_the_default_is_the_most_recently_fitted_transform(fitted, tmp_path):
+    """A rebuilt object (attrs lost) recovers its transforms from the table; the default must stay the LDDMM, in
+    whatever order the table holds the records (an apply with the affine rewrites its record: the CLI's output held
+    the affine's last, and the rebuilt object's default was the affine)."""
+    from spatialdata_align._store import TABLE, UNS_KEY
+
+    s = fitted
+    cells = element_xy(s, XENIUM_CELLS, XENIUM_CS)
+    c = sd.deepcopy(s)
+    c.align.apply(XENIUM_CELLS, key=AFFINE_KEY, name="affine_copy")  # records the copy on the affine's entry
+    _quiet(c.write, tmp_path / "c.zarr")
+    c = _quiet(sd.read_zarr, tmp_path / "c.zarr")
+    node = c.tables[TABLE].uns[UNS_KEY]
+    node["records"] = {k: node["records"][k] for k in sorted(node["records"], key=lambda k: k == AFFINE_KEY)}
+    assert list(node["records"])[-1] == AFFINE_KEY
+    for rebuilt in (
+        _quiet(sd.concatenate, {"a": c}),
+        sd.SpatialData(images=c.images, shapes=c.shapes, points=c.points, tables=c.tables),
+    ):
+        np.testing.assert_array_equal(_quiet(rebuilt.align.transform_points, cells), s.align.transform_points(cells))
+
+
 def test_renamed_coordinate_systems_fail_with_a_message_naming_the_rename(fitted):
     """spatialdata renames in place and does not know sdata.align's metadata: say so, and how to get back."""
     s = fitted
@@ -259,7 +281,11 @@ def test_renamed_coordinate_systems_fail_with_a_message_naming_the_rename(fitted
         o.align.apply(XENIUM_CELLS, name="again")
     with pytest.raises(KeyError, match=r"no coordinate system 'visium'"):
         o.align.apply(VISIUM_SPOTS, inverse=True)
-    o.rename_coordinate_systems({"he": VISIUM_CS, "xen_um": XENIUM_CS})  # renamed back, it works again
+    o.rename_coordinate_systems({"xen_um": XENIUM_CS})  # the target's system alone renamed: caught too
+    with pytest.raises(KeyError, match=r"'xenium_to_visium_lddmm' maps 'xenium'.*'visium'.*rename"):
+        o.align.apply(XENIUM_CELLS, name="again")
+    assert VISIUM_CS not in o.coordinate_systems  # nothing written into a new, empty 'visium' system
+    o.rename_coordinate_systems({"he": VISIUM_CS})  # renamed back, it works again
     o.align.apply(XENIUM_CELLS, name="again")
     np.testing.assert_allclose(element_xy(o, "again", VISIUM_CS), s.align.transform_points(cells), atol=1e-9)
 

@@ -60,6 +60,10 @@ def _transform_partition(df, reg: Registration, m_pre: np.ndarray, direction: st
     return df
 
 
+def _names(sdata) -> set[str]:
+    return {name for _, name, _ in sdata.gen_elements()}
+
+
 def _points(el, reg, m_pre, direction, out_cs):
     ddf = el.map_partitions(_transform_partition, reg, m_pre, direction, meta=el._meta)
     ddf.attrs.clear()
@@ -267,10 +271,16 @@ def apply(
     reg = _store.load_registration(sdata, key)
     direction = "inverse" if inverse else "forward"
     in_cs, out_cs = (entry["target_cs"], entry["source_cs"]) if inverse else (entry["source_cs"], entry["target_cs"])
-    if in_cs not in sdata.coordinate_systems:
+    # the output system too when the element fitted in it is here but no longer in it (its system was renamed): the
+    # copy would land alone in a new, empty system. (Absent with its element, it is made: a store applied elsewhere.)
+    out_element = entry.get("source_element" if inverse else "target_element")
+    lacking = [in_cs] if in_cs not in sdata.coordinate_systems else []
+    if out_cs not in sdata.coordinate_systems and out_element is not None and out_element in _names(sdata):
+        lacking.append(out_cs)
+    if lacking:
         raise KeyError(
             f"stored transform {key!r} maps {entry['source_cs']!r} to {entry['target_cs']!r}, but this SpatialData "
-            f"has no coordinate system {in_cs!r} (it has {sorted(sdata.coordinate_systems)}): "
+            f"has no coordinate system {lacking[0]!r} (it has {sorted(sdata.coordinate_systems)}): "
             "sdata.rename_coordinate_systems renamed it (sdata.align keeps the names it was fitted in; rename them "
             "back first), or filter_by_coordinate_system / spatialdata.transform dropped it (apply on the object "
             "it came from)."

@@ -257,5 +257,18 @@ def image_in_cs(
 
 
 def annotating_tables(sdata: SpatialData, element_name: str) -> list[str]:
-    """Names of the tables annotating ``element_name`` (:func:`spatialdata.get_element_annotators`), sorted."""
-    return sorted(get_element_annotators(sdata, element_name))
+    """Names of the tables annotating ``element_name`` (exactly that region), sorted.
+
+    :func:`spatialdata.get_element_annotators` (0.7.x) tests ``element_name in region``, which for a table with one
+    region (a string) is a substring test: ``xenium_cells`` matched the table of ``xenium_cells_aligned``, so
+    re-applying an alignment mapped the aligned table a second time and a user's table of the aligned copy could
+    stand in for the cells' own. Its candidates are kept only when a region equals the name.
+    """
+    out = []
+    for name in get_element_annotators(sdata, element_name):
+        attrs = sdata.tables[name].uns.get("spatialdata_attrs", {})
+        regions = attrs.get("region")
+        regions = [regions] if isinstance(regions, str) else list(regions if regions is not None else [])
+        if element_name in regions:
+            out.append(name)
+    return sorted(out)

@@ -296,7 +296,10 @@ def _default(sdata: SpatialData) -> tuple[str | None, str | None]:
             f"this SpatialData holds the transforms of several objects (tables {sorted(tables)}, e.g. after "
             f"spatialdata.concatenate) and none is the default: pass key= (one of {keys})."
         )
-    return next(reversed(usable)), None
+    # attrs lost (a SpatialData rebuilt from its elements): the most recently fitted, by its creation time. The
+    # records' order in the table is not that: recording an aligned copy rewrites (and moves) a record
+    order = {k: i for i, k in enumerate(usable)}
+    return max(usable, key=lambda k: (str(usable[k].entry.get("created") or ""), order[k])), None
 
 
 def _get(sdata: SpatialData, key: str) -> Resolved:
@@ -470,7 +473,7 @@ def store_registration(
         "energy": {k: np.asarray(v).tolist() for k, v in d["energy"].items()},
         "contrast": {k: _floats(v) for k, v in d["contrast"].items()},
         "package_version": package_version(),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),  # orders fits made in one second
         "applied": {},
         "native_elements": [],
         "fields": None,

@@ -127,9 +127,22 @@ def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     )
 
 
+#: library notices that say nothing to a user of the command line (zarr repeats this one for every array written)
+_CLI_SILENCED = (r"zarr v3 autosharding will be the default",)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``spatialdata-align`` console script."""
     args = _parser().parse_args(argv)
+    import warnings
+
+    with warnings.catch_warnings():
+        for message in _CLI_SILENCED:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        return _run(args)
+
+
+def _run(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
