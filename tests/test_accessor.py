@@ -344,6 +344,9 @@ def test_apply_cells_table_transcripts_and_inverse(fitted):
     region, _, _ = get_table_keys(t)
     assert region == name
     np.testing.assert_allclose(t.obsm["spatial"], aligned)
+    # the Xenium centroids (µm) are not passed off as the copy's positions: they keep their frame in their name
+    assert "x_centroid" not in t.obs and "x_centroid" in sd.tables[XENIUM_TABLE].obs
+    np.testing.assert_array_equal(t.obs[f"x_centroid_{XENIUM_CS}"], sd.tables[XENIUM_TABLE].obs["x_centroid"])
     # transcripts: lazily, partition by partition
     tname = sd.align.apply(XENIUM_TRANSCRIPTS)
     raw = sd[XENIUM_TRANSCRIPTS][["x", "y"]].compute().to_numpy()

@@ -793,7 +793,8 @@ class AlignAccessor:
             Name of the new element (default ``<element>_aligned``).
         tables
             Also write ``<table>_aligned`` copies of tables annotating ``element``, annotating the
-            aligned element, with ``obsm["spatial"]`` transformed.
+            aligned element, with ``obsm["spatial"]`` transformed (the input frame's position columns of
+            ``obs``, Xenium's ``x_centroid`` / ``y_centroid`` in µm, renamed ``x_centroid_<input system>``).
         grid
             Images only: output grid, as the name of an image element of the output coordinate
             system (e.g. ``"visium_hires_image"``) or ``(x, y)`` pixel-centre arrays. Default: a grid

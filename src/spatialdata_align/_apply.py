@@ -232,11 +232,21 @@ def spatial_uns_of(sdata, cs: str, skip: set[str] = frozenset()) -> dict | None:
     return None
 
 
-def _table_copy(sdata, tname, f_xy, region_name: str | None, out_cs: str | None = None) -> ad.AnnData:
+#: obs columns holding positions in the input frame (Xenium's cell centroids, µm): renamed in an aligned copy
+_POSITION_COLUMNS = ("x_centroid", "y_centroid")
+
+
+def _table_copy(
+    sdata, tname, f_xy, region_name: str | None, out_cs: str | None = None, in_cs: str | None = None
+) -> ad.AnnData:
     table = sdata.tables[tname]
     new = table.copy()
     if SPATIAL_KEY in new.obsm:
         new.obsm[SPATIAL_KEY] = f_xy(np.asarray(new.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2])
+    if in_cs is not None:
+        # positions of the input frame under their usual names would read as the copy's own (obsm is in the output
+        # frame): the copy names their frame
+        new.obs = new.obs.rename(columns={c: f"{c}_{in_cs}" for c in _POSITION_COLUMNS if c in new.obs.columns})
     if out_cs is not None:
         # the original's scanpy images/scale factors describe its own frame: take those of the output frame
         new.uns.pop(SPATIAL_KEY, None)
@@ -300,6 +310,7 @@ def apply(
             _mapper(reg, m_pre, direction),
             aligned_region if aligned_region in sdata else None,
             out_cs,
+            in_cs,
         )
         _store.record_applied(sdata, key, {element: name})
         return name
@@ -330,7 +341,7 @@ def apply(
     if tables and kind in ("shapes", "points"):
         for tname in annotating_tables(sdata, element):
             tnew = f"{tname}{ALIGNED_SUFFIX}" if name == f"{element}{ALIGNED_SUFFIX}" else f"{tname}_{name}"
-            sdata.tables[tnew] = _table_copy(sdata, tname, _mapper(reg, m_pre, direction), name, out_cs)
+            sdata.tables[tnew] = _table_copy(sdata, tname, _mapper(reg, m_pre, direction), name, out_cs, in_cs)
             applied[tname] = tnew
     _store.record_applied(sdata, key, applied)
     _store.sync_global(sdata)
