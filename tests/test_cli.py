@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -33,8 +34,12 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     out, report = tmp_path / "aligned.zarr", tmp_path / "report"
     # (--loo affine: the LDDMM refits of the held-out error are tested in test_report.py)
     args = ("--landmarks", str(twin.landmarks_path), "--report", str(report), "--quiet", "--loo", "affine")
-    rc = main(_run_args(twin, out, *args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(_run_args(twin, out, *args))
     assert rc == 0
+    # --quiet: not zarr's notice for every array written (208 lines on stderr)
+    assert not [w for w in caught if "autosharding" in str(w.message)]
     # the same calls through the Python API
     sdata = sda.io.read_pair(twin.xenium_path, twin.visium_path)
     lm = pd.read_csv(twin.landmarks_path)
