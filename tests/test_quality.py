@@ -421,3 +421,24 @@ def test_refits_in_threads_give_the_sequential_result():
         torch.set_num_threads(threads)
     assert np.all(np.isfinite(parallel.errors))
     np.testing.assert_array_equal(parallel.errors, sequential.errors)
+
+
+def test_cut_edge_flags_the_cells_along_a_cut_not_along_the_tissue_edge():
+    """A Xenium region (cells over [0, 1000]² µm) inside tissue that goes on to the left (target tissue over
+    [-500, 1000] x [0, 1000]): only the band along the left edge is a cut; the other three edges are the tissue's."""
+    from spatialdata_align.registration._quality import cut_edge
+
+    rng = np.random.default_rng(0)
+    cells = rng.uniform(0, 1000, (20000, 2))
+    gx, gy = np.meshgrid(np.arange(-500, 1001, 100.0), np.arange(0, 1001, 100.0))
+    spots = np.column_stack([gx.ravel(), gy.ravel()])
+    px = cells / 0.5  # the target in pixels of 0.5 µm
+    flag = cut_edge(cells, px, spots / 0.5, band=150, source_spacing=25, target_spacing=100 / 0.5, scale=0.5)
+    x, y = cells[:, 0], cells[:, 1]
+    core = (x < 100) & (y > 200) & (y < 800)  # along the cut (the band, less a grid cell), away from the edges
+    assert flag[core].mean() > 0.95
+    assert not flag[x > 200].any()  # inside, or along the tissue's own right edge
+    assert not flag[(y < 100) | (y > 900)].any()  # along the tissue's own top and bottom edges
+    # where the target tissue ends with the cells, there is no cut
+    flush = cut_edge(cells, px, px[::20], band=150, source_spacing=25, target_spacing=100 / 0.5, scale=0.5)
+    assert not flush.any()

@@ -92,7 +92,7 @@ def test_exports_for_r(run):
     twin = run["twin"]
     cells = pd.read_csv(run["report"] / "aligned_cells.csv.gz")
     cols = ["cell_id", "x_um", "y_um", "x_px", "y_px", "in_shared", "match_weight", "landmark_extrapolation"]
-    assert list(cells.columns) == cols
+    assert list(cells.columns) == [*cols, "near_cut"]
     back = spatialdata.read_zarr(run["out"])
     assert len(cells) == twin.n_cells
     aligned = element_xy(back, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
@@ -106,6 +106,8 @@ def test_exports_for_r(run):
     ext = cells["landmark_extrapolation"].to_numpy()
     p95 = summary["accuracy"]["landmark_extrapolation"]["p95"]
     assert np.percentile(ext, 95) == pytest.approx(p95, abs=2e-3) and 0 < ext.min() < ext.max() < 5
+    # cells near a cut of the Xenium region through the Visium tissue: as many as the summary says
+    assert cells["near_cut"].sum() == summary["accuracy"]["near_cut"]["n"]
     spots = pd.read_csv(run["report"] / "visium_spots.csv.gz")
     assert len(spots) == summary["n_spots"] and spots["in_shared"].sum() == summary["n_spots_shared"]
     assert {"barcode", "x_px", "y_px", "x_um", "y_um", "array_row", "array_col", "in_tissue", "n_cells"} <= set(spots)

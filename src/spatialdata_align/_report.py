@@ -26,6 +26,7 @@ from ._constants import (
     MATCH_WEIGHT_KEY,
     VISIUM_CS,
     VISIUM_FULLRES,
+    VISIUM_HD_TABLE,
     VISIUM_TABLE,
     XENIUM_CELL_BOUNDARIES,
     XENIUM_CELLS,
@@ -38,6 +39,8 @@ from .registration._result import _json_default
 #: side of the zoom panels (µm) and of the confidence tiles (µm)
 ZOOM_UM = 300.0
 TILE_UM = 500.0
+#: width (µm) of the band along a cut of the Xenium region through the Visium tissue (:func:`_quality.cut_edge`)
+CUT_BAND_UM = 150.0
 #: files the report folder holds (besides the figure PNGs)
 CELLS_CSV = "aligned_cells.csv.gz"
 SPOTS_CSV = "visium_spots.csv.gz"
@@ -70,6 +73,9 @@ class Assessment:
     extrapolation
         Per-cell :func:`~spatialdata_align.registration._quality.landmark_extrapolation` factor (``None`` without
         two or more landmarks).
+    near_cut
+        Per cell: within ``CUT_BAND_UM`` of an edge of the Xenium region that cuts through the Visium tissue
+        (:func:`~spatialdata_align.registration._quality.cut_edge`; ``None`` without in-tissue spots or bins).
     """
 
     verdict: _quality.Verdict
@@ -80,6 +86,7 @@ class Assessment:
     regions: pd.DataFrame = field(default_factory=pd.DataFrame)
     cell_weight: np.ndarray | None = None
     extrapolation: np.ndarray | None = None
+    near_cut: np.ndarray | None = None
 
 
 def _stats(v) -> dict:
@@ -290,6 +297,9 @@ def assess_alignment(
         metrics["low_confidence_regions"] = int((regions["mean_weight"] < 0.3).sum()) if len(regions) else 0
         vmetrics["match_median"] = float(np.median(cell_weight))
         vmetrics["regions"] = regions
+    near_cut = _near_cut(sdata, reg, xy, upp)
+    if near_cut is not None:
+        metrics["near_cut"] = {"band_um": CUT_BAND_UM, "n": int(near_cut.sum()), "fraction": float(near_cut.mean())}
     verdict = _quality.verdict(vmetrics, thresholds)
     return Assessment(
         verdict=verdict,
@@ -300,20 +310,49 @@ def assess_alignment(
         regions=regions,
         cell_weight=cell_weight,
         extrapolation=vmetrics.get("extrapolation"),
+        near_cut=near_cut,
+    )
+
+
+def _near_cut(sdata, reg, xy: np.ndarray, upp: float) -> np.ndarray | None:
+    """:func:`_quality.cut_edge` of the cells against the Visium tissue (in-tissue spots, else the largest HD bins)."""
+    from .tl._bins import hd_bin_sizes
+
+    if VISIUM_TABLE in sdata.tables:
+        table, pitch_um = sdata.tables[VISIUM_TABLE], 100.0  # the spot grid's pitch
+    else:
+        sizes = hd_bin_sizes(sdata)
+        if not sizes:
+            return None
+        table, pitch_um = sdata.tables[VISIUM_HD_TABLE.format(max(sizes))], float(max(sizes))
+    if "spatial" not in table.obsm or not len(xy):
+        return None
+    tissue = np.asarray(table.obsm["spatial"], float)[:, :2]
+    return _quality.cut_edge(
+        xy,
+        reg.transform_points(xy),
+        tissue,
+        band=CUT_BAND_UM,
+        source_spacing=25.0,
+        target_spacing=max(pitch_um, 25.0) / upp,
+        scale=upp,
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # exports for R
 # ----------------------------------------------------------------------------------------------------------------
-def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=None) -> Path:
-    """``aligned_cells.csv.gz``: ``cell_id, x_um, y_um, x_px, y_px, in_shared, match_weight, landmark_extrapolation``.
+def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=None, near_cut=None) -> Path:
+    """``aligned_cells.csv.gz``: one row per Xenium cell, its positions and how far to trust them.
+
+    Columns ``cell_id, x_um, y_um, x_px, y_px, in_shared, match_weight, landmark_extrapolation, near_cut``.
 
     ``x_um, y_um``: Xenium position (µm); ``x_px, y_px``: aligned position in Visium full-resolution pixels;
     ``in_shared``: the cell lies in the tissue both modalities cover; ``match_weight``: the registration's
     confidence that the cell sits on matched tissue (empty for an affine-only fit); ``landmark_extrapolation``:
     how far the landmark fit extrapolates at the cell, in units of the landmarks' own placement error
-    (:attr:`Assessment.extrapolation`; empty without landmarks).
+    (:attr:`Assessment.extrapolation`; empty without landmarks); ``near_cut``: the cell lies within ``CUT_BAND_UM``
+    of an edge of the Xenium region inside the Visium tissue (:attr:`Assessment.near_cut`; empty when unknown).
     """
     from ._elements import element_xy
 
@@ -336,6 +375,9 @@ def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=N
             "landmark_extrapolation": extrapolation
             if extrapolation is not None and len(extrapolation) == len(xy)
             else np.nan,
+            "near_cut": pd.array(near_cut, dtype="boolean")
+            if near_cut is not None and len(near_cut) == len(xy)
+            else pd.array([pd.NA] * len(xy), dtype="boolean"),
         }
     )
     return _write_csv(df, path)
@@ -769,6 +811,13 @@ def accuracy_lines(summary: dict) -> list[str]:
             f"area change over the tissue (Jacobian determinant): {jac['min']:.2f} to {jac['max']:.2f}, "
             f"folds {100 * jac['fold_fraction']:.2g}%"
         )
+    cut = acc.get("near_cut")
+    if cut and cut.get("n"):
+        lines.append(
+            f"{100 * cut['fraction']:.0f}% of the cells lie within {cut['band_um']:.0f} µm of a cut (an edge of the "
+            "Xenium region inside the Visium tissue): errors there were 2-5x those elsewhere on the validation "
+            "pairs (docs/trust.md)"
+        )
     if acc.get("match_weight"):
         lines.append(
             f"match confidence of the cells: median {acc['match_weight']['median']:.2f}; "
@@ -878,7 +927,9 @@ def write_report(
     if assessment.landmarks is not None:
         files["landmarks"] = report / "landmarks_loo.csv"
         assessment.landmarks.to_csv(files["landmarks"], index=False)
-    files["cells"] = export_cells(sdata, shared, report / CELLS_CSV, extrapolation=assessment.extrapolation)
+    files["cells"] = export_cells(
+        sdata, shared, report / CELLS_CSV, extrapolation=assessment.extrapolation, near_cut=assessment.near_cut
+    )
     if VISIUM_TABLE in sdata.tables:
         files["spots"] = export_spots(sdata, shared, report / SPOTS_CSV)
     files.update(export_explorer(sdata, report))  # to open the H&E, aligned, in Xenium Explorer

@@ -13,6 +13,8 @@
 * :func:`inverse_consistency` - ``|T^-1(T(p)) - p|``: how well the fitted map inverts.
 * :func:`jacobian_determinant` - local area change of the diffeomorphic part (``det <= 0``: a fold).
 * :func:`region_confidence` - mean match weight per tile of the tissue.
+* :func:`cut_edge` - which cells lie near an edge of the source section's region that cuts through the target's
+  tissue (a Xenium region covering part of the tissue): the alignment errs most there.
 * :func:`verdict` - good / check / unreliable, with the reasons, from those numbers.
 """
 
@@ -37,6 +39,7 @@ __all__ = [
     "Thresholds",
     "Verdict",
     "cross_validate",
+    "cut_edge",
     "inverse_consistency",
     "jacobian_determinant",
     "jacobian_summary",
@@ -551,6 +554,71 @@ def jacobian_summary(det, mask=None, *, low: float = 0.5, high: float = 2.0) -> 
         "compressed_fraction": float(np.mean((v > 0) & (v < low))),
         "expanded_fraction": float(np.mean(v > high)),
     }
+
+
+def _inside_distance(points: np.ndarray, region: np.ndarray, spacing: float, close: int) -> np.ndarray:
+    """Distance (units of ``points``) from each point to the outside of the region its ``region`` points fill.
+
+    The region: the grid cells (side ``spacing``) centred nearest to a point (each point stands for the square of
+    side ``spacing`` around it), closed by ``close`` cells, holes filled.
+    """
+    from scipy.ndimage import binary_closing, binary_fill_holes, distance_transform_edt, map_coordinates
+
+    pad = (close + 2) * spacing
+    lo = np.minimum(region.min(axis=0), points.min(axis=0)) - pad
+    hi = np.maximum(region.max(axis=0), points.max(axis=0)) + pad
+    n = np.maximum(np.ceil((hi - lo) / spacing).astype(int), 3)
+    ij = np.floor((region - lo) / spacing + 0.5).astype(int)  # the nearest node (node k sits at lo + k spacing)
+    mask = np.zeros((n[1], n[0]), bool)
+    mask[np.clip(ij[:, 1], 0, n[1] - 1), np.clip(ij[:, 0], 0, n[0] - 1)] = True
+    if close:
+        mask = binary_closing(mask, iterations=close)
+    mask = binary_fill_holes(mask)
+    # to the region's edge: half a cell before the centre of the nearest cell outside it
+    dist = np.clip(distance_transform_edt(mask) - 0.5, 0.0, None) * spacing
+    rc = (points - lo) / spacing
+    return map_coordinates(dist, [rc[:, 1], rc[:, 0]], order=1, mode="constant", cval=0.0)
+
+
+def cut_edge(
+    source_xy, aligned_xy, target_tissue_xy, *, band: float, source_spacing: float, target_spacing: float, scale=1.0
+) -> np.ndarray:
+    """Cells near a cut: within ``band`` of the edge of the source's region, with target tissue beyond that edge.
+
+    A Xenium region that covers part of the tissue ends in a cut through it; the Visium section's tissue goes on. The
+    image term has tissue on one side only there, and on the validation pairs the alignment errs 2-4 times more
+    within ~150 µm of such a cut than inside (``docs/accuracy.md``). A real tissue edge is not a cut: there the
+    target's tissue ends too.
+
+    Parameters
+    ----------
+    source_xy
+        ``(N, 2)`` cell positions (source units, e.g. µm).
+    aligned_xy
+        ``(N, 2)`` the same cells mapped into the target (target units, e.g. Visium pixels).
+    target_tissue_xy
+        ``(M, 2)`` positions over the target's tissue (target units), e.g. the in-tissue Visium spot centres.
+    band
+        Width of the band along the edge (source units).
+    source_spacing, target_spacing
+        Grid cell sides for the two regions (source / target units): about the spacing of the points (the cells'
+        raster pixel; the spot pitch).
+    scale
+        Source units per target unit (e.g. µm per Visium pixel), to compare the two distances.
+
+    Returns
+    -------
+    Boolean ``(N,)``: the cell is within ``band`` of its region's edge, and the target's tissue goes on more than
+    ``band`` beyond that edge.
+    """
+    source_xy, aligned_xy = np.asarray(source_xy, float), np.asarray(aligned_xy, float)
+    target_tissue_xy = np.asarray(target_tissue_xy, float)
+    if not len(source_xy) or not len(target_tissue_xy):
+        return np.zeros(len(source_xy), bool)
+    d_src = _inside_distance(source_xy, source_xy, source_spacing, close=2)
+    d_tgt = _inside_distance(aligned_xy, target_tissue_xy, target_spacing, close=2) * scale
+    # the target's tissue goes on at least a band's width beyond the edge (more than the spot grid's quantisation)
+    return (d_src < band) & (d_tgt - d_src > band)
 
 
 def region_confidence(xy, weight, *, tile: float, min_points: int = 20) -> pd.DataFrame:
