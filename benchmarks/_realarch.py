@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_fill_holes, gaussian_filter, map_coordinates, maximum_filter
+from scipy.ndimage import binary_fill_holes, gaussian_filter, map_coordinates
 
 from spatialdata_align.datasets import _shapes
 from spatialdata_align.datasets._he import Raster
@@ -88,10 +88,7 @@ class _RealArchModel(FamilyModel):
         q = np.quantile(dnorm[inside], [1 / 3, 2 / 3])
         self._tertiles = (float(q[0]), float(q[1]))
         # landmark candidates: peaks of the density smoothed at 60 µm, 300 µm apart, away from the edge
-        pk = gaussian_filter(dnorm, 60.0 / self.raster_um)
-        peak = (pk == maximum_filter(pk, size=int(300 / self.raster_um))) & (self.sd.data > 150)
-        order = np.argsort(-pk[peak])[:30]
-        self._cand = np.column_stack([X[peak][order], Y[peak][order]])
+        self._cand = _shapes.field_peaks(dnorm, X, Y, self.sd.data > 150, 60.0 / self.raster_um, 300 / self.raster_um)
 
     def sample_cells(self, rng, density):
         n = rng.poisson(density * self.area_mm2())

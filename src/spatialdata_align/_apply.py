@@ -60,10 +60,6 @@ def _transform_partition(df, reg: Registration, m_pre: np.ndarray, direction: st
     return df
 
 
-def _names(sdata) -> set[str]:
-    return {name for _, name, _ in sdata.gen_elements()}
-
-
 def _points(el, reg, m_pre, direction, out_cs):
     ddf = el.map_partitions(_transform_partition, reg, m_pre, direction, meta=el._meta)
     ddf.attrs.clear()
@@ -285,7 +281,7 @@ def apply(
     # copy would land alone in a new, empty system. (Absent with its element, it is made: a store applied elsewhere.)
     out_element = entry.get("source_element" if inverse else "target_element")
     lacking = [in_cs] if in_cs not in sdata.coordinate_systems else []
-    if out_cs not in sdata.coordinate_systems and out_element is not None and out_element in _names(sdata):
+    if out_cs not in sdata.coordinate_systems and out_element is not None and out_element in sdata:
         lacking.append(out_cs)
     if lacking:
         raise KeyError(

@@ -23,6 +23,7 @@ from spatialdata.models import (
     ShapesModel,
     TableModel,
     get_model,
+    get_table_keys,
 )
 from spatialdata.transformations import get_transformation, set_transformation
 
@@ -266,9 +267,7 @@ def annotating_tables(sdata: SpatialData, element_name: str) -> list[str]:
     """
     out = []
     for name in get_element_annotators(sdata, element_name):
-        attrs = sdata.tables[name].uns.get("spatialdata_attrs", {})
-        regions = attrs.get("region")
-        regions = [regions] if isinstance(regions, str) else list(regions if regions is not None else [])
-        if element_name in regions:
+        region = get_table_keys(sdata.tables[name])[0]
+        if element_name in ([region] if isinstance(region, str) else list(region)):
             out.append(name)
     return sorted(out)

@@ -289,15 +289,15 @@ def assess_alignment(
             "diverged": bool(reg.params.get("diverged", False)),
             "moved": bool(len(reg.energy) > 0) if levels else None,
         }
+    aligned = reg.transform_points(xy)  # (the confidence tiles and the cut test)
     if reg.match_weight is not None:
         cell_weight = reg.match_weight_at(xy)
-        aligned = reg.transform_points(xy)
         regions = _quality.region_confidence(aligned, cell_weight, tile=TILE_UM / upp)
         metrics["match_weight"] = _stats(cell_weight)
         metrics["low_confidence_regions"] = int((regions["mean_weight"] < 0.3).sum()) if len(regions) else 0
         vmetrics["match_median"] = float(np.median(cell_weight))
         vmetrics["regions"] = regions
-    near_cut = _near_cut(sdata, reg, xy, upp)
+    near_cut = _near_cut(sdata, xy, aligned, upp)
     if near_cut is not None:
         metrics["near_cut"] = {"band_um": CUT_BAND_UM, "n": int(near_cut.sum()), "fraction": float(near_cut.mean())}
     verdict = _quality.verdict(vmetrics, thresholds)
@@ -314,7 +314,7 @@ def assess_alignment(
     )
 
 
-def _near_cut(sdata, reg, xy: np.ndarray, upp: float) -> np.ndarray | None:
+def _near_cut(sdata, xy: np.ndarray, aligned: np.ndarray, upp: float) -> np.ndarray | None:
     """:func:`_quality.cut_edge` of the cells against the Visium tissue (in-tissue spots, else the largest HD bins)."""
     from .tl._bins import hd_bin_sizes
 
@@ -330,7 +330,7 @@ def _near_cut(sdata, reg, xy: np.ndarray, upp: float) -> np.ndarray | None:
     tissue = np.asarray(table.obsm["spatial"], float)[:, :2]
     return _quality.cut_edge(
         xy,
-        reg.transform_points(xy),
+        aligned,
         tissue,
         band=CUT_BAND_UM,
         source_spacing=25.0,

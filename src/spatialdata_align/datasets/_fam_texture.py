@@ -11,7 +11,6 @@ gradient along the cut, chatter bands). EGFR: an independent smooth random field
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, maximum_filter
 
 from . import _shapes
 from ._he import Raster
@@ -61,10 +60,7 @@ class TextureModel(FamilyModel):
             ),
         )
         # landmark candidates: centres of the largest smooth "hills" of the field (recognisable blobs)
-        sm = gaussian_filter(f, 60.0 / self.raster_um)
-        peak = (sm == maximum_filter(sm, size=int(250 / self.raster_um))) & (sd > 100)
-        order = np.argsort(-sm[peak])[:30]
-        self._cand = np.column_stack([X[peak][order], Y[peak][order]])
+        self._cand = _shapes.field_peaks(f, X, Y, sd > 100, 60.0 / self.raster_um, 250 / self.raster_um)
 
     def sample_cells(self, rng, density):
         n = rng.poisson(density * self.area_mm2())

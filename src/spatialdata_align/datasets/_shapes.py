@@ -79,6 +79,20 @@ def grf(rng, shape, sigma_px: float, *, band: float | None = None) -> np.ndarray
     return f / max(float(f.std()), 1e-12)
 
 
+def field_peaks(field, X, Y, where, smooth_px: float, apart_px: float, n: int = 30) -> np.ndarray:
+    """Landmark candidates: the centres of recognisable blobs of ``field``.
+
+    ``(k <= n, 2)`` positions (``X``, ``Y`` at the pixels) of the highest local maxima of ``field`` smoothed by
+    ``smooth_px`` pixels, at least ``apart_px`` pixels apart, where ``where`` holds.
+    """
+    from scipy.ndimage import maximum_filter
+
+    sm = gaussian_filter(field, smooth_px)
+    peak = (sm == maximum_filter(sm, size=int(apart_px))) & where
+    order = np.argsort(-sm[peak])[:n]
+    return np.column_stack([X[peak][order], Y[peak][order]])
+
+
 def smooth_field(rng, shape, sigma_px: float) -> np.ndarray:
     """Unit-variance smooth random field with correlation length ``sigma_px`` pixels, built on a coarse grid."""
     from scipy.ndimage import zoom

@@ -52,7 +52,6 @@ SPATIAL_IMAGES = {
     VISIUM_LOWRES: ("tissue_lowres_image.png", "tissue_lowres_scalef", "lowres"),
     VISIUM_CYTASSIST: ("cytassist_image.tiff", "regist_target_img_scalef", None),
 }
-_FULLRES_SUFFIXES = TIFF_SUFFIXES
 #: full-resolution images get pyramid levels down to at most this many pixels on their long side, so that the
 #: registration (which reads the finest level with at most ~4 Mpx) gets a downsampled image, not the full one
 _PYRAMID_TOP_PX = 2048
@@ -304,7 +303,7 @@ def _find_fullres(path: Path, fullres_image: str | Path | bool | None) -> Path |
     if fullres_image is None or fullres_image is False:
         return None
     if fullres_image == "auto":
-        cands = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _FULLRES_SUFFIXES)
+        cands = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
         if len(cands) > 1:
             warnings.warn(
                 f"{len(cands)} candidate full-resolution images in {path} ({[p.name for p in cands]}); none read. "

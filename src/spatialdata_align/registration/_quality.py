@@ -586,9 +586,9 @@ def cut_edge(
     """Cells near a cut: within ``band`` of the edge of the source's region, with target tissue beyond that edge.
 
     A Xenium region that covers part of the tissue ends in a cut through it; the Visium section's tissue goes on. The
-    image term has tissue on one side only there, and on the validation pairs the alignment errs 2-4 times more
-    within ~150 µm of such a cut than inside (``docs/accuracy.md``). A real tissue edge is not a cut: there the
-    target's tissue ends too.
+    image term has tissue on one side only there, and on the validation pairs the alignment's median error was 2-5
+    times higher within 150 µm of such a cut than elsewhere (``docs/trust.md``). A real tissue edge is not a cut:
+    there the target's tissue ends too.
 
     Parameters
     ----------
