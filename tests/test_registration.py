@@ -719,16 +719,39 @@ def test_lddmm_artifact_class_explains_a_fold_the_source_lacks():
 def test_lddmm_affine_prior_keeps_a_partial_section_in_place():
     """A source covering the left 60 % of a featureless disk (truth: the identity) stays within ~10 µm of its place.
 
-    Without the prior on the affine's change (``sigma_affine=0``) it slides over the tissue it lacks: ~22 µm median,
-    ~40 µm at worst (both runs converged). Fails when the prior is dropped.
+    Without the prior on the affine's change (``sigma_affine=0``) and without the field of view (which finds the cut
+    and alone keeps the section within ~5 µm) it slides over the tissue it lacks: ~22 µm median, ~40 µm at worst
+    (both runs converged). Fails when the prior is dropped.
     """
     cells, source, target = _disk_pair(np.random.default_rng(0), cut=450.0)
     kw = {"progress": False, "scales": (2, 1), "max_iter": (200, 100), "affine_iter": 100}
     moved = lambda reg: np.linalg.norm(reg.transform_points(cells) - cells, axis=1)
     d = moved(lddmm(source, target, **kw))
     assert np.median(d) < 12.0 and d.max() < 20.0
-    free = moved(lddmm(source, target, sigma_affine=0, **kw))
+    free = moved(lddmm(source, target, sigma_affine=0, field_of_view=None, **kw))
     assert np.median(free) > 16.0 and free.max() > 30.0
+
+
+def test_lddmm_field_of_view_keeps_a_cut_edge_in_place():
+    """The source covers the disk left of a straight cut at x = 450 µm; the target shows the whole disk (truth: the
+    identity). Without a field of view the cut edge is stretched ~10 µm over the tissue beyond it (matching it is
+    rewarded over calling it tissue the source lacks); with it (``"auto"``, the default: the cut is found as the side
+    of the tissue's bounding box along which the target's tissue goes on) the edge stays within ~3 µm. The disk's
+    own edges are not cuts. Fails when the field of view is not found, or not used by the data term."""
+    cells, source, target = _disk_pair(np.random.default_rng(0), cut=450.0)
+    kw = {"progress": False, "scales": (2, 1), "max_iter": (200, 100), "affine_iter": 100}
+    near = cells[:, 0] > 420
+    reg = lddmm(source, target, **kw)
+    x0, x1, y0, y1 = reg.params["field_of_view"]
+    assert x0 is None and y0 is None and y1 is None and 430 < x1 < 460  # the cut, at the tissue's half level - 1 px
+    d = reg.transform_points(cells[near]) - cells[near]
+    assert abs(d[:, 0].mean()) < 3.0
+    old = lddmm(source, target, field_of_view=None, **kw)
+    assert old.params["field_of_view"] is None
+    assert (old.transform_points(cells[near]) - cells[near])[:, 0].mean() > 8.0
+    # a whole disk has no cut
+    _, whole, target = _disk_pair(np.random.default_rng(1))
+    assert lddmm(whole, target, **{**kw, "max_iter": (2, 2), "affine_iter": 0}).params["field_of_view"] is None
 
 
 def test_blur_image_is_a_gaussian_in_physical_units_on_any_grid():
@@ -871,29 +894,34 @@ def test_lddmm_float32_path(toy):
     assert np.median(d) < 0.25 * toy.source.attrs["dx"] * 1.55
 
 
-@pytest.mark.parametrize("n_channels", [1, 3])
-def test_mixture_gradient_matches_finite_differences(n_channels):
+@pytest.mark.parametrize(("n_channels", "fov"), [(1, False), (3, False), (2, True)])
+def test_mixture_gradient_matches_finite_differences(n_channels, fov):
     """The data term's closed-form gradient (direct, through the refitted contrast, through the occupancy-dependent
-    priors) matches central differences of its energy in float64, and its work buffers carry nothing over."""
+    priors, through the field of view's row) matches central differences of its energy in float64, and its work
+    buffers carry nothing over."""
     from spatialdata_align.registration._data import MixtureTerm
 
     gen = torch.Generator().manual_seed(0)
     n = 400
     J = torch.rand(3, n, generator=gen, dtype=torch.float64)
-    Iw = 0.5 * torch.rand(n_channels, n, generator=gen, dtype=torch.float64)
+    Iw = 0.5 * torch.rand(n_channels + fov, n, generator=gen, dtype=torch.float64)
     Iw[0, :40] = 0.0  # no source tissue there: the occupancy's clamp
-    term = MixtureTerm(J, (0.1, 0.2, None), 3, (True, True, True), tissue_level=0.1)
+    if fov:  # the last row: the deformed field of view, strictly inside (0, 1)
+        Iw[-1] = 0.1 + 0.8 * torch.rand(n, generator=gen, dtype=torch.float64)
+    term = MixtureTerm(J, (0.1, 0.2, None), 3, (True, True, True), tissue_level=0.1, fov=fov)
     term.init_colours(J[:, :40])
     _, _, post = term.evaluate(Iw, want_post=True)
-    term.m_step(post, term.occupancy(Iw), update_priors=False)
+    term.m_step(post, term.occupancy(Iw), update_priors=fov)
     e, g, _ = term.evaluate(Iw)
     h = 1e-6
-    for k in range(4):
-        d = torch.randn(n_channels, n, generator=gen, dtype=torch.float64)
+    for k in range(4 + fov):
+        d = torch.randn(n_channels + fov, n, generator=gen, dtype=torch.float64)
         d[0, :40] = 0.0
         if k == 3:  # only the occupancy channel, where tanh(I / tau) still varies
             d[1:] = 0.0
             d[0] *= Iw[0] < 0.2
+        if k == 4:  # only the field of view
+            d[:-1] = 0.0
         e_plus, _, _ = term.evaluate(Iw + h * d, want_grad=False)
         e_minus, _, _ = term.evaluate(Iw - h * d, want_grad=False)
         fd = float(e_plus - e_minus) / (2 * h)

@@ -86,6 +86,14 @@ class MixtureTerm:
         ``tau``: source value (first channel) above which a pixel counts as tissue.
     area
         Weight of one pixel (its area in units of the finest source pixel), so the energy is an integral.
+    fov
+        Whether the last row of the deformed source is its field of view ``v(y)`` in ``[0, 1]`` (1 where the source
+        was observed, e.g. inside the Xenium region; 0 beyond a cut through the tissue and off the source image).
+        A pixel's energy is then ``v e(y) + (1 - v) c(y)``: outside the field of view it is what an observed pixel
+        of the same target colour costs on average (``c``: least squares of the observed pixels' energies on
+        ``[1, J, J^2]`` per channel, weighted by ``v``; refitted at each M-step, a constant between them).
+        Covering target tissue with source tissue that matches it only as well as elsewhere then earns nothing, so
+        the source's cut is not stretched over the tissue beyond it.
     """
 
     def __init__(
@@ -98,8 +106,12 @@ class MixtureTerm:
         prior_out=(0.05, 0.5, 0.45),
         tissue_level=0.1,
         area=1.0,
+        fov=False,
     ):
         self.J = J
+        self.fov = bool(fov)
+        self._fill = None  # (N,) energy of a pixel outside the source's field of view (fov=True)
+        self._fov_post = None  # (field of view, per-pixel energy) at the last call with want_post
         self.C = J.shape[0]
         self.sigma = list(sigma)
         self.degree = int(degree)
@@ -147,17 +159,31 @@ class MixtureTerm:
     def m_step(self, post: torch.Tensor, occupancy: torch.Tensor, update_priors: bool):
         """Update the constant classes' colours (and the priors) from ``post`` = ``(3, N)`` posteriors."""
         J = self.J
-        self.w_fit = post[0].clone()
+        v = None
+        if self.fov:
+            if self._fov_post is None:
+                raise RuntimeError("MixtureTerm.m_step() with fov needs a preceding energy(want_post=True) call")
+            v, e_pix = self._fov_post
+        self.w_fit = post[0].clone() if v is None else post[0] * v
         for k, name in ((1, "mu_b"), (2, "mu_a")):
             if self.active[k]:
                 wk = post[k]
                 tot = float(wk.sum())
                 if tot > 1e-6:
                     setattr(self, name, (J * wk).sum(1) / tot)
+        if v is not None:
+            # the fill of unobserved pixels: the energy an observed pixel of the same target colour has, on average
+            # (least squares of the observed pixels' energies on [1, J, J^2] per channel, weighted by v)
+            xf = torch.cat([torch.ones_like(J[:1]), J, J * J, e_pix[None].to(J.dtype)])
+            beta, _ = _solve_gram(_weighted_gram(xf, xf * v.to(J.dtype)), xf.shape[0] - 1)
+            self._fill = (beta.to(J.dtype).T @ xf[:-1])[0]
         if update_priors:
             o = occupancy.double()
             pd = post.double()
-            for name, wt in (("pi_in", o), ("pi_out", 1.0 - o)):
+            if v is not None:
+                o = o * v.double()
+            w_out = (1.0 - occupancy.double()) * (1.0 if v is None else v.double())
+            for name, wt in (("pi_in", o), ("pi_out", w_out)):
                 tot = float(wt.sum())
                 if tot > 1e-6:
                     pi = ((pd * wt).sum(1) / tot).clamp_min(1e-3) * torch.tensor(self.active, dtype=torch.float64)
@@ -216,6 +242,9 @@ class MixtureTerm:
         J = self.J
         n = J.shape[1]
         c_j = self.C
+        v, Iw_in = None, Iw
+        if self.fov:
+            Iw, v = Iw[:-1], Iw[-1].clamp(0.0, 1.0)
         phi = self.features(Iw)
         f = phi.shape[0]
         z = self._z
@@ -239,9 +268,15 @@ class MixtureTerm:
             else:
                 logs[j].add_(self._ell[k - 1])
         lse = torch.logsumexp(logs, 0)
-        energy = -lse.sum(dtype=torch.float64) * self.area
+        if v is None:
+            energy = -lse.sum(dtype=torch.float64) * self.area
+        else:
+            fill = self._fill if self._fill is not None else torch.zeros_like(lse)
+            energy = (fill - v * (lse + fill)).sum(dtype=torch.float64) * self.area
+            if want_post:
+                self._fov_post = (v.clone(), -lse)
         post_a = torch.softmax(logs, 0)  # posteriors of the active classes
-        self._state = (Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out)
+        self._state = (Iw_in, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse)
         post = None
         if want_post:
             post = torch.zeros(3, J.shape[1], dtype=J.dtype, device=J.device)
@@ -255,13 +290,14 @@ class MixtureTerm:
         """
         if self._state is None or (Iw is not None and self._state[0] is not Iw):
             raise RuntimeError("MixtureTerm.gradient() needs a preceding energy() call on the same input")
-        Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out = self._state
+        _, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse = self._state
         self._state = None
         z = self._z
         c_j = self.C
         s_m = self.sigma[0]
         grad = None
-        g_mu = torch.mul(diff, post_a[0] * (-self.area / s_m**2), out=z[:c_j])  # dE/dmu, (C_J, N)
+        w_pix = post_a[0] if v is None else post_a[0] * v  # an unobserved pixel's energy does not depend on it
+        g_mu = torch.mul(diff, w_pix * (-self.area / s_m**2), out=z[:c_j])  # dE/dmu, (C_J, N)
         # through theta: dE/dtheta = phi g_mu^T; with Lam = G^-1 dE/dtheta, the normal equations give
         # dE/dphi += w * (Lam (J - mu) - theta Lam^T phi) = Lam (w J) - (Lam theta^T + theta Lam^T)(w phi).
         # Direct and implicit parts in one product with z = [g_mu; w phi; w J] (the constant feature's row,
@@ -286,7 +322,13 @@ class MixtureTerm:
         if g_o is not None:
             # do/dIw_0 = (1 - o^2) / tau where Iw_0 > 0 (the clamp), per unit pixel area
             g_o.mul_((1.0 - o * o).mul_((Iw[0] > 0) * (self.area / self.tau)))
+            if v is not None:
+                g_o.mul_(v)
             grad[0] += g_o
+        if v is not None:
+            # d/dv of v e + (1 - v) c = e - c (the clamp's derivative ignored: bilinear samples of a [0, 1] mask)
+            fill = self._fill if self._fill is not None else torch.zeros_like(lse)
+            grad = torch.cat([grad, ((-lse - fill) * self.area)[None]])
         return grad
 
 

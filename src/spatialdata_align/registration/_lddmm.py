@@ -80,6 +80,16 @@ SINGLE_THREAD_PIXELS = 100_000
 #: the tissue")
 SIGMA_R_PIXELS = 10.0
 SIGMA_R_TISSUE = 0.1
+#: a side of the source tissue's bounding box is a cut (see :func:`field_of_view_box`) when the tissue runs along more
+#: than this share of it
+CUT_TOUCH = 0.1
+#: where the target is probed beyond a side of the source tissue's bounding box (source pixels)
+CUT_PROBE = (5, 7, 9, 11)
+#: source level (of its normalised range) above which a pixel has tissue, for the field of view's bounding box
+FOV_LEVEL = 0.02
+#: source pixels between a cut (where the tissue's profile across it is at half its plateau) and the field of view's
+#: side: the raster's blur makes the tissue fade over about a pixel inside the cut, which the target does not
+FOV_INSET = 1.0
 #: default shortest kernel scale ``a``: the larger of ``A_PIXELS`` source pixels and ``A_TISSUE`` x the side of the
 #: source tissue (a deformation's length scales grow with the section as its size does; sections under ~4.5 mm at 20
 #: µm pixels keep ``8 * dx``)
@@ -108,6 +118,7 @@ class _Level:
     o_I: np.ndarray
     gx: torch.Tensor  # (W,) grid_sample x coordinates of the target columns
     gy: torch.Tensor  # (H,)
+    fov: tuple | None = None  # the source's field of view (x0, x1, y0, y1), source units, +-inf: open
 
 
 def _linear_resampler(src: np.ndarray, dst: np.ndarray, dtype, device) -> torch.Tensor:
@@ -156,6 +167,115 @@ def tissue_side(source: Image, mask: np.ndarray | None = None) -> float:
     """Side of the source tissue (source units): the square root of the area of ``mask`` (:func:`tissue_mask`)."""
     n = int((tissue_mask(source) if mask is None else mask).sum())
     return math.sqrt(n * source.dx * source.dy)
+
+
+def fov_sides(box) -> list[tuple[int, float, float]]:
+    """The closed sides of a field of view ``(x0, x1, y0, y1)``.
+
+    Returns ``(axis, bound, sign)`` per finite side: inside where ``sign * (coordinate - bound) > 0``.
+    """
+    x0, x1, y0, y1 = box
+    return [
+        (ax, float(b), sg) for ax, b, sg in ((0, x0, 1.0), (0, x1, -1.0), (1, y0, 1.0), (1, y1, -1.0)) if np.isfinite(b)
+    ]
+
+
+def _half_level_inset(d0: np.ndarray, side: int, touch: np.ndarray, bbox, depth: int = 12) -> float:
+    """How far inside a side of the bounding box the tissue's profile across it reaches half its plateau.
+
+    In pixels from the box's outer edge, the profile averaged over the positions ``touch`` along the side: where the
+    cut is, under the raster's blur.
+    """
+    r0, r1, c0, c1 = bbox
+    if side == 0:
+        prof = d0[r0 : r1 + 1][touch, c0 : c0 + depth]
+    elif side == 1:
+        prof = d0[r0 : r1 + 1][touch, max(c1 - depth + 1, 0) : c1 + 1][:, ::-1]
+    elif side == 2:
+        prof = d0[r0 : r0 + depth, c0 : c1 + 1][:, touch].T
+    else:
+        prof = d0[max(r1 - depth + 1, 0) : r1 + 1, c0 : c1 + 1][::-1][:, touch].T
+    m = prof.mean(0)  # from the outermost pixel inwards
+    if m.size < 4:
+        return 0.0
+    half = 0.5 * np.median(m[m.size // 2 :])
+    above = np.flatnonzero(m >= half)
+    if not above.size or above[0] == 0:
+        return 0.0
+    j = above[0]  # the profile crosses half between pixel j - 1 and j (pixel centres at 0.5, 1.5, ...)
+    return float(j - 0.5 + (half - m[j - 1]) / max(m[j] - m[j - 1], 1e-12))
+
+
+def field_of_view_box(source: Image, target: Image, affine: np.ndarray, sigma_m: float, field_of_view="auto"):
+    """The source's field of view as a box ``(x0, x1, y0, y1)`` (source units; an open side is infinite), or ``None``.
+
+    ``"auto"``: the sides of the bounding box of the source's tissue (first channel above ``FOV_LEVEL`` of its
+    normalised range) that are cuts: the tissue reaches the side along more than ``CUT_TOUCH`` of its length, and
+    beyond it (``CUT_PROBE`` source pixels out, through ``affine``) the target has tissue at most of those places.
+    A Xenium region is a rectangle of fields of view in the instrument's frame; where it cuts through the tissue the
+    section goes on unobserved. A side where the tissue ends in both sections is its own edge and stays open (the
+    source saw glass beyond it). A 4-tuple: that box; ``None``: none (the source saw glass wherever it is empty).
+    Target tissue: pixels further than ``3 sigma_m`` from the colour of the image's border.
+    """
+    if field_of_view is None:
+        return None
+    if not isinstance(field_of_view, str):
+        box = tuple(float(b) for b in np.ravel(field_of_view))
+        if len(box) != 4 or any(np.isnan(box)) or box[0] >= box[1] or box[2] >= box[3]:
+            raise ValueError(
+                "field_of_view must be 'auto', None or (x0, x1, y0, y1) with x0 < x1 and y0 < y1; "
+                f"got {field_of_view!r}."
+            )
+        return box
+    if field_of_view != "auto":
+        raise ValueError(f"field_of_view must be 'auto', None or (x0, x1, y0, y1), got {field_of_view!r}.")
+    seen = source.data[0] > FOV_LEVEL
+    if not seen.any():
+        return None
+    rows, cols = np.flatnonzero(seen.any(1)), np.flatnonzero(seen.any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    xs, ys = source.x, source.y
+    dx, dy = source.dx, source.dy
+    # target tissue, looked up by nearest pixel
+    J = target.data
+    ny, nx = J.shape[1:]
+    k = max(1, min(ny, nx) // 20)
+    border = np.concatenate([J[:, :k].reshape(len(J), -1), J[:, -k:].reshape(len(J), -1),
+                             J[:, :, :k].reshape(len(J), -1), J[:, :, -k:].reshape(len(J), -1)], 1)  # fmt: skip
+    mu_b = np.median(border, axis=1)
+    tissue = ((J - mu_b[:, None, None]) ** 2).sum(0) > (3 * sigma_m) ** 2
+
+    def target_tissue(pts):
+        q = pts @ affine[:2, :2].T + affine[:2, 2]
+        ix = np.rint((q[:, 0] - target.x[0]) / target.dx).astype(int)
+        iy = np.rint((q[:, 1] - target.y[0]) / target.dy).astype(int)
+        ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+        out = np.zeros(len(q), bool)
+        out[ok] = tissue[iy[ok], ix[ok]]
+        return out
+
+    box = [-np.inf, np.inf, -np.inf, np.inf]
+    band = 2  # source pixels: the tissue reaches a side when it is within this band of it
+    probe = np.asarray(CUT_PROBE, float)
+    sides = (  # (box index, tissue along the side, the side's positions, coordinate of the side, outward sign)
+        (0, seen[r0 : r1 + 1, c0 : c0 + band].any(1), ys[r0 : r1 + 1], xs[c0] - dx / 2, -1.0),
+        (1, seen[r0 : r1 + 1, max(c1 - band + 1, 0) : c1 + 1].any(1), ys[r0 : r1 + 1], xs[c1] + dx / 2, 1.0),
+        (2, seen[r0 : r0 + band, c0 : c1 + 1].any(0), xs[c0 : c1 + 1], ys[r0] - dy / 2, -1.0),
+        (3, seen[max(r1 - band + 1, 0) : r1 + 1, c0 : c1 + 1].any(0), xs[c0 : c1 + 1], ys[r1] + dy / 2, 1.0),
+    )
+    for i, touch, along, at, sign in sides:
+        if touch.mean() <= CUT_TOUCH:
+            continue
+        pos = along[touch]
+        off = at + sign * probe[:, None] * (dx if i < 2 else dy)  # (n_probe, 1)
+        a = np.broadcast_to(pos[None], (len(probe), len(pos))).ravel()
+        b = np.broadcast_to(off, (len(probe), len(pos))).ravel()
+        pts = np.column_stack([b, a] if i < 2 else [a, b])
+        if target_tissue(pts).mean() > 0.5:
+            box[i] = float(at) - sign * (_half_level_inset(source.data[0], i, touch, (r0, r1, c0, c1)) + FOV_INSET) * (
+                dx if i < 2 else dy
+            )
+    return None if all(np.isinf(box)) else tuple(box)
 
 
 def default_kernel_scales(source: Image, a: float | None = None, *, side: float | None = None) -> tuple[float, ...]:
@@ -313,6 +433,16 @@ class _Problem:
             z0 = (lvl.gx[:, None] * theta[:, 0]) + (lvl.gy[:, None] * theta[:, 1] + theta[:, 2])[:, None, :]
             zI = torch.addcmul(lvl.c, z0 + sample_grid(disp_n, z0).permute(1, 2, 0), lvl.R)  # source-image coords
             Iw = sample_grid(lvl.I, zI, padding="zeros").reshape(lvl.I.shape[0], -1)  # (C_I, N)
+            if lvl.fov is not None:  # the field of view as a last row: a ramp one level pixel wide at each side
+                w = float(lvl.source.dx)
+                fv = None
+                for axis, bound, sign in fov_sides(lvl.fov):
+                    u = (zI[..., axis] - float(lvl.o_I[axis])) / float(lvl.s_I[axis])  # source units
+                    r = ((u - bound) * (sign / w) + 0.5).clamp(0.0, 1.0)
+                    fv = r if fv is None else fv * r
+                if fv is None:
+                    fv = torch.ones_like(zI[..., 0])
+                Iw = torch.cat([Iw, fv.reshape(1, -1)])
         Fs = zs = None
         if self.spots is not None:
             with record_function("lddmm.spot_term"):
@@ -474,6 +604,7 @@ def lddmm(
     em_every: int = 5,
     target_pixel: float | None = None,
     target_blur: float = 0.0,
+    field_of_view="auto",
     device: str = "cpu",
     dtype=None,
     seed: int = 0,
@@ -569,6 +700,15 @@ def lddmm(
         initial affine's scale), applied at the working resolution (``target_pixel``). ``0`` (default): none.
         :meth:`sdata.align.lddmm <spatialdata_align.AlignAccessor.lddmm>` passes the source raster's own blur, so
         that both images are equally smooth (``docs/accuracy.md``).
+    field_of_view
+        Where the source was observed. ``"auto"`` (default): the sides of the bounding box of the source's tissue
+        (in its own frame) along which the target's tissue goes on, through ``affine``: there a rectangular region of
+        interest (a Xenium region is a rectangle of fields of view) cut through the section
+        (:func:`field_of_view_box`). ``(x0, x1, y0, y1)`` in source units (``±inf`` for an open side): that box.
+        ``None``: everywhere (an empty source means glass). Target pixels outside the field of view cost what an
+        observed pixel of their colour costs on average, whatever the deformation (:class:`~._data.MixtureTerm`,
+        ``fov``), so the source's cut is not stretched over the tissue beyond it. The box found is in
+        ``params["field_of_view"]`` (``None`` for an open side).
     device, dtype
         Torch device and dtype of the image arrays. Default ``float32`` (energies and optimiser dot products
         are accumulated in float64); results are bit-reproducible on a given machine and thread count. On the
@@ -696,6 +836,7 @@ def lddmm(
     on = I_img.data[0][on_tissue]
     tissue_level = float(0.25 * np.median(on)) if on.size else 0.1
     active = (True, background, artifact)
+    fov_box = field_of_view_box(I_img, J_img.downsample(base_j), A0, sigma_m, field_of_view)
 
     def make_level(f: int) -> _Level:
         Il = I_img.downsample(f)
@@ -727,7 +868,17 @@ def lddmm(
             Jl,
             torch.as_tensor(Il.data, dtype=dtype, device=device),
             area,
-            MixtureTerm(Jt, sigmas, contrast_degree, active, prior_in, prior_out, tissue_level, area=area),
+            MixtureTerm(
+                Jt,
+                sigmas,
+                contrast_degree,
+                active,
+                prior_in,
+                prior_out,
+                tissue_level,
+                area=area,
+                fov=fov_box is not None,
+            ),
             Jt[:, torch.as_tensor(border.ravel(), device=device)],
             torch.as_tensor(on, device=device),
             torch.as_tensor(nt_inv, dtype=dtype, device=device),
@@ -737,6 +888,7 @@ def lddmm(
             o_I,
             torch.linspace(-1.0, 1.0, nx, dtype=dtype, device=device),
             torch.linspace(-1.0, 1.0, ny, dtype=dtype, device=device),
+            fov_box,
         )
 
     n_x = prob.n_x
@@ -971,6 +1123,7 @@ def lddmm(
         "em_every": em_every,
         "target_pixel": target_pixel,
         "target_blur": float(target_blur),
+        "field_of_view": None if fov_box is None else [b if np.isfinite(b) else None for b in fov_box],
         "source_pixel": dxI,
         "source_channels": int(I_img.data.shape[0]),
         "target_channels": int(J_img.data.shape[0]),
