@@ -180,10 +180,8 @@ class MixtureTerm:
         if update_priors:
             o = occupancy.double()
             pd = post.double()
-            if v is not None:
-                o = o * v.double()
-            w_out = (1.0 - occupancy.double()) * (1.0 if v is None else v.double())
-            for name, wt in (("pi_in", o), ("pi_out", w_out)):
+            vd = 1.0 if v is None else v.double()  # observed pixels only
+            for name, wt in (("pi_in", o * vd), ("pi_out", (1.0 - o) * vd)):
                 tot = float(wt.sum())
                 if tot > 1e-6:
                     pi = ((pd * wt).sum(1) / tot).clamp_min(1e-3) * torch.tensor(self.active, dtype=torch.float64)
@@ -268,6 +266,7 @@ class MixtureTerm:
             else:
                 logs[j].add_(self._ell[k - 1])
         lse = torch.logsumexp(logs, 0)
+        fill = None
         if v is None:
             energy = -lse.sum(dtype=torch.float64) * self.area
         else:
@@ -276,7 +275,7 @@ class MixtureTerm:
             if want_post:
                 self._fov_post = (v.clone(), -lse)
         post_a = torch.softmax(logs, 0)  # posteriors of the active classes
-        self._state = (Iw_in, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse)
+        self._state = (Iw_in, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse, fill)
         post = None
         if want_post:
             post = torch.zeros(3, J.shape[1], dtype=J.dtype, device=J.device)
@@ -290,7 +289,7 @@ class MixtureTerm:
         """
         if self._state is None or (Iw is not None and self._state[0] is not Iw):
             raise RuntimeError("MixtureTerm.gradient() needs a preceding energy() call on the same input")
-        _, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse = self._state
+        _, Iw, phi, theta64, gram, diff, o, post_a, pis, pi_in, pi_out, v, lse, fill = self._state
         self._state = None
         z = self._z
         c_j = self.C
@@ -327,7 +326,6 @@ class MixtureTerm:
             grad[0] += g_o
         if v is not None:
             # d/dv of v e + (1 - v) c = e - c (the clamp's derivative ignored: bilinear samples of a [0, 1] mask)
-            fill = self._fill if self._fill is not None else torch.zeros_like(lse)
             grad = torch.cat([grad, ((-lse - fill) * self.area)[None]])
         return grad
 

@@ -180,22 +180,21 @@ def fov_sides(box) -> list[tuple[int, float, float]]:
     ]
 
 
-def _half_level_inset(d0: np.ndarray, side: int, touch: np.ndarray, bbox, depth: int = 12) -> float:
-    """How far inside a side of the bounding box the tissue's profile across it reaches half its plateau.
+def border_mask(ny: int, nx: int) -> np.ndarray:
+    """The image border: the outer twentieth (at least one pixel) on each side, where the background colour is read."""
+    border = np.zeros((ny, nx), dtype=bool)
+    k = max(1, min(ny, nx) // 20)
+    border[:k] = border[-k:] = True
+    border[:, :k] = border[:, -k:] = True
+    return border
 
-    In pixels from the box's outer edge, the profile averaged over the positions ``touch`` along the side: where the
-    cut is, under the raster's blur.
+
+def _half_level_inset(profile: np.ndarray) -> float:
+    """Where a tissue profile across a side (outermost pixel first) reaches half its plateau, in pixels from the side.
+
+    The plateau is the median of the profile's inner half: where the cut is, under the raster's blur.
     """
-    r0, r1, c0, c1 = bbox
-    if side == 0:
-        prof = d0[r0 : r1 + 1][touch, c0 : c0 + depth]
-    elif side == 1:
-        prof = d0[r0 : r1 + 1][touch, max(c1 - depth + 1, 0) : c1 + 1][:, ::-1]
-    elif side == 2:
-        prof = d0[r0 : r0 + depth, c0 : c1 + 1][:, touch].T
-    else:
-        prof = d0[max(r1 - depth + 1, 0) : r1 + 1, c0 : c1 + 1][::-1][:, touch].T
-    m = prof.mean(0)  # from the outermost pixel inwards
+    m = profile
     if m.size < 4:
         return 0.0
     half = 0.5 * np.median(m[m.size // 2 :])
@@ -239,10 +238,7 @@ def field_of_view_box(source: Image, target: Image, affine: np.ndarray, sigma_m:
     # target tissue, looked up by nearest pixel
     J = target.data
     ny, nx = J.shape[1:]
-    k = max(1, min(ny, nx) // 20)
-    border = np.concatenate([J[:, :k].reshape(len(J), -1), J[:, -k:].reshape(len(J), -1),
-                             J[:, :, :k].reshape(len(J), -1), J[:, :, -k:].reshape(len(J), -1)], 1)  # fmt: skip
-    mu_b = np.median(border, axis=1)
+    mu_b = np.median(J[:, border_mask(ny, nx)], axis=1)  # as the mixture reads the background colour
     tissue = ((J - mu_b[:, None, None]) ** 2).sum(0) > (3 * sigma_m) ** 2
 
     def target_tissue(pts):
@@ -255,26 +251,27 @@ def field_of_view_box(source: Image, target: Image, affine: np.ndarray, sigma_m:
         return out
 
     box = [-np.inf, np.inf, -np.inf, np.inf]
-    band = 2  # source pixels: the tissue reaches a side when it is within this band of it
+    band, depth = 2, 12  # source pixels: the tissue reaches a side within band of it; its profile is read to depth
     probe = np.asarray(CUT_PROBE, float)
-    sides = (  # (box index, tissue along the side, the side's positions, coordinate of the side, outward sign)
-        (0, seen[r0 : r1 + 1, c0 : c0 + band].any(1), ys[r0 : r1 + 1], xs[c0] - dx / 2, -1.0),
-        (1, seen[r0 : r1 + 1, max(c1 - band + 1, 0) : c1 + 1].any(1), ys[r0 : r1 + 1], xs[c1] + dx / 2, 1.0),
-        (2, seen[r0 : r0 + band, c0 : c1 + 1].any(0), xs[c0 : c1 + 1], ys[r0] - dy / 2, -1.0),
-        (3, seen[max(r1 - band + 1, 0) : r1 + 1, c0 : c1 + 1].any(0), xs[c0 : c1 + 1], ys[r1] + dy / 2, 1.0),
+    d0 = source.data[0]
+    # each side as a view of the image with the side as its first column, outermost first, one row per position along
+    # it: (box index, view, the positions along the side, coordinate of the side, outward sign, pixel across)
+    sides = (
+        (0, d0[r0 : r1 + 1, c0:], ys[r0 : r1 + 1], xs[c0] - dx / 2, -1.0, dx),
+        (1, d0[r0 : r1 + 1, : c1 + 1][:, ::-1], ys[r0 : r1 + 1], xs[c1] + dx / 2, 1.0, dx),
+        (2, d0[r0:, c0 : c1 + 1].T, xs[c0 : c1 + 1], ys[r0] - dy / 2, -1.0, dy),
+        (3, d0[: r1 + 1, c0 : c1 + 1][::-1].T, xs[c0 : c1 + 1], ys[r1] + dy / 2, 1.0, dy),
     )
-    for i, touch, along, at, sign in sides:
+    for i, view, along, at, sign, px in sides:
+        touch = (view[:, :band] > FOV_LEVEL).any(1)
         if touch.mean() <= CUT_TOUCH:
             continue
-        pos = along[touch]
-        off = at + sign * probe[:, None] * (dx if i < 2 else dy)  # (n_probe, 1)
-        a = np.broadcast_to(pos[None], (len(probe), len(pos))).ravel()
-        b = np.broadcast_to(off, (len(probe), len(pos))).ravel()
+        across = at + sign * probe[:, None] * px  # (n_probe, 1)
+        a = np.broadcast_to(along[touch][None], (len(probe), int(touch.sum()))).ravel()
+        b = np.broadcast_to(across, (len(probe), int(touch.sum()))).ravel()
         pts = np.column_stack([b, a] if i < 2 else [a, b])
         if target_tissue(pts).mean() > 0.5:
-            box[i] = float(at) - sign * (_half_level_inset(source.data[0], i, touch, (r0, r1, c0, c1)) + FOV_INSET) * (
-                dx if i < 2 else dy
-            )
+            box[i] = float(at) - sign * (_half_level_inset(view[touch, :depth].mean(0)) + FOV_INSET) * px
     return None if all(np.isinf(box)) else tuple(box)
 
 
@@ -844,10 +841,7 @@ def lddmm(
         Jt = torch.as_tensor(Jl.data.reshape(Jl.data.shape[0], -1), dtype=dtype, device=device)
         area = (Jl.dx * Jl.dy) / (scale_a**2) / (I_img.dx * I_img.dy)
         ny, nx = Jl.data.shape[1:]
-        border = np.zeros((ny, nx), dtype=bool)
-        k = max(1, min(ny, nx) // 20)
-        border[:k] = border[-k:] = True
-        border[:, :k] = border[:, -k:] = True
+        border = border_mask(ny, nx)
         # tracked pixels: those whose initial pull-back lands on the source image (<= ~20k of them)
         gx, gy = np.meshgrid(Jl.x, Jl.y)
         zi = (np.stack([gx.ravel(), gy.ravel()], 1) - A0[:2, 2]) @ np.linalg.inv(A0[:2, :2]).T
