@@ -11,6 +11,9 @@ stays bounded as the table grows (a table held in memory would need ~24 bytes pe
 package's lazy reader (feature names coded in arrow, strings kept as arrow strings) against
 ``dask.dataframe.read_parquet`` followed by the same categorical ``feature_name``, and prints the ratio.
 
+``--transform FILE`` times reading and mapping every transcript of ``FILE`` through such a registration (the aligned
+copy's partitions, one at a time and two at a time) with the package's chunk size against chunks of 1M points.
+
 ``--write FILE`` times writing a SpatialData object that holds the transcripts of ``FILE`` and their aligned copy
 (an affine + LDDMM registration, as ``spatialdata-align run`` leaves them) to zarr: ``SpatialData.write`` against
 this package's writer (:func:`spatialdata_align._write.write_sdata`: the points elements' parquet in one dask pass,
@@ -22,6 +25,7 @@ Usage::
     python benchmarks/bench_transcripts.py [--rows 1e6 1e7 1e8] [--workdir /tmp/bench_tx]
     python benchmarks/bench_transcripts.py --read demo_out/data/xenium/transcripts.parquet
     python benchmarks/bench_transcripts.py --write demo_out/data/xenium/transcripts.parquet
+    python benchmarks/bench_transcripts.py --transform demo_out/data/xenium/transcripts.parquet
 """
 
 from __future__ import annotations
@@ -136,13 +140,13 @@ def bench_read(path: Path, repeat: int = 3) -> None:
     import dask.dataframe as dd
     import pandas as pd
 
-    from spatialdata_align.io._transcripts import read_transcripts_parquet
+    from spatialdata_align.io._transcripts import COORDINATES, read_transcripts_parquet
 
     ours = read_transcripts_parquet(path)
     cats = ours.dtypes["feature_name"]
 
     def peer():
-        df = dd.read_parquet(path).compute()
+        df = dd.read_parquet(path).compute().rename(columns=COORDINATES)
         df["feature_name"] = df["feature_name"].astype(cats)
         return df
 
@@ -210,14 +214,46 @@ def bench_write(path: Path, workdir: Path, repeat: int = 2) -> None:
         shutil.rmtree(v, ignore_errors=True)
 
 
+def bench_transform(path: Path, repeat: int = 3) -> None:
+    """Time mapping every transcript of ``path`` (the aligned copy's partitions, read + mapped, one after the other
+    and two at a time) with the package's chunk size against chunks of 1M points, alternating, best of ``repeat``."""
+    import dask
+
+    from spatialdata_align import _apply
+    from spatialdata_align.registration import _displacement
+
+    sdata, name = aligned_sdata(path)
+    el = sdata[name]
+    originals = (_apply.POINT_CHUNK, _displacement.CHUNK)
+    variants = {f"chunks of {originals[0]:,d}": originals, "chunks of 1,000,000": (1_000_000, 1_000_000)}
+    times: dict[str, dict[str, list[float]]] = {k: {"1 thread": [], "2 threads": []} for k in variants}
+    try:
+        for _ in range(repeat):
+            for label, (point_chunk, chunk) in variants.items():
+                _apply.POINT_CHUNK, _displacement.CHUNK = point_chunk, chunk
+                for mode, kw in (("1 thread", {"scheduler": "sync"}), ("2 threads", {"num_workers": 2})):
+                    t = time.perf_counter()
+                    dask.compute(el.map_partitions(len), **kw)
+                    times[label][mode].append(time.perf_counter() - t)
+    finally:
+        _apply.POINT_CHUNK, _displacement.CHUNK = originals
+    print(f"{len(el):,d} transcripts read and mapped (best of {repeat}):")
+    for label, t in times.items():
+        print(f"  {label:>22s}: {min(t['1 thread']):.2f} s one partition at a time, {min(t['2 threads']):.2f} s two")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e6, 1e7])
     ap.add_argument("--workdir", default="/tmp/bench_transcripts")
     ap.add_argument("--read", type=Path, default=None, help="time reading this transcripts.parquet instead")
     ap.add_argument("--write", type=Path, default=None, help="time writing this transcripts.parquet + aligned copy")
+    ap.add_argument("--transform", type=Path, default=None, help="time mapping this transcripts.parquet's points")
     ap.add_argument("--repeat", type=int, default=2, help="--write: alternating runs of each writer (best counts)")
     args = ap.parse_args(argv)
+    if args.transform is not None:
+        bench_transform(args.transform, max(args.repeat, 1))
+        return
     if args.write is not None:
         bench_write(args.write, Path(args.workdir), args.repeat)
         return

@@ -179,9 +179,8 @@ def test_transcripts_have_a_unique_lazy_index(xcopy, xin, tmp_path, monkeypatch)
 
     from spatialdata_align.io import _transcripts
 
-    pq.write_table(
-        pa.Table.from_pandas(xin.transcripts, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50
-    )
+    tx = xin.transcripts.astype({"x_location": np.float32, "y_location": np.float32})  # as Xenium writes them
+    pq.write_table(pa.Table.from_pandas(tx, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50)
     monkeypatch.setattr(_transcripts, "TRANSCRIPT_BLOCKSIZE", 1)  # one partition per row group
     pts = sda.io.read_xenium(xcopy).points[XENIUM_TRANSCRIPTS]
     assert pts.npartitions == 8 and pts.known_divisions
@@ -255,9 +254,8 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
     from spatialdata_align.io import _transcripts
     from spatialdata_align.registration import Registration
 
-    pq.write_table(
-        pa.Table.from_pandas(xin.transcripts, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50
-    )
+    tx = xin.transcripts.astype({"x_location": np.float32, "y_location": np.float32})  # as Xenium writes them
+    pq.write_table(pa.Table.from_pandas(tx, preserve_index=False), xcopy / "transcripts.parquet", row_group_size=50)
     monkeypatch.setattr(_transcripts, "TRANSCRIPT_BLOCKSIZE", 1)  # one partition per row group
     reads = []
     read = _transcripts._read_row_groups
@@ -290,6 +288,9 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
         native=False,
     )
     aligned = sdata.align.apply(XENIUM_TRANSCRIPTS)
+    part = sdata.points[aligned].partitions[1].compute()  # mapped positions keep the float32 they were given in
+    assert part["x"].dtype == part["y"].dtype == sdata.points[aligned]["x"].dtype == np.float32
+    reads.clear()
     n_parts = sdata.points[XENIUM_TRANSCRIPTS].npartitions
     assert n_parts == 8
     with warnings.catch_warnings():
@@ -322,11 +323,59 @@ def test_written_store_holds_transcripts_and_aligned_copy_read_once(xcopy, xin, 
         a, b = peer.points[name], ours.points[name]
         assert a.npartitions == b.npartitions == n_parts and b.attrs == a.attrs
         pd.testing.assert_frame_equal(b.compute(), a.compute(), check_like=True)
+        # the parts are dask's: same names, schema and pandas metadata (index as __null_dask_index__), floats
+        # written byte-stream-split and the index delta-encoded
+        parts = [sorted((st / "points" / name / "points.parquet").iterdir()) for st in stores]
+        assert [f.name for f in parts[1]] == [f.name for f in parts[0]] and len(parts[0]) == n_parts
+        files = [pq.ParquetFile(f[0]) for f in parts]
+        assert files[1].schema_arrow.remove_metadata() == files[0].schema_arrow.remove_metadata()
+        pandas_md = [json.loads(f.schema_arrow.metadata[b"pandas"]) for f in files]
+        assert [{k: v for k, v in m.items() if k != "creator"} for m in pandas_md[1:]] == [
+            {k: v for k, v in pandas_md[0].items() if k != "creator"}
+        ]
+        assert pandas_md[1]["index_columns"] == ["__null_dask_index__"]
+        rg = files[1].metadata.row_group(0)
+        enc = {rg.column(i).path_in_schema: rg.column(i).encodings for i in range(rg.num_columns)}
+        assert "BYTE_STREAM_SPLIT" in enc["x"] and "DELTA_BINARY_PACKED" in enc["__null_dask_index__"]
+        assert files[1].schema_arrow.field("x").type == pa.float32()  # the aligned copy keeps float32 positions
     back = ours.points[aligned].compute().sort_index()
     assert len(back) == len(df)
     np.testing.assert_allclose(
         back[["x", "y"]].to_numpy(), sdata.align.get("t").transform_points(df[["x", "y"]].to_numpy()), rtol=0, atol=1e-3
     )
+
+
+def test_write_sdata_falls_back_to_dask_for_object_columns(tmp_path):
+    """Points whose column types the meta cannot tell (``object`` strings) are written by dask and read back equal."""
+    import dask
+    import dask.dataframe as dd
+    import spatialdata as sd
+    from spatialdata.models import PointsModel
+
+    from spatialdata_align._write import _parquet_schema, write_sdata
+
+    df = pd.DataFrame(
+        {
+            "x": np.arange(40, dtype=np.float32),
+            "y": np.arange(40, dtype=np.float64) * 2,
+            "gene": pd.Categorical(["a", "b"] * 20),
+            "cell": np.array([f"c{i % 7}" for i in range(40)], dtype=object),
+        }
+    )
+    with dask.config.set({"dataframe.convert-string": False}):  # (dask makes strings arrow strings by default)
+        el = PointsModel.parse(dd.from_pandas(df, npartitions=3), feature_key="gene")
+    assert el["cell"].dtype == object and _parquet_schema(el._meta) is None
+    typed = PointsModel.parse(dd.from_pandas(df.astype({"cell": "string[pyarrow]"}), npartitions=3), feature_key="gene")
+    assert _parquet_schema(typed._meta) is not None
+    sdata = sd.SpatialData(points={"plain": el, "typed": typed})
+    write_sdata(sdata, tmp_path / "ours.zarr")
+    sdata.write(tmp_path / "peer.zarr", update_sdata_path=False)
+    ours, peer = sd.read_zarr(tmp_path / "ours.zarr"), sd.read_zarr(tmp_path / "peer.zarr")
+    for name, src in (("plain", el), ("typed", typed)):
+        assert ours.points[name].npartitions == 3
+        got = ours.points[name].compute()
+        pd.testing.assert_frame_equal(got, peer.points[name].compute())  # what spatialdata's own writer gives
+        pd.testing.assert_frame_equal(got, src.compute(), check_dtype=False)  # (object strings read back as str)
 
 
 def test_public_write_zarr_writes_in_one_pass_and_replaces_only_zarr_stores(xcopy, tmp_path, monkeypatch):

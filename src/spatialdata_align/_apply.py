@@ -11,6 +11,7 @@ import logging
 import anndata as ad
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel, get_table_keys
@@ -20,7 +21,7 @@ from . import _store
 from ._constants import ALIGNED_SUFFIX, SPATIAL_KEY
 from ._elements import (
     annotating_tables,
-    apply_matrix,
+    apply_affine,
     element_kind,
     image_in_cs,
     image_levels,
@@ -35,33 +36,56 @@ logger = logging.getLogger(__name__)
 
 def _mapper(reg: Registration, m_pre: np.ndarray, direction: str):
     """``f(xy_intrinsic) -> xy_out``: element intrinsic → input cs → registration."""
+    identity = np.array_equal(m_pre, np.eye(3))
 
     def f(xy: np.ndarray) -> np.ndarray:
-        return reg.transform_points(apply_matrix(m_pre, np.asarray(xy, dtype=np.float64)), direction)
+        xy = np.asarray(xy, dtype=np.float64)
+        return reg.transform_points(xy if identity else apply_affine(m_pre, xy), direction)
 
     return f
 
 
-#: points transformed at a time inside a partition (bounds the temporary float64/torch arrays)
-POINT_CHUNK = 1_000_000
+#: points transformed at a time inside a partition. The temporaries of one chunk (~15 float64 / index arrays) stay
+#: in the processor's cache: reading and mapping the 26M transcripts of the 168k-cell bundle takes 2.8 s two
+#: partitions at a time with chunks of 65536 points, 4.3 s with chunks of 1M (``python
+#: benchmarks/bench_transcripts.py --transform FILE``, 2026-12-03; the mapping alone 0.7 vs 5.2-7.2 s).
+POINT_CHUNK = 65_536
+
+
+def _mapped_dtype(col) -> np.dtype:
+    """The dtype of a mapped coordinate column.
+
+    The column's own when it is a numpy float (float32 stays float32: the precision the coordinates were given in),
+    else float64 (integer pixel positions do not stay integers).
+    """
+    dt = col.dtype
+    return dt if isinstance(dt, np.dtype) and dt.kind == "f" else np.dtype(np.float64)
 
 
 def _transform_partition(df, reg: Registration, m_pre: np.ndarray, direction: str):
+    """The partition with ``x``, ``y`` mapped (same dtypes); the other columns are shared, not copied."""
     if len(df) == 0:
-        return df
+        return df.astype({c: _mapped_dtype(df[c]) for c in ("x", "y")})
     f = _mapper(reg, m_pre, direction)
-    xy = df[["x", "y"]].to_numpy(dtype=np.float64)
-    out = np.empty_like(xy)
-    for s in range(0, len(xy), POINT_CHUNK):
-        out[s : s + POINT_CHUNK] = f(xy[s : s + POINT_CHUNK])
-    df = df.copy()
-    df["x"] = out[:, 0]
-    df["y"] = out[:, 1]
-    return df
+    x, y = df["x"].to_numpy(), df["y"].to_numpy()
+    new_x, new_y = np.empty(len(df), _mapped_dtype(df["x"])), np.empty(len(df), _mapped_dtype(df["y"]))
+    xy = np.empty((min(len(df), POINT_CHUNK), 2), dtype=np.float64)
+    for s in range(0, len(df), POINT_CHUNK):
+        e = min(s + POINT_CHUNK, len(df))
+        block = xy[: e - s]
+        block[:, 0] = x[s:e]
+        block[:, 1] = y[s:e]
+        mapped = f(block)
+        new_x[s:e] = mapped[:, 0]
+        new_y[s:e] = mapped[:, 1]
+    columns = {c: df[c] for c in df.columns}
+    columns["x"], columns["y"] = new_x, new_y
+    return pd.DataFrame(columns, index=df.index, copy=False)
 
 
 def _points(el, reg, m_pre, direction, out_cs):
-    ddf = el.map_partitions(_transform_partition, reg, m_pre, direction, meta=el._meta)
+    meta = el._meta.astype({c: _mapped_dtype(el._meta[c]) for c in ("x", "y")})
+    ddf = el.map_partitions(_transform_partition, reg, m_pre, direction, meta=meta)
     ddf.attrs.clear()
     feature_key = el.attrs.get("spatialdata_attrs", {}).get("feature_key")
     instance_key = el.attrs.get("spatialdata_attrs", {}).get("instance_key")
@@ -114,7 +138,7 @@ def _element_extent(el_shape: tuple[int, int], m_pre: np.ndarray) -> np.ndarray:
     ny, nx = el_shape
     corners = np.array([[0.0, 0.0], [nx, 0.0], [nx, ny], [0.0, ny]])
     edges = np.concatenate([np.linspace(corners[i], corners[(i + 1) % 4], 50) for i in range(4)])
-    return apply_matrix(m_pre, edges)
+    return apply_affine(m_pre, edges)
 
 
 def _grid_from(sdata, grid, out_cs: str, direction: str, reg, edges_in, dx_in: float, pixel_size):

@@ -14,6 +14,7 @@ import warnings
 import dask.dataframe as dd
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import xarray as xr
 from spatialdata import SpatialData, get_element_annotators, get_pyramid_levels
 from spatialdata.models import (
@@ -25,26 +26,62 @@ from spatialdata.models import (
     get_model,
     get_table_keys,
 )
-from spatialdata.transformations import get_transformation, set_transformation
+from spatialdata.transformations import Identity, get_transformation, set_transformation
 
 from ._constants import REGION_KEY  # noqa: F401  (re-exported for callers)
+from .registration._utils import apply_affine
 
 _XY = ("x", "y")
 
 logger = logging.getLogger(__name__)
 
 
-def parse_lazy_points(ddf, **kwargs):
+def parse_lazy_points(ddf, *, coordinates=None, feature_key=None, instance_key=None, transformations=None):
     """``PointsModel.parse`` for a lazy, partition-wise dask frame (read from parquet or mapped partition-wise).
+
+    A frame already in the points layout (``x``, ``y`` numeric columns, ``feature_key`` categorical with known
+    categories, no ``coordinates`` to rename) keeps its partitions as they are: it gets spatialdata's attributes and
+    transformations and is validated by :meth:`PointsModel.validate`. ``PointsModel.parse`` would select the
+    coordinate columns and assign every other column back, two copies of every partition each time it is computed
+    (the 26M transcripts of the 168k-cell bundle are computed for their original and their aligned copy when written).
+    Other frames go through ``PointsModel.parse``.
 
     dask gives each partition its own RangeIndex; the row order is what matters here, so spatialdata's
     warning about a non-monotonic index (unknown divisions) is silenced for this call only. ``sort=False``
     skips spatialdata's check of the index, which would compute the whole frame (read and transform every
     partition) just to decide that warning: parsing stays lazy.
     """
+    if coordinates is None and _points_layout(ddf, feature_key):
+        attrs = {}
+        if feature_key is not None:
+            attrs[PointsModel.FEATURE_KEY] = feature_key
+        if instance_key is not None:
+            if instance_key not in ddf.columns:
+                raise ValueError(f"instance_key {instance_key!r} is not a column of the points ({list(ddf.columns)}).")
+            attrs[PointsModel.INSTANCE_KEY] = instance_key
+        if attrs:
+            ddf.attrs[PointsModel.ATTRS_KEY] = attrs
+        set_transformation(ddf, dict(transformations or {"global": Identity()}), set_all=True)
+        PointsModel.validate(ddf)
+        return ddf
+    kwargs = {"coordinates": coordinates, "feature_key": feature_key, "instance_key": instance_key}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The index of the dataframe is not monotonic")
-        return PointsModel.parse(ddf, **{"sort": False, **kwargs})
+        return PointsModel.parse(ddf, sort=False, transformations=transformations, **kwargs)
+
+
+def _points_layout(ddf, feature_key) -> bool:
+    """Whether a dask frame is already laid out as ``PointsModel.parse`` would leave it."""
+    numeric = (np.int32, np.int64, np.float32, np.float64)
+    if not all(c in ddf.columns and ddf[c].dtype in numeric for c in ("x", "y")):
+        return False
+    if "z" in ddf.columns and ddf["z"].dtype not in numeric:
+        return False
+    if feature_key is None:
+        return True
+    dtype = ddf.dtypes.get(feature_key)
+    return isinstance(dtype, pd.CategoricalDtype) and ddf[feature_key].cat.known
 
 
 def with_transformations(element, transformations: dict):
@@ -160,11 +197,6 @@ def to_cs_matrix(element, cs: str, name: str = "element") -> np.ndarray:
     return np.asarray(transforms[cs].to_affine_matrix(input_axes=_XY, output_axes=_XY), dtype=np.float64)
 
 
-def apply_matrix(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Apply a ``(3, 3)`` affine to ``(N, 2)`` points."""
-    return xy @ m[:2, :2].T + m[:2, 2]
-
-
 def shapes_xy(gdf) -> np.ndarray:
     """Centres of a shapes GeoDataFrame (circle centres or polygon centroids) in intrinsic units."""
     geom = gdf.geometry
@@ -194,7 +226,7 @@ def element_xy(sdata: SpatialData, name: str, cs: str) -> np.ndarray:
         xy = points_xy(el)
     else:
         raise TypeError(f"element {name!r} is a {kind}, not points or shapes.")
-    return apply_matrix(to_cs_matrix(el, cs, name), xy)
+    return apply_affine(to_cs_matrix(el, cs, name), xy)
 
 
 def image_levels(image) -> list:

@@ -56,7 +56,7 @@ from spatialdata.transformations import Affine, Scale, Sequence, Translation, ge
 
 from . import ngff
 from ._constants import ATTRS_KEY
-from ._elements import apply_matrix, element_kind, image_levels, to_cs_matrix, with_transformations
+from ._elements import apply_affine, element_kind, image_levels, to_cs_matrix, with_transformations
 from .registration import DisplacementField, Registration
 
 #: the table carrying the field arrays of every stored transform
@@ -359,7 +359,7 @@ def _box_in_cs(kind: str, el, cs: str) -> tuple[float, float, float, float]:
         arr = image_levels(el)[0]
         w, h = float(arr.sizes["x"]), float(arr.sizes["y"])
         xy = np.array([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h]])
-    mapped = apply_matrix(m, xy)
+    mapped = apply_affine(m, xy)
     lo, hi = (mapped - half).min(axis=0), (mapped + half).max(axis=0)
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 

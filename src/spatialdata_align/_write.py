@@ -1,18 +1,23 @@
 """Write a SpatialData object to zarr, the points elements' parquet in one pass.
 
 ``SpatialData.write`` writes one element after the other, and a points element is computed and written by
-dask's ``to_parquet`` with pyarrow's defaults. Two things make that slow for aligned transcripts:
+dask's ``to_parquet`` with pyarrow's defaults. Three things make that slow for aligned transcripts:
 
 * the aligned copy (``sdata.align.apply``) is computed lazily from the same partitions as the original, so
   writing the two one after the other reads and decodes ``transcripts.parquet`` twice;
+* dask's ``to_parquet`` resets the index of every partition (a copy of it) and pyarrow's writer sets it back (a
+  second copy) before the table is converted;
 * pyarrow tries a dictionary for every column, the float coordinates included, and gives up on each only after
   1 MB of values per row group.
 
 :func:`write_sdata` lets spatialdata write everything, each points element replaced by an empty one with the same
 columns, attributes and transformations (so every element's zarr metadata is spatialdata's own), then writes the
-parquet parts of all points elements with one dask computation (shared reads), dictionary-encoding only the
-categorical and string columns (the same file layout as spatialdata's: dask's ``to_parquet`` parts, index
-included). The store reads back with :func:`spatialdata.read_zarr` as the same frames.
+parquet parts of all points elements with one dask computation (shared reads). Each partition is converted to arrow
+once, its index as dask's ``__null_dask_index__`` column, with the schema dask infers from the frame's meta, and
+written as dask names it (``part.<i>.parquet``, the same pandas metadata): dictionaries for categorical and string
+columns only, ``BYTE_STREAM_SPLIT`` for floats, delta encoding for the index. A frame whose types the meta does not
+tell (``object`` columns) is written by dask's ``to_parquet``. The store reads back with
+:func:`spatialdata.read_zarr` as the same frames.
 
 The tables are written by spatialdata's own table writer (:func:`spatialdata._io.write_table`, anndata's encoding)
 into an in-memory zarr store, whose files are then written to the store on disk as they are. zarr's local store
@@ -21,10 +26,7 @@ per ``obs`` column, ``uns`` entry, ...), and those, not the bytes, took the time
 demo_out/aligned.zarr`` (the demo's five tables, 263 zarr nodes) measures the two ways.
 
 Measured with ``python benchmarks/bench_transcripts.py --write FILE`` (26M transcripts of a 168k-cell
-``twin_sections`` bundle and their aligned copy, one process, 2 cores): ``SpatialData.write`` 12.9 s, this 8.6 s
-(1.50x), the store 1452 vs 1364 MB, the same frames read back. In the 168k-cell pipeline the write stage went from
-18.4-22.0 s to 14.2-16.8 s over four runs against the previous release (the tables, written by spatialdata either
-way, take 3-5 s of it).
+``twin_sections`` bundle and their aligned copy, one process, 2 cores): see the docstring of :func:`write_zarr`.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 #: the folder spatialdata writes a points element's parquet parts into (``points/<name>/points.parquet``)
 POINTS_PARQUET = "points.parquet"
+
+
+#: the name dask gives an unnamed index in the parquet files it writes (and turns back into an unnamed index on reading)
+NONE_LABEL = "__null_dask_index__"
 
 
 def _dictionary_columns(ddf) -> list[str]:
@@ -44,6 +51,53 @@ def _dictionary_columns(ddf) -> list[str]:
     return [
         str(c) for c, t in ddf.dtypes.items() if isinstance(t, pd.CategoricalDtype) or pd.api.types.is_string_dtype(t)
     ]
+
+
+def _parquet_schema(meta: pd.DataFrame):
+    """The arrow schema dask's ``to_parquet`` infers from a frame's meta (index as ``NONE_LABEL``), or ``None``.
+
+    ``None`` when a column's type cannot be told from the meta alone (an ``object`` column: dask samples the data
+    for those) or the index is named: such frames are written by dask itself.
+    """
+    import pyarrow as pa
+
+    if meta.index.name is not None or NONE_LABEL in meta.columns:
+        return None
+    schema = pa.Schema.from_pandas(meta.rename_axis(NONE_LABEL), preserve_index=True)
+    if any(pa.types.is_null(f.type) for f in schema):
+        return None
+    return schema
+
+
+def _write_options(schema) -> dict:
+    """Options of ``pyarrow.parquet.write_table`` for a points element's parts.
+
+    Dictionaries for categorical and string columns, ``BYTE_STREAM_SPLIT`` for float columns and delta encoding
+    for the index: the 26M transcripts of the 168k-cell bundle take 503 MB per copy instead of 682 MB, encoded in
+    the same time (``python benchmarks/bench_transcripts.py --write FILE``).
+    """
+    import pyarrow as pa
+
+    dictionary = [f.name for f in schema if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type)
+                  or pa.types.is_large_string(f.type)]  # fmt: skip
+    encoding = {f.name: "BYTE_STREAM_SPLIT" for f in schema if pa.types.is_floating(f.type)}
+    if pa.types.is_integer(schema.field(NONE_LABEL).type):
+        encoding[NONE_LABEL] = "DELTA_BINARY_PACKED"
+    return {"compression": "snappy", "use_dictionary": dictionary, "column_encoding": encoding}
+
+
+def _write_part(df: pd.DataFrame, folder: str, schema, options: dict, partition_info=None) -> pd.DataFrame:
+    """Write one partition as ``folder/part.<i>.parquet``, as dask's ``to_parquet`` names and lays it out.
+
+    The index is written as the column ``NONE_LABEL`` through the pandas metadata (what dask does after a
+    ``reset_index`` and a ``set_index`` of the whole partition, two copies of it that are skipped here).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df.rename_axis(NONE_LABEL, copy=False), schema=schema, preserve_index=True, nthreads=1)
+    pq.write_table(table, f"{folder}/part.{partition_info['number']}.parquet", **options)
+    return pd.DataFrame({"rows": [len(df)]})
 
 
 def _copy_frame(part: tuple[pd.DataFrame, str]) -> pd.DataFrame:
@@ -107,7 +161,13 @@ def write_sdata(sdata, path) -> None:
             )
         shutil.rmtree(folder)
         frame = _parquet_frame(el)
-        writes.append(frame.to_parquet(folder, compute=False, use_dictionary=_dictionary_columns(frame)))
+        schema = _parquet_schema(frame._meta)
+        if schema is None:
+            writes.append(frame.to_parquet(folder, compute=False, use_dictionary=_dictionary_columns(frame)))
+            continue
+        folder.mkdir()
+        meta = pd.DataFrame({"rows": pd.Series([], dtype=np.int64)})
+        writes.append(frame.map_partitions(_write_part, str(folder), schema, _write_options(schema), meta=meta))
     if writes:
         dask.compute(*writes)
     from spatialdata._io.io_zarr import _write_consolidated_metadata
@@ -150,8 +210,9 @@ def write_zarr(sdata, path, *, overwrite: bool = False) -> Path:
     The store is spatialdata's own (read it with :func:`spatialdata.read_zarr`). The aligned transcripts that
     ``sdata.align.apply`` makes are computed from the same partitions as the original ones, and
     ``SpatialData.write`` reads and decodes those twice (one element after the other); here every points element is
-    written in one pass (26M transcripts and their aligned copy: 8.6 s vs 12.9 s, a store of 1364 vs 1452 MB;
-    ``python benchmarks/bench_transcripts.py --write FILE``). ``spatialdata-align run`` writes with it.
+    written in one pass, each partition converted to arrow once (26M transcripts and their aligned copy, 2 cores,
+    2026-12-03: 8.9 s vs 16.0 s, a store of 1006 vs 1452 MB; ``python benchmarks/bench_transcripts.py --write
+    FILE``). ``spatialdata-align run`` writes with it.
 
     Parameters
     ----------

@@ -248,9 +248,11 @@ def _read_transcripts(file: Path):
         warnings.warn(f"{file} holds no transcripts (no rows); the transcripts are not read.", stacklevel=3)
         return None
     columns = list(ddf.columns)
-    coords = {"x": "x_location", "y": "y_location"}
-    if "z_location" in columns:
-        coords["z"] = "z_location"
+    coords = None  # read_transcripts_parquet names them x, y, z already
+    if "x_location" in columns:
+        coords = {"x": "x_location", "y": "y_location"}
+        if "z_location" in columns:
+            coords["z"] = "z_location"
     return parse_lazy_points(
         ddf,
         coordinates=coords,

@@ -30,8 +30,9 @@ import numpy as np
 
 from ._utils import check_points
 
-#: points interpolated at a time (bounds the temporary arrays: ~10 float64 arrays of this length)
-CHUNK = 1_000_000
+#: points interpolated at a time: ~10 temporary float64 arrays of this length, small enough to stay in the processor's
+#: cache (see ``POINT_CHUNK`` in ``spatialdata_align._apply``)
+CHUNK = 65_536
 
 
 @dataclass(frozen=True, eq=False)

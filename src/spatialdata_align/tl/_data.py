@@ -33,7 +33,7 @@ from .._constants import (
     XENIUM_CONTROL_PREFIXES,
     XENIUM_TABLE,
 )
-from .._elements import annotating_tables, apply_matrix, shapes_xy, to_cs_matrix
+from .._elements import annotating_tables, apply_affine, shapes_xy, to_cs_matrix
 
 _XY = ("x", "y")
 
@@ -108,7 +108,7 @@ def modality(sdata: SpatialData, element: str, table_name: str | None, cs: str) 
             f"{table.n_obs - len(gdf)} rows of table {table_name!r} have no geometry in {element!r} "
             f"(e.g. {instance_key} {missing})."
         )
-    xy = apply_matrix(m, shapes_xy(gdf))
+    xy = apply_affine(m, shapes_xy(gdf))
     radius = None
     if "radius" in gdf.columns:
         scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))

@@ -17,7 +17,7 @@ from spatialdata.transformations import Identity, get_transformation, set_transf
 
 from .. import _store
 from .._constants import ALIGNED_SUFFIX, MATCH_WEIGHT_KEY, SHARED_REGION_KEY, VISIUM_CS
-from .._elements import apply_matrix, shapes_xy, to_cs_matrix
+from .._elements import apply_affine, shapes_xy, to_cs_matrix
 from . import _data
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def _as_region(sdata: SpatialData, region, cs: str, key: str):
 def _points_partition(df, m, prepared):
     if len(df) == 0:
         return df
-    xy = apply_matrix(m, df[["x", "y"]].to_numpy(dtype=np.float64))
+    xy = apply_affine(m, df[["x", "y"]].to_numpy(dtype=np.float64))
     return df[shapely.contains_xy(prepared, xy[:, 0], xy[:, 1])]
 
 
@@ -356,7 +356,7 @@ def subset_shared(
         if twin in masks and masks[twin].index.equals(gdf.index):
             mask = masks[twin].to_numpy()
         elif _data.in_cs(gdf, cs):
-            xy = apply_matrix(to_cs_matrix(gdf, cs, name), shapes_xy(gdf))
+            xy = apply_affine(to_cs_matrix(gdf, cs, name), shapes_xy(gdf))
             mask = shapely.contains_xy(prepared, xy[:, 0], xy[:, 1])
         else:
             unmapped.append(name)
