@@ -38,8 +38,7 @@ def _mapper(reg: Registration, m_pre: np.ndarray, direction: str):
     """``f(xy_intrinsic) -> xy_out``: element intrinsic → input cs → registration."""
     identity = np.array_equal(m_pre, np.eye(3))
 
-    def f(xy: np.ndarray) -> np.ndarray:
-        xy = np.asarray(xy, dtype=np.float64)
+    def f(xy: np.ndarray) -> np.ndarray:  # (both convert to float64)
         return reg.transform_points(xy if identity else apply_affine(m_pre, xy), direction)
 
     return f

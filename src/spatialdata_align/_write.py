@@ -69,21 +69,20 @@ def _parquet_schema(meta: pd.DataFrame):
     return schema
 
 
-def _write_options(schema) -> dict:
+def _write_options(frame, schema) -> dict:
     """Options of ``pyarrow.parquet.write_table`` for a points element's parts.
 
-    Dictionaries for categorical and string columns, ``BYTE_STREAM_SPLIT`` for float columns and delta encoding
-    for the index: the 26M transcripts of the 168k-cell bundle take 503 MB per copy instead of 682 MB, encoded in
-    the same time (``python benchmarks/bench_transcripts.py --write FILE``).
+    Dictionaries for categorical and string columns (:func:`_dictionary_columns`, as for dask's writer),
+    ``BYTE_STREAM_SPLIT`` for float columns and delta encoding for the index: the 26M transcripts of the 168k-cell
+    bundle take 503 MB per copy instead of 682 MB, encoded in the same time (``python
+    benchmarks/bench_transcripts.py --write FILE``).
     """
     import pyarrow as pa
 
-    dictionary = [f.name for f in schema if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type)
-                  or pa.types.is_large_string(f.type)]  # fmt: skip
     encoding = {f.name: "BYTE_STREAM_SPLIT" for f in schema if pa.types.is_floating(f.type)}
     if pa.types.is_integer(schema.field(NONE_LABEL).type):
         encoding[NONE_LABEL] = "DELTA_BINARY_PACKED"
-    return {"compression": "snappy", "use_dictionary": dictionary, "column_encoding": encoding}
+    return {"compression": "snappy", "use_dictionary": _dictionary_columns(frame), "column_encoding": encoding}
 
 
 def _write_part(df: pd.DataFrame, folder: str, schema, options: dict, partition_info=None) -> pd.DataFrame:
@@ -167,7 +166,7 @@ def write_sdata(sdata, path) -> None:
             continue
         folder.mkdir()
         meta = pd.DataFrame({"rows": pd.Series([], dtype=np.int64)})
-        writes.append(frame.map_partitions(_write_part, str(folder), schema, _write_options(schema), meta=meta))
+        writes.append(frame.map_partitions(_write_part, str(folder), schema, _write_options(frame, schema), meta=meta))
     if writes:
         dask.compute(*writes)
     from spatialdata._io.io_zarr import _write_consolidated_metadata

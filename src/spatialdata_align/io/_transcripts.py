@@ -26,8 +26,8 @@ _FILE_NAME = {v: k for k, v in COORDINATES.items()}
 def _layout(file_columns) -> list[str]:
     """The file's columns in the frame's order: coordinates, feature name, cell id, then the others as in the file.
 
-    This is the layout ``PointsModel.parse`` gives transcripts, so the frame needs no reordering copy when it becomes
-    a points element; a file column already called ``x``, ``y`` or ``z`` is left out, as parse drops it.
+    The coordinates come first, as ``PointsModel.parse`` puts them, so the frame needs no reordering copy when it
+    becomes a points element; a file column already called ``x``, ``y`` or ``z`` is left out, as parse drops it.
     """
     first = [c for c in (*COORDINATES, "feature_name", "cell_id") if c in file_columns]
     return first + [c for c in file_columns if c not in first and c not in _FILE_NAME]
