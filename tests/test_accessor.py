@@ -256,6 +256,54 @@ def test_lddmm_with_cell_type_channels(twin):
     assert used == "raw" and img.sizes["c"] == 3
 
 
+def test_cells_per_mm2_measures_tissue_not_its_bounding_box():
+    from spatialdata_align._accessor import cells_per_mm2
+
+    rng = np.random.default_rng(0)
+    # 900 cells/mm² over a 3 x 2 mm section
+    xy = rng.uniform((0, 0), (3000, 2000), size=(5400, 2))
+    assert 850 <= cells_per_mm2(xy) <= 950
+    # the same density in a ring (outer radius 1.5 mm, hole 0.8 mm): the hole and the corners are not tissue
+    r = np.sqrt(rng.uniform(800**2, 1500**2, 20000))
+    t = rng.uniform(0, 2 * np.pi, 20000)
+    ring = np.c_[r * np.cos(t), r * np.sin(t)]
+    area_mm2 = np.pi * (1.5**2 - 0.8**2)
+    n = round(900 * area_mm2)
+    assert 800 <= cells_per_mm2(ring[:n]) <= 950  # bins along both edges count whole: a little low
+    assert 3060 <= cells_per_mm2(ring[: 4 * n]) <= 3600  # 3600 cells/mm²: within 15 % in a 0.7 mm wide ring
+    assert cells_per_mm2(np.empty((0, 2))) == 0.0
+
+
+def test_lddmm_optimises_sparse_sources_longer(twin, monkeypatch):
+    """Without tol/max_iter, a sparse source gets the longer optimisation; a dense one or a user's choice does not."""
+    from spatialdata_align import _accessor, _store
+
+    seen = []
+
+    def engine(*args, **kw):  # record what the accessor asks for, fit briefly
+        seen.append({k: kw.get(k) for k in ("tol", "max_iter")})
+        return lddmm(*args, **{**kw, "max_iter": 2, "tol": 0.02})
+
+    monkeypatch.setattr(_accessor, "lddmm", engine)
+    sd = sda.io.read_pair(twin.xenium_path, twin.visium_path, transcripts=False)
+    sd.align.set_landmarks(source=twin.truth.landmarks_source[:4], target=twin.truth.landmarks_target[:4])
+    sd.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+    sd.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="density", key="dense", **LDDMM_KW)  # ~4400 cells/mm²
+    assert seen[-1] == {"tol": None, "max_iter": None}
+    assert _store.get_entry(sd, "dense")["sparse_optimisation"] is False
+    sparse = sd
+    del sparse.tables[XENIUM_TABLE]  # no table annotating the thinned cells
+    sparse.shapes[XENIUM_CELLS] = sparse.shapes[XENIUM_CELLS].iloc[::6]  # ~730 cells/mm²
+    sparse.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="density", key="sparse", **LDDMM_KW)
+    assert seen[-1] == {"tol": 0.005, "max_iter": (400, 300, 300)}
+    assert _store.get_entry(sparse, "sparse")["sparse_optimisation"] is True
+    sparse.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="density", key="two", scales=(2, 1), **LDDMM_KW)
+    assert seen[-1] == {"tol": 0.005, "max_iter": (400, 300)}
+    sparse.align.lddmm(XENIUM_CELLS, VISIUM_HIRES, channels="density", key="own", tol=0.01, **LDDMM_KW)
+    assert seen[-1] == {"tol": 0.01, "max_iter": None}
+    assert _store.get_entry(sparse, "own")["sparse_optimisation"] is False
+
+
 def test_lddmm_through_the_accessor_matches_the_engine_and_the_truth(fitted, twin):
     sd, fit, reg = fitted
     cells = element_xy(sd, XENIUM_CELLS, XENIUM_CS)

@@ -7,6 +7,7 @@ private xarray machinery.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from typing import Any
@@ -41,6 +42,7 @@ from .registration import (
     rasterize,
     stain_densities,
 )
+from .registration import _lddmm as _engine
 from .registration._landmarks import AFFINE_SHAPE_PRIOR
 from .registration._utils import check_points
 
@@ -61,6 +63,49 @@ DEFAULT_TARGET_CHANNELS = "stains"
 DEFAULT_DX = 20.0
 #: largest target image (pixels) read for registration; finer levels/images are block-averaged
 MAX_TARGET_PIXELS = 4_000_000
+
+#: a source with fewer cells than this per mm² of tissue (:func:`cells_per_mm2`) is optimised longer by
+#: sdata.align.lddmm (:data:`SPARSE_OPTIMISATION`), unless ``tol`` or ``max_iter`` is given. The boundary between the
+#: issue's two density classes (~900 and >= 2000 cells/mm²); on the validation corpus 100 µm bins measure 0.9-1.0x
+#: the generators' density (sections at 900 read 811-983, at 2000 read 1772-1945)
+SPARSE_CELLS_PER_MM2 = 1500.0
+#: the longer optimisation of sparse sources: a 4x tighter convergence tolerance and higher caps per level (the
+#: defaults are ``tol=0.02``, ``max_iter=(200, 100, 50)``). On sparse sections the fit was still improving when the
+#: default test stopped it: 16 fresh pairs at 900 cells/mm² (seeds 3 and 6, eight families) mean median 23.6 -> 22.3
+#: µm, 14 of 16 better (brain-arch 15.7 -> 11.6 and 14.2 -> 10.9), at 1.3-4.9x the time; at 2000 cells/mm² (seed
+#: 3) mixed (mean 28.7 -> 28.0, two pairs worse by more than 1 µm), so dense sources keep the defaults
+#: (docs/accuracy.md, "Does it stop too early there?")
+SPARSE_OPTIMISATION = {"tol": 0.005, "max_iter": (400, 300, 300)}
+#: bin side (µm) of :func:`cells_per_mm2`: large enough that sparse tissue (~300 cells/mm² in fat) leaves few bins empty
+DENSITY_BIN_UM = 100.0
+
+
+def cells_per_mm2(xy_um: np.ndarray, bin_um: float = DENSITY_BIN_UM) -> float:
+    """Cells per mm² of tissue: the number of cells over the area of the ``bin_um`` µm bins holding at least one.
+
+    ``xy_um``: ``(N, 2)`` cell positions in µm. The tissue's own area, not its bounding box's (holes, fat, the
+    outline), to within a bin along the edge.
+    """
+    xy = np.asarray(xy_um, dtype=float)
+    if not len(xy):
+        return 0.0
+    ij = np.floor((xy - xy.min(axis=0)) / float(bin_um)).astype(np.int64)
+    occupied = len(np.unique(ij[:, 0] * (int(ij[:, 1].max()) + 1) + ij[:, 1]))
+    return len(xy) / (occupied * float(bin_um) ** 2 / 1e6)
+
+
+def optimisation_defaults(xy_um: np.ndarray, n_levels: int = 3) -> tuple[dict, float]:
+    """``(tol/max_iter keyword arguments, cells per mm²)`` for a source: :data:`SPARSE_OPTIMISATION` if it is sparse.
+
+    ``{}`` (the engine's own defaults) for a source with at least :data:`SPARSE_CELLS_PER_MM2` cells per mm²
+    (:func:`cells_per_mm2`). ``n_levels``: the number of levels (``scales``); the first keeps the first cap, the
+    others the second.
+    """
+    density = cells_per_mm2(xy_um)
+    if density >= SPARSE_CELLS_PER_MM2:
+        return {}, density
+    caps = SPARSE_OPTIMISATION["max_iter"]
+    return {"tol": SPARSE_OPTIMISATION["tol"], "max_iter": (caps[0],) + (caps[1],) * (n_levels - 1)}, density
 
 
 #: below this score margin over the best other orientation, an automatic initialisation is reported as ambiguous.
@@ -682,7 +727,10 @@ class AlignAccessor:
             out from that choice from 20.0 to 19.1 µm (5 better, 3 worse; ``docs/accuracy.md``).
         **params
             Passed to :func:`~spatialdata_align.registration.lddmm` (``a``, ``sigma_r``,
-            ``scales``, ``max_iter``, ``progress``, ...).
+            ``scales``, ``max_iter``, ``progress``, ...). Without ``tol`` and ``max_iter``, a sparse source (fewer
+            than :data:`SPARSE_CELLS_PER_MM2` cells per mm² of tissue, :func:`cells_per_mm2`) is optimised longer
+            (:data:`SPARSE_OPTIMISATION`: ``tol=0.005``, ``max_iter=(400, 300, 300)``); the fit's ``params`` record
+            what was used and the stored entry ``sparse_optimisation`` whether the rule applied.
 
         Returns
         -------
@@ -722,6 +770,13 @@ class AlignAccessor:
         kw = {"contrast_degree": 3, "source_units": "um", "target_units": "px"}
         kw["target_blur"] = float((dx if blur is None else blur) if target_blur is None else target_blur)
         kw.update(params)
+        sparse = {}
+        if "tol" not in params and "max_iter" not in params and kw.get("source_units") == "um":
+            n_levels = np.size(params.get("scales", inspect.signature(_engine.lddmm).parameters["scales"].default))
+            sparse, density = optimisation_defaults(xy, n_levels)
+            kw.update(sparse)
+            longer = "; optimised longer" if sparse else ""
+            logger.info("source %r: %.0f cells per mm² of tissue%s", source, density, longer)
         lm_key = _landmark_set(entry_method, landmarks)
         if lm_key is not None:
             src_lm, dst_lm = self.landmarks(lm_key)
@@ -747,6 +802,7 @@ class AlignAccessor:
                 "n_types": int(n_types),
                 "target_channels": tgt_used,
                 "landmark_set": lm_key,
+                "sparse_optimisation": bool(sparse),
                 **init_fit,
             },
             native=False,
