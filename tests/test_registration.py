@@ -746,6 +746,11 @@ def test_lddmm_field_of_view_keeps_a_cut_edge_in_place():
     assert x0 is None and y0 is None and y1 is None and 430 < x1 < 460  # the cut, at the tissue's half level - 1 px
     d = reg.transform_points(cells[near]) - cells[near]
     assert abs(d[:, 0].mean()) < 3.0
+    # the stored box (None for an open side) is a valid field_of_view: the accuracy estimate's refits pass it back
+    again = lddmm(source, target, **{**kw, "max_iter": (2, 2), "field_of_view": reg.params["field_of_view"]})
+    assert again.params["field_of_view"] == reg.params["field_of_view"]
+    with pytest.raises(ValueError, match="field_of_view must be"):
+        lddmm(source, target, **{**kw, "field_of_view": [None, None, 5.0, "x"]})
     old = lddmm(source, target, field_of_view=None, **kw)
     assert old.params["field_of_view"] is None
     assert (old.transform_points(cells[near]) - cells[near])[:, 0].mean() > 8.0

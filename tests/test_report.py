@@ -259,6 +259,7 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
         seen["sigma_p"] = kw.get("sigma_p")
         seen["kind"], seen["shape_prior"] = kw.get("kind"), kw.get("shape_prior")
         seen["target_blur"] = kw.get("target_blur")
+        seen["field_of_view"] = kw.get("field_of_view", "not passed")
         n = len(src)
         return _quality.LooResult(errors=np.zeros(n), affine_errors=np.zeros(n), folds=[], runtime_s=0.0)
 
@@ -281,6 +282,9 @@ def test_held_out_refits_use_the_fitted_source_channels(run, monkeypatch):
     assert final.params["target_channels"] == 2 and seen["target"] == ["haematoxylin", "eosin"]
     # blurred as the fit's target was: by the source raster's blur (dx, 20 µm, by default)
     assert final.params["target_blur"] == pytest.approx(20.0) and seen["target_blur"] == pytest.approx(20.0)
+    # and with the fit's field of view, as stored (None for an open side; the engine takes it back, see
+    # test_lddmm_field_of_view_keeps_a_cut_edge_in_place)
+    assert seen["field_of_view"] == final.params["field_of_view"]
     # a store written before the target channels were recorded registered the raw image: so do its refits
     entry = sda_store.get_entry(back, "xenium_to_visium_lddmm")
     del entry["target_channels"]

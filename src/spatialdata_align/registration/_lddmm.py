@@ -219,7 +219,13 @@ def field_of_view_box(source: Image, target: Image, affine: np.ndarray, sigma_m:
     if field_of_view is None:
         return None
     if not isinstance(field_of_view, str):
-        box = tuple(float(b) for b in np.ravel(field_of_view))
+        # None for an open side, as ``params["field_of_view"]`` stores it (so a fit's box can be passed to a refit)
+        sides = list(field_of_view)
+        open_ = (-np.inf, np.inf, -np.inf, np.inf)
+        try:
+            box = tuple(open_[i] if b is None else float(b) for i, b in enumerate(sides)) if len(sides) == 4 else ()
+        except (TypeError, ValueError):
+            box = ()
         if len(box) != 4 or any(np.isnan(box)) or box[0] >= box[1] or box[2] >= box[3]:
             raise ValueError(
                 "field_of_view must be 'auto', None or (x0, x1, y0, y1) with x0 < x1 and y0 < y1; "
@@ -701,7 +707,8 @@ def lddmm(
         Where the source was observed. ``"auto"`` (default): the sides of the bounding box of the source's tissue
         (in its own frame) along which the target's tissue goes on, through ``affine``: there a rectangular region of
         interest (a Xenium region is a rectangle of fields of view) cut through the section
-        (:func:`field_of_view_box`). ``(x0, x1, y0, y1)`` in source units (``±inf`` for an open side): that box.
+        (:func:`field_of_view_box`). ``(x0, x1, y0, y1)`` in source units (``±inf`` or ``None`` for an open side):
+        that box.
         ``None``: everywhere (an empty source means glass). Target pixels outside the field of view cost what an
         observed pixel of their colour costs on average, whatever the deformation (:class:`~._data.MixtureTerm`,
         ``fov``), so the source's cut is not stretched over the tissue beyond it. The box found is in
