@@ -212,6 +212,25 @@ def test_landmarks_in_other_units_get_a_specific_hint(twin, what, needle):
     assert needle in str(e.value)
 
 
+def test_correct_landmarks_outside_the_others_spread_are_not_called_typos():
+    """Four correct landmarks of a validation pair (``cortex`` at 900 cells/mm², seed 7: 8-15 µm clicks, a smooth
+    warp and anisotropic scale): ``granular_-0.20`` lies outside the triangle of the other three, whose affine places
+    it 659 µm away by extrapolation. The plain held-out error called it a typo and refused the run; at its leverage
+    in the others' fit it is an ordinary click. Fails when the held-out errors are compared without the leverage."""
+    src = np.array([[3411.82, 1061.57], [1393.34, 1946.52], [2517.54, 1403.74], [1255.83, 998.94]])
+    dst = np.array([[1535.60, 4841.37], [3364.96, 1100.82], [2440.25, 3223.08], [4677.81, 2397.21]])
+    res = _checks.check_landmarks(src, dst, file="lm.csv", um_per_px=0.63006, flip=True)
+    assert not res.outliers and res.findings == []
+    assert res.loo_um[3] > 600  # the held-out error itself is still reported as it is
+    # a click 600 µm off among six well-spread landmarks is still named
+    src6 = np.array([[0.0, 0.0], [2000.0, 0.0], [0.0, 2000.0], [2000.0, 2000.0], [1000.0, 1000.0], [1000.0, 2600.0]])
+    dst6 = src6 * 3.6 + [4000.0, 3000.0] + np.random.default_rng(0).normal(0, 30, src6.shape)
+    dst6[4] += [600.0 * 3.6, 0.0]
+    with pytest.raises(_checks.PlausibilityError, match="typo") as e:
+        _checks.check_landmarks(src6, dst6, file="lm.csv", um_per_px=1 / 3.6)
+    assert "line 6" in str(e.value)
+
+
 def test_too_few_and_disagreeing_landmarks():
     """Two pairs are refused as too few (not as a line); three that no rotation + scale maps onto each other are
     flagged, since with three the wrong one cannot be named."""
