@@ -440,3 +440,27 @@ def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):
             seg = np.concatenate([p for p in lines[0].allsegs[0]])
             assert len(seg) > 10
         fig.clf()
+
+
+def test_accuracy_estimate_refits_a_fit_that_found_a_cut(tmp_path):
+    """A torn section whose Xenium region cuts through the tissue on one side (``damaged``, seed 0, 900 cells/mm²):
+    the fit's field of view has open sides (stored as None), and the held-out refits, which repeat the fit's
+    parameters, take it back. Until 2026-12-03 every such run died at the accuracy estimate (TypeError)."""
+    import spatialdata_align as sda
+    from spatialdata_align._pipeline import run_pipeline
+
+    pair = sda.datasets.pair_family("damaged", tmp_path / "pair", seed=0, density=900)
+    res = run_pipeline(
+        pair.xenium_path,
+        pair.visium_path,
+        landmarks=pair.landmarks_path,
+        dx=40.0,
+        max_refits=2,
+        flip=True,
+        verbose=False,
+        progress=False,
+    )
+    fov = res.sdata.align.get("xenium_to_visium_lddmm").params["field_of_view"]
+    assert fov is not None and None in fov and any(b is not None for b in fov)
+    assert res.assessment.metrics["loo_refits"] == 2
+    assert np.isfinite(res.assessment.metrics["loo_lddmm_um"]["median"])
