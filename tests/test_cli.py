@@ -72,6 +72,10 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     assert all((report / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     summary = json.loads((report / "summary.json").read_text())
     assert summary["n_cells"] == 8000 and summary["n_shared_genes"] > 50
+    # a dense section: the engine's own stopping rule (see test_accuracy_estimate_refits_a_fit_that_found_a_cut)
+    lsum = summary["lddmm"]
+    assert lsum["sparse_optimisation"] is False and lsum["cells_per_mm2"] > 1500, lsum
+    assert summary["lddmm"]["tol"] == 0.02
     assert set(summary["time_per_stage_s"]) >= {"LDDMM", "read Xenium + Visium", f"write {out}", f"report {report}"}
     corr = pd.read_csv(report / "gene_correlations.csv")
     assert corr.set_index("gene").loc["EGFR", "pearson"] > 0.3

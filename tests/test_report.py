@@ -463,4 +463,8 @@ def test_accuracy_estimate_refits_a_fit_that_found_a_cut(tmp_path):
     fov = res.sdata.align.get("xenium_to_visium_lddmm").params["field_of_view"]
     assert fov is not None and None in fov and any(b is not None for b in fov)
     assert res.assessment.metrics["loo_refits"] == 2
+    # a sparse section (900 cells/mm²): optimised longer, and the summary says so
+    lsum = res.summary["lddmm"]
+    assert lsum["sparse_optimisation"] is True and 700 < lsum["cells_per_mm2"] < 1100
+    assert lsum["tol"] == 0.005 and list(lsum["max_iter"]) == [400, 300, 300]
     assert np.isfinite(res.assessment.metrics["loo_lddmm_um"]["median"])

@@ -730,7 +730,8 @@ class AlignAccessor:
             ``scales``, ``max_iter``, ``progress``, ...). Without ``tol`` and ``max_iter``, a sparse source (fewer
             than :data:`SPARSE_CELLS_PER_MM2` cells per mm² of tissue, :func:`cells_per_mm2`) is optimised longer
             (:data:`SPARSE_OPTIMISATION`: ``tol=0.005``, ``max_iter=(400, 300, 300)``); the fit's ``params`` record
-            what was used and the stored entry ``sparse_optimisation`` whether the rule applied.
+            what was used, the stored entry ``sparse_optimisation`` whether the rule applied and ``cells_per_mm2``
+            the density it saw.
 
         Returns
         -------
@@ -770,7 +771,7 @@ class AlignAccessor:
         kw = {"contrast_degree": 3, "source_units": "um", "target_units": "px"}
         kw["target_blur"] = float((dx if blur is None else blur) if target_blur is None else target_blur)
         kw.update(params)
-        sparse = {}
+        sparse, density = {}, None
         if "tol" not in params and "max_iter" not in params and kw.get("source_units") == "um":
             n_levels = np.size(params.get("scales", inspect.signature(_engine.lddmm).parameters["scales"].default))
             sparse, density = optimisation_defaults(xy, n_levels)
@@ -803,6 +804,7 @@ class AlignAccessor:
                 "target_channels": tgt_used,
                 "landmark_set": lm_key,
                 "sparse_optimisation": bool(sparse),
+                "cells_per_mm2": None if density is None else round(float(density), 1),
                 **init_fit,
             },
             native=False,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _store
 from ._constants import (
     PSEUDO_SPOTS_KEY,
     SHARED_REGION_KEY,
@@ -225,6 +225,7 @@ def run_pipeline(
             params = dict(PIPELINE_LDDMM, progress=progress)
             params.update(lddmm_params or {})
             reg = sdata.align.lddmm(XENIUM_CELLS, target, dx=dx, **params)
+            lddmm_entry = _store.get_entry(sdata, sdata.align._key(None))
         with stages("apply to cells (and transcripts)"):
             sdata.align.apply(XENIUM_CELLS)
             if XENIUM_TRANSCRIPTS in sdata:
@@ -280,6 +281,10 @@ def run_pipeline(
             "lddmm": {
                 "iterations": len(reg.energy),
                 "levels": reg.params.get("levels"),
+                # the stopping rule used: the engine's defaults, or the longer optimisation of sparse sources
+                "tol": reg.params.get("tol"),
+                "max_iter": reg.params.get("max_iter"),
+                **{k: lddmm_entry.get(k) for k in ("sparse_optimisation", "cells_per_mm2")},
                 "runtime_s": round(float(reg.params.get("runtime_s", np.nan)), 3),
             },
             "input_problems": [str(f) for f in findings],
