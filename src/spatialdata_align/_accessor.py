@@ -72,9 +72,10 @@ SPARSE_CELLS_PER_MM2 = 1500.0
 #: the longer optimisation of sparse sources: a 4x tighter convergence tolerance and higher caps per level (the
 #: defaults are ``tol=0.02``, ``max_iter=(200, 100, 50)``). On sparse sections the fit was still improving when the
 #: default test stopped it: 16 fresh pairs at 900 cells/mm² (seeds 3 and 6, eight families) mean median 23.6 -> 22.3
-#: µm, 14 of 16 better (brain-arch 15.7 -> 11.6 and 14.2 -> 10.9), at 1.3-4.9x the time; at 2000 cells/mm² (seed
-#: 3) mixed (mean 28.7 -> 28.0, two pairs worse by more than 1 µm), so dense sources keep the defaults
-#: (docs/accuracy.md, "Does it stop too early there?")
+#: µm, 14 of 16 better (brain-arch 15.7 -> 11.6 and 14.2 -> 10.9), at 1.3-4.9x the time; 8 pairs generated after
+#: the rule was fixed (seed 7 at 900) 25.3 -> 22.5 µm, 5 of 8 better; at 2000 cells/mm² (seed 3) mixed (mean 28.7 ->
+#: 28.0, two pairs worse by more than 1 µm), so dense sources keep the defaults (docs/accuracy.md, "Sparse sources are
+#: optimised longer")
 SPARSE_OPTIMISATION = {"tol": 0.005, "max_iter": (400, 300, 300)}
 #: bin side (µm) of :func:`cells_per_mm2`: large enough that sparse tissue (~300 cells/mm² in fat) leaves few bins empty
 DENSITY_BIN_UM = 100.0

@@ -664,7 +664,7 @@ def _landmark_label(names, i: int, file) -> str:
     return f"{name!r}{line}"
 
 
-def _held_out_leverage(s: np.ndarray, inliers: np.ndarray, extrapolation) -> np.ndarray:
+def _held_out_leverage(s: np.ndarray, inliers: np.ndarray) -> np.ndarray:
     """``sqrt(1 + h_i)`` per landmark: its held-out error in units of the landmarks' own placement error.
 
     ``h_i`` is landmark ``i``'s leverage in the affine fit of the other inliers
@@ -675,12 +675,14 @@ def _held_out_leverage(s: np.ndarray, inliers: np.ndarray, extrapolation) -> np.
     landmarks outside the other three's triangle), these normalised ones in none; a click moved by 250 / 800 µm
     was named in 31 / 86 of 234 trials (27 / 84 before).
     """
+    from .registration._quality import landmark_extrapolation
+
     lev = np.ones(len(s))
     for i in range(len(s)):
         others = inliers.copy()
         others[i] = False
         if others.sum() >= 2:
-            h = float(extrapolation(s, s[i : i + 1], use=others)[0])
+            h = float(landmark_extrapolation(s, s[i : i + 1], use=others)[0])
             lev[i] = np.sqrt(1.0 + h * h) if np.isfinite(h) else 1.0
     return lev
 
@@ -729,7 +731,7 @@ def check_landmarks(
     """
     from .registration import fit_affine
     from .registration._landmarks import AFFINE_SHAPE_PRIOR
-    from .registration._quality import fit_matrix, landmark_extrapolation, landmark_loo, robust_landmark_fit
+    from .registration._quality import fit_matrix, landmark_loo, robust_landmark_fit
     from .registration._utils import apply_affine
 
     s = np.asarray(src, float).reshape(-1, 2)
@@ -766,7 +768,7 @@ def check_landmarks(
     if n >= 4:
         # held-out errors at the leverage of a typical landmark of the set: a landmark outside the others' spread is
         # placed by their fit's extrapolation, so its held-out error is larger for a correct click too
-        lev = _held_out_leverage(s, inl, landmark_extrapolation)
+        lev = _held_out_leverage(s, inl)
         z = loo * (np.median(lev[inl]) if inl.any() else 1.0) / lev
         ref = np.nanmedian(z[inl]) if inl.sum() >= 3 else np.nan
         limit = max(LANDMARK_OUTLIER_FACTOR * (ref if np.isfinite(ref) else 0.0), LANDMARK_OUTLIER_FLOOR_UM)
