@@ -751,6 +751,8 @@ def test_lddmm_field_of_view_keeps_a_cut_edge_in_place():
     assert again.params["field_of_view"] == reg.params["field_of_view"]
     with pytest.raises(ValueError, match="field_of_view must be"):
         lddmm(source, target, **{**kw, "field_of_view": [None, None, 5.0, "x"]})
+    with pytest.raises(ValueError, match="field_of_view must be"):
+        lddmm(source, target, **{**kw, "field_of_view": 5.0})
     old = lddmm(source, target, field_of_view=None, **kw)
     assert old.params["field_of_view"] is None
     assert (old.transform_points(cells[near]) - cells[near])[:, 0].mean() > 8.0

@@ -220,10 +220,10 @@ def field_of_view_box(source: Image, target: Image, affine: np.ndarray, sigma_m:
         return None
     if not isinstance(field_of_view, str):
         # None for an open side, as ``params["field_of_view"]`` stores it (so a fit's box can be passed to a refit)
-        sides = list(field_of_view)
+        sides = np.ravel(np.asarray(field_of_view, dtype=object))
         open_ = (-np.inf, np.inf, -np.inf, np.inf)
         try:
-            box = tuple(open_[i] if b is None else float(b) for i, b in enumerate(sides)) if len(sides) == 4 else ()
+            box = tuple(open_[i] if b is None else float(b) for i, b in enumerate(sides)) if sides.size == 4 else ()
         except (TypeError, ValueError):
             box = ()
         if len(box) != 4 or any(np.isnan(box)) or box[0] >= box[1] or box[2] >= box[3]:
