@@ -901,6 +901,25 @@ def test_lddmm_float32_path(toy):
     assert np.median(d) < 0.25 * toy.source.attrs["dx"] * 1.55
 
 
+@pytest.mark.parametrize("n", [5000, 70000])
+def test_weighted_gram_is_the_float64_product_with_or_without_work_buffer(n):
+    """The mixture's Gram matrix: float32 chunks of 2^16 pixels summed in float64, the rest an exact float64 product,
+    whose operands go through the work buffer when one of the right shape is given (the same numbers)."""
+    from spatialdata_align.registration._data import _weighted_gram
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(6, n, generator=g)
+    mw = m * torch.rand(n, generator=g)
+    ref = mw.double() @ m.double().T
+    work = torch.full((2, 6, n % (1 << 16)), float("nan"), dtype=torch.float64)
+    with_work = _weighted_gram(m, mw, work)
+    assert torch.equal(with_work, _weighted_gram(m, mw))
+    assert torch.equal(work[1], m[:, n - n % (1 << 16) :].double())  # the buffer was used
+    tol = 0.0 if n < (1 << 16) else 1e-5  # below one chunk the product is exact in float64
+    assert float((with_work - ref).abs().max() / ref.abs().max()) <= tol
+    assert _weighted_gram(m, mw, work[:, :, :10]).shape == (6, 6)  # a buffer of another shape is not used
+
+
 @pytest.mark.parametrize(("n_channels", "fov"), [(1, False), (3, False), (2, True)])
 def test_mixture_gradient_matches_finite_differences(n_channels, fov):
     """The data term's closed-form gradient (direct, through the refitted contrast, through the occupancy-dependent
