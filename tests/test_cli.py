@@ -314,3 +314,20 @@ def test_batch_passes_its_flags_to_sda_batch(monkeypatch, tmp_path):
     assert (kw["scheduler"], kw["n_workers"], kw["force"], kw["verbose"]) == (None, None, False, True)
     want = (20.0, "EGFR", "lddmm", 16, {"device": "cpu"})
     assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["lddmm_params"]) == want
+
+
+def test_import_is_light_and_registers_the_accessor():
+    """``import spatialdata_align`` registers ``sdata.align`` without importing torch, matplotlib or scanpy (they
+    come with the subpackages, on first use), so ``--help`` and input errors are quick; the accessor and the
+    subpackages still resolve."""
+    code = (
+        "import sys, spatialdata_align as sda, spatialdata as sd\n"
+        "heavy = [m for m in ('torch', 'matplotlib', 'scanpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print(sd.SpatialData.align.__name__, sda.tl.__name__, sda.write_zarr.__name__, sda.batch.__name__)\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AlignAccessor", "spatialdata_align.tl", "write_zarr", "batch"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        sda.nothing  # noqa: B018

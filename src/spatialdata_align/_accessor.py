@@ -906,27 +906,6 @@ class AlignAccessor:
         return f"<sdata.align: {len(keys)} stored transform(s): {keys}>"
 
 
-class _AccessorDescriptor:
-    """Descriptor: ``sdata.align`` returns a (cheap, stateless) accessor bound to that object."""
-
-    def __init__(self, name: str, accessor: type):
-        self._name = name
-        self._accessor = accessor
-
-    def __get__(self, obj, cls):
-        if obj is None:
-            return self._accessor
-        return self._accessor(obj)
-
-
-def register(name: str = "align") -> None:
-    """Register :class:`AlignAccessor` as ``SpatialData.<name>`` (idempotent)."""
-    existing = getattr(SpatialData, name, None)
-    if isinstance(SpatialData.__dict__.get(name), _AccessorDescriptor):
-        return
-    if existing is not None:
-        warnings.warn(f"SpatialData.{name} already exists; spatialdata_align overrides it.", stacklevel=2)
-    setattr(SpatialData, name, _AccessorDescriptor(name, AlignAccessor))
-
+from ._register import _AccessorDescriptor, register  # noqa: E402,F401  (re-exported: the old home)
 
 logger.debug("sdata.align accessor module loaded")
