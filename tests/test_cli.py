@@ -166,6 +166,23 @@ def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
     assert rc == 2 and (precious / "keep.txt").exists()
 
 
+def test_an_unusable_device_is_an_input_error_before_reading(twin, tmp_path, capsys, monkeypatch):
+    """``--device`` that torch cannot parse or this build cannot use: exit 2 naming the device, before the folders
+    are read (the reader is never called), not a traceback after the affine."""
+    import torch
+
+    from spatialdata_align import io
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only build, whatever the machine
+    monkeypatch.setattr(io, "read_pair", lambda *a, **k: pytest.fail("the folders were read"))
+    lm = ["--landmarks", str(twin.landmarks_path), "--quiet"]
+    for device, says in (("cuda", "sees no CUDA GPU"), ("tpu", "is not a torch device"), ("meta", "'cpu', 'cuda'")):
+        assert main(_run_args(twin, tmp_path / f"{device}.zarr", *lm, "--device", device)) == 2
+        err = capsys.readouterr().err
+        assert f"device {device!r}" in err and says in err, err
+        assert not (tmp_path / f"{device}.zarr").exists()
+
+
 def _help_text(command: str, capsys) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit):

@@ -952,6 +952,37 @@ def _is_report(p: Path) -> bool:
     return p.is_dir() and (not any(p.iterdir()) or (p / "summary.json").exists() or (p / "index.html").exists())
 
 
+def check_device(device) -> str:
+    """Check a torch device for the LDDMM before any work; return it as a string.
+
+    Raises :class:`ValueError` naming the device when torch cannot parse it, when it is not a CPU, CUDA or MPS
+    device, or when this PyTorch build cannot use it (e.g. ``cuda`` with a CPU-only build or no visible GPU), so
+    the command line stops with an input error instead of a traceback after reading both folders.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"device {device!r} is not a torch device (use 'cpu' or 'cuda', e.g. 'cuda:0'): {err}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU (a CPU-only build, or no GPU "
+                "visible to this process); use 'cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available in this PyTorch ({torch.__version__}).")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: LDDMM runs on 'cpu', 'cuda' or 'mps' devices only.")
+    return str(dev)
+
+
 def check_outputs(out=None, report=None, inputs: Iterable = ()) -> dict[str, Path]:
     """Check output locations before any work: writable, not inside (or around) an input, of the right kind.
 

@@ -163,6 +163,8 @@ def run_pipeline(
         raise ValueError(f"loo must be 'lddmm', 'affine' or 'none', got {loo!r}.")
     # fail before the work, not after it
     _checks.check_outputs(out, report, inputs=[xenium, visium, landmarks, landmarks_target])
+    if (lddmm_params or {}).get("device") is not None:
+        _checks.check_device(lddmm_params["device"])
     hd = sda.io.is_visium_hd(visium)  # HD: bin + compare instead of region, pseudo-spots, compare, subset
     stages = _Stages((8 if hd else 10) + (out is not None) + (report is not None), verbose)
     findings: list = []
