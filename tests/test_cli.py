@@ -72,6 +72,7 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
     assert all((report / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     summary = json.loads((report / "summary.json").read_text())
     assert summary["n_cells"] == 8000 and summary["n_shared_genes"] > 50
+    assert summary["gene"] == "EGFR"  # the default: EGFR, measured by both
     # a dense section: the engine's own stopping rule (see test_accuracy_estimate_refits_a_fit_that_found_a_cut)
     lsum = summary["lddmm"]
     assert lsum["sparse_optimisation"] is False and lsum["cells_per_mm2"] > 1500, lsum
@@ -164,6 +165,26 @@ def test_bad_inputs_give_clear_errors(twin, tmp_path, capsys):
     (precious / "keep.txt").write_text("x")
     rc = main(_run_args(twin, precious, "--landmarks", str(twin.landmarks_path), "--quiet"))
     assert rc == 2 and (precious / "keep.txt").exists()
+
+
+def test_a_gene_not_measured_by_both_is_an_input_error_before_the_alignment(twin, tmp_path, capsys, monkeypatch):
+    """``--gene`` with a typo (or a gene of one panel only): exit 2 naming it and the shared genes, before the
+    LDDMM, not a report that silently lacks the gene's plots. Case does not matter."""
+    from spatialdata_align import _accessor
+    from spatialdata_align._pipeline import _checked_gene
+
+    monkeypatch.setattr(_accessor, "lddmm", lambda *a, **k: pytest.fail("the alignment ran"))
+    lm = ["--landmarks", str(twin.landmarks_path), "--quiet"]
+    assert main(_run_args(twin, tmp_path / "g.zarr", *lm, "--gene", "NOTAGENE")) == 2
+    err = capsys.readouterr().err
+    assert "--gene NOTAGENE" in err and "in neither table" in err and "shared genes" in err, err
+    assert not (tmp_path / "g.zarr").exists()
+    sdata = sda.io.read_pair(twin.xenium_path, twin.visium_path)
+    assert _checked_gene(sdata, "egfr", "visium_table") == "EGFR"
+    only_xenium = sorted(set(sdata.tables["xenium_table"].var_names) - set(sdata.tables["visium_table"].var_names))
+    if only_xenium:  # a gene of the Xenium panel the Visium table lacks
+        with pytest.raises(ValueError, match="only in Xenium"):
+            _checked_gene(sdata, only_xenium[0], "visium_table")
 
 
 def test_an_unusable_device_is_an_input_error_before_reading(twin, tmp_path, capsys, monkeypatch):
@@ -273,7 +294,7 @@ def test_cli_defaults_are_the_api_defaults(monkeypatch, tmp_path):
     kw = calls[0][2]
     for k in ("landmarks_target", "landmark_units", "report", "dx", "gene", "flip", "force", "loo", "bin_size"):
         assert kw[k] == api[k], k
-    want = (20.0, "EGFR", "lddmm", 16, "fullres")
+    want = (20.0, None, "lddmm", 16, "fullres")
     assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["landmark_units"]) == want
     assert kw["lddmm_params"] == {"device": "cpu"}
 
@@ -329,7 +350,7 @@ def test_batch_passes_its_flags_to_sda_batch(monkeypatch, tmp_path):
     assert main(["batch", str(m), "--out-dir", str(o)]) == 0
     kw = seen[0][1]
     assert (kw["scheduler"], kw["n_workers"], kw["force"], kw["verbose"]) == (None, None, False, True)
-    want = (20.0, "EGFR", "lddmm", 16, {"device": "cpu"})
+    want = (20.0, None, "lddmm", 16, {"device": "cpu"})
     assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["lddmm_params"]) == want
 
 

@@ -89,7 +89,7 @@ def run_pipeline(
     out=None,
     report=None,
     dx: float = 20.0,
-    gene: str = "EGFR",
+    gene: str | None = None,
     verbose: bool = True,
     progress: bool = True,
     lddmm_params: dict | None = None,
@@ -129,7 +129,9 @@ def run_pipeline(
     dx
         Raster pixel size (µm) of the Xenium cell density.
     gene
-        Gene shown side by side in the report.
+        Gene shown side by side in the report (any case). A gene not measured by both modalities is an input error,
+        raised right after reading, before the alignment. ``None`` (default): EGFR when both measure it, else the
+        shared gene with the highest correlation.
     verbose, progress
         Stage messages and tqdm progress bars.
     lddmm_params
@@ -175,6 +177,8 @@ def run_pipeline(
             hd_kw = {"bins": default_bins(visium, include=(bin_size,))} if hd else {}
             sdata = sda.io.read_pair(xenium, visium, **hd_kw)
             target = sda.io.registration_target(sdata)  # the best Visium image present
+            if gene is not None:  # a typo or a gene of one panel only: said now, not by a report without its plots
+                gene = _checked_gene(sdata, gene, VISIUM_HD_TABLE.format(bin_size) if hd else VISIUM_TABLE)
             if landmarks is not None:
                 src, dst, names = read_landmarks(landmarks, landmarks_target)
                 sf = sda.io.visium_scalefactors(sdata)
@@ -268,7 +272,11 @@ def run_pipeline(
                 warnings_=soft,
                 progress=progress,
             )
+        if gene is None:  # EGFR when both modalities measure it, else the best-correlated shared gene
+            names = list(comparison["gene"]) if "gene" in comparison else []
+            gene = "EGFR" if "EGFR" in names or not names else names[0]
         summary = {
+            "gene": gene,
             "xenium": str(xenium),
             "visium": str(visium),
             "n_cells": int(sdata.tables[XENIUM_TABLE].n_obs),
@@ -343,6 +351,21 @@ def run_pipeline(
     )
 
 
+def _checked_gene(sdata, gene: str, visium_table: str) -> str:
+    """``gene`` as the Xenium table spells it, if both modalities measure it.
+
+    Otherwise a :class:`ValueError` that says which modality lacks it and lists shared genes.
+    """
+    from .tl import _data
+
+    if visium_table not in sdata.tables:
+        return gene
+    try:
+        return str(_data._match(_data._xenium_table(sdata), sdata.tables[visium_table], [gene])["gene"].iloc[0])
+    except KeyError as err:
+        raise ValueError(f"--gene {gene}: {err.args[0]}") from None
+
+
 def write_report(sdata, shared, comparison, summary, report, *, gene="EGFR", stage_times=None) -> dict[str, Path]:
     """Write the report folder (see :func:`spatialdata_align._report.write_report`)."""
     from . import _report
@@ -395,7 +418,7 @@ def run_demo(
                 reg.transform_points(twin.truth.landmarks_source) - twin.truth.landmarks_target, axis=1
             )
             tre["affine+lddmm at the landmarks"] = {"median": round(float(np.median(err * twin.truth.um_per_px)), 2)}
-        gene = kwargs.get("gene", "EGFR")
+        gene = kwargs.get("gene") or "EGFR"
         comp = (
             sdata.tables[VISIUM_HD_TABLE.format(kwargs.get("bin_size", 16))].uns[UNS_COMPARE_BINS_KEY]
             if visium_hd

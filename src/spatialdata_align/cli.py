@@ -102,7 +102,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--dx", type=float, default=20.0, help="pixel size (µm) of the rasterised Xenium cells")
-    p.add_argument("--gene", default="EGFR", help="gene shown side by side in the report (default EGFR)")
+    p.add_argument(
+        "--gene",
+        default=None,
+        help="gene shown side by side in the report; an error if not measured by both (default: EGFR when both "
+        "measure it, else the best-correlated shared gene)",
+    )
     p.add_argument(
         "--bin-size",
         type=int,
