@@ -100,6 +100,19 @@ def test_landmark_typo_is_named_before_any_work(case, capsys):
     case.assert_untouched()
 
 
+def test_a_repeated_landmark_row_is_refused_naming_both_lines(case, capsys):
+    """A pasted duplicate row would count twice in the fit and be held out with its copy still in the fit."""
+    lm = pd.read_csv(case.landmarks)
+    pd.concat([lm, lm.iloc[[1]]]).to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    name = lm.loc[1, "name"]
+    _refused(rc, err, "landmarks.csv", f"'{name}', line 3", f"'{name}', line {len(lm) + 2}", "more than once")
+    case.assert_untouched()
+    # two distinct landmarks 1.5 µm apart at both ends are not a repeat
+    src = np.array([[500.0, 800.0], [2500.0, 900.0], [1400.0, 2600.0], [1401.5, 2600.0]])
+    assert _checks.check_landmarks(src, src * 3.6 + 4000.0, um_per_px=1 / 3.6).findings == []
+
+
 def test_two_swapped_landmark_targets_are_both_named(case, capsys):
     """Another form of a bad landmark: two rows whose targets were exchanged."""
     lm = pd.read_csv(case.landmarks)

@@ -664,6 +664,33 @@ def _landmark_label(names, i: int, file) -> str:
     return f"{name!r}{line}"
 
 
+def _check_repeated_landmarks(s: np.ndarray, d: np.ndarray, names, file, um_per_px: float | None) -> None:
+    """Fail on a landmark pair given twice (both ends within 1 µm).
+
+    A pasted row doubles that landmark's weight in the fit, and the held-out error of one copy is measured with the
+    other still in the fit.
+    """
+    from scipy.spatial.distance import pdist, squareform
+
+    if len(s) < 2:
+        return
+    upp = float(um_per_px) if um_per_px else 1.0
+    near = (squareform(pdist(s)) < 1.0) & (squareform(pdist(d)) * upp < 1.0)
+    rows, cols = np.nonzero(np.triu(near, 1))
+    if len(rows):
+        pairs = "; ".join(
+            f"{_landmark_label(names, int(a), file)} and {_landmark_label(names, int(b), file)}"
+            for a, b in zip(rows, cols, strict=True)
+        )
+        fail(
+            f"the same landmark pair is given more than once ({pairs}): it would count twice in the fit and in "
+            "the held-out error.",
+            file=file,
+            fix="delete the repeated row(s).",
+            code="repeated_landmarks",
+        )
+
+
 def _held_out_leverage(s: np.ndarray, inliers: np.ndarray) -> np.ndarray:
     """``sqrt(1 + h_i)`` per landmark: its held-out error in units of the landmarks' own placement error.
 
@@ -746,6 +773,7 @@ def check_landmarks(
             fix=f"add landmarks (3 or more, spread over the tissue), or use {alt}.",
             code="too_few_landmarks",
         )
+    _check_repeated_landmarks(s, d, names, where, um_per_px)
     for side, pts in (("source (Xenium)", s), ("target (Visium)", d)):
         c = pts - pts.mean(axis=0)
         sv = np.linalg.svd(c, compute_uv=False)
