@@ -120,6 +120,27 @@ def test_affine_is_a_native_spatialdata_transformation(sdata, twin):
     assert table.loc["xenium_to_visium_affine", "kind"] == "affine"
 
 
+def test_rigid_landmark_fit_uses_the_scale_factors_scale(sdata, twin):
+    """``kind="rigid"`` from Xenium µm to Visium px: rotation + translation at the scale factors' px per µm (a rigid
+    fit in raw units forced 1 px = 1 µm: residuals of 400-1900 px on this pair), no reflection, and about as close
+    to the truth as the similarity fit (the twin sections' true map is close to a similarity)."""
+    sdata.align.set_landmarks(source=twin.truth.landmarks_source, target=twin.truth.landmarks_target)
+    rigid = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="rigid", key="rigid")
+    sim = sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="similarity", key="sim")
+    lin = rigid.matrix[:2, :2]
+    px_per_um = 1 / sda.io.visium_scalefactors(sdata)["um_per_px"]
+    np.testing.assert_allclose(np.linalg.svd(lin, compute_uv=False), [px_per_um] * 2, rtol=1e-9)
+    assert np.linalg.det(lin) > 0
+    cells = element_xy(sdata, XENIUM_CELLS, XENIUM_CS)
+    err = _tre_um(rigid.transform_points(cells), twin.truth.forward(cells), twin.truth.um_per_px)
+    err_sim = _tre_um(sim.transform_points(cells), twin.truth.forward(cells), twin.truth.um_per_px)
+    assert np.median(err) < 2 * np.median(err_sim) + 10.0, (np.median(err), np.median(err_sim))
+    assert np.median(rigid.residuals) * twin.truth.um_per_px < 60.0
+    np.testing.assert_allclose(
+        rigid.residuals, np.linalg.norm(rigid.transform_points(rigid.src) - rigid.dst, axis=1), rtol=1e-9
+    )
+
+
 def test_affine_from_landmarks_in_one_corner_warns_about_coverage(sdata, twin):
     """Three landmarks in one corner leave the far tissue to extrapolation: a warning; all ten spread ones: none."""
     import warnings

@@ -7,6 +7,7 @@ private xarray machinery.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import warnings
@@ -563,7 +564,8 @@ class AlignAccessor:
             known from the Visium scale factors, and the search then lets the Xenium section cover only part
             of the Visium tissue.
         kind
-            ``"affine"``, ``"similarity"`` or ``"rigid"`` (landmark fits).
+            ``"affine"``, ``"similarity"`` or ``"rigid"`` (landmark fits). ``"rigid"`` from Xenium µm to the Visium
+            frame is a rotation and translation at the scale the Visium scale factors give (px per µm), not 1.
         key
             Name under which the transform is stored (default ``<source_cs>_to_<target_cs>_affine``).
         source_cs, target_cs
@@ -633,7 +635,17 @@ class AlignAccessor:
                 raise ValueError("pass landmarks=True (or a landmark set name) or auto=True.")
             lm_key = "landmarks" if landmarks is True else str(landmarks)
             src, dst = self.landmarks(lm_key)
-            fit = fit_affine(src, dst, kind=kind, shape_prior=shape_prior)
+            known = _known_scale(sd, scs, tcs) if kind == "rigid" else None
+            if known is not None:
+                # rigid in physical units: rotation + translation between Xenium µm and Visium px at the scale factors'
+                # px per µm (a rigid fit in the raw units would force 1 px = 1 µm)
+                phys = fit_affine(src, dst / known, kind="rigid", shape_prior=shape_prior)
+                to_px = np.diag([known, known, 1.0])
+                fit = dataclasses.replace(
+                    phys, matrix=to_px @ phys.matrix, residuals=phys.residuals * known, dst=np.asarray(dst, float)
+                )
+            else:
+                fit = fit_affine(src, dst, kind=kind, shape_prior=shape_prior)
             extra = {
                 "method": f"landmarks:{lm_key}",
                 "kind": kind,
