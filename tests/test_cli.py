@@ -187,6 +187,21 @@ def test_a_gene_not_measured_by_both_is_an_input_error_before_the_alignment(twin
             _checked_gene(sdata, only_xenium[0], "visium_table")
 
 
+def test_a_raster_too_coarse_for_the_section_is_an_input_error(twin, tmp_path, capsys, monkeypatch):
+    """``--dx`` so coarse that the cells span a few raster pixels (the LDDMM diverged at its first level and the run
+    ended with the affine alone): exit 2 before the alignment, with a pixel size that works."""
+    from spatialdata_align import _accessor
+
+    monkeypatch.setattr(_accessor, "lddmm", lambda *a, **k: pytest.fail("the alignment ran"))
+    lm = ["--landmarks", str(twin.landmarks_path), "--quiet"]
+    assert main(_run_args(twin, tmp_path / "c.zarr", *lm, "--dx", "400")) == 2
+    err = capsys.readouterr().err
+    assert "--dx 400 µm is too coarse" in err and "raster pixels" in err, err
+    for bad in ("0", "-5", "nan"):
+        assert main(_run_args(twin, tmp_path / "c.zarr", *lm, "--dx", bad)) == 2
+        assert "--dx must be a positive pixel size" in capsys.readouterr().err
+
+
 def test_an_unusable_device_is_an_input_error_before_reading(twin, tmp_path, capsys, monkeypatch):
     """``--device`` that torch cannot parse or this build cannot use: exit 2 naming the device, before the folders
     are read (the reader is never called), not a traceback after the affine."""

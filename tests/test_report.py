@@ -410,6 +410,18 @@ def test_the_verdict_judges_the_lddmm_held_out_error_and_respects_the_inliers(ru
     monkeypatch.setattr(sda_store, "load_registration", diverged)
     a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="affine")
     assert a.verdict.level == "unreliable" and any("diverged" in r for r in a.verdict.reasons), a.verdict
+    # ... also when it diverged at the start of its first level and kept the affine alone (no velocity: --dx 300 on a
+    # small section; the verdict said "good" and exit 0)
+    from spatialdata_align.registration import Registration
+
+    def diverged_at_start(sd, key):
+        out = Registration.from_affine(load(sd, key).affine, source_units="um", target_units="px")
+        out.params.update(diverged=True, levels=[])
+        return out
+
+    monkeypatch.setattr(sda_store, "load_registration", diverged_at_start)
+    a = _report.assess_alignment(back, "xenium_to_visium_lddmm", landmarks=(src, dst, names), loo="affine")
+    assert a.verdict.level == "unreliable" and any("diverged" in r for r in a.verdict.reasons), a.verdict
 
 
 def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):

@@ -24,6 +24,7 @@ from ._constants import (
     VISIUM_HD_TABLE,
     VISIUM_TABLE,
     XENIUM_CELLS,
+    XENIUM_CS,
     XENIUM_TABLE,
     XENIUM_TRANSCRIPTS,
 )
@@ -167,6 +168,8 @@ def run_pipeline(
     _checks.check_outputs(out, report, inputs=[xenium, visium, landmarks, landmarks_target])
     if (lddmm_params or {}).get("device") is not None:
         _checks.check_device(lddmm_params["device"])
+    if not (isinstance(dx, int | float) and np.isfinite(dx) and dx > 0):
+        raise ValueError(f"--dx must be a positive pixel size in µm, got {dx!r}.")
     hd = sda.io.is_visium_hd(visium)  # HD: bin + compare instead of region, pseudo-spots, compare, subset
     stages = _Stages((8 if hd else 10) + (out is not None) + (report is not None), verbose)
     findings: list = []
@@ -177,6 +180,7 @@ def run_pipeline(
             hd_kw = {"bins": default_bins(visium, include=(bin_size,))} if hd else {}
             sdata = sda.io.read_pair(xenium, visium, **hd_kw)
             target = sda.io.registration_target(sdata)  # the best Visium image present
+            _check_raster_size(sdata, dx)
             if gene is not None:  # a typo or a gene of one panel only: said now, not by a report without its plots
                 gene = _checked_gene(sdata, gene, VISIUM_HD_TABLE.format(bin_size) if hd else VISIUM_TABLE)
             if landmarks is not None:
@@ -349,6 +353,32 @@ def run_pipeline(
         report_files=files,
         assessment=assessment,
     )
+
+
+#: fewest raster pixels across the Xenium cells' smaller side that the LDDMM's levels can work with
+MIN_RASTER_PX = 12
+
+
+def _check_raster_size(sdata, dx: float) -> None:
+    """Refuse a raster pixel (``--dx``) so coarse that the cells span fewer than :data:`MIN_RASTER_PX` pixels.
+
+    At ``--dx 300`` on a 0.8 mm section the raster was 3 px across, the LDDMM's coarsest level had no pixels to
+    fit, and the run ended with the affine alone.
+    """
+    from ._elements import element_xy
+
+    if XENIUM_CELLS not in sdata:
+        return
+    xy = element_xy(sdata, XENIUM_CELLS, XENIUM_CS)
+    if len(xy) < 2:
+        return
+    side = float(np.min(np.ptp(xy, axis=0)))
+    if side / dx < MIN_RASTER_PX:
+        raise ValueError(
+            f"--dx {dx:g} µm is too coarse for these cells: their smaller side spans {side:.0f} µm, "
+            f"{side / dx:.1f} raster pixels, and the alignment needs at least {MIN_RASTER_PX}. Use --dx "
+            f"{side / (4 * MIN_RASTER_PX):.0f} or finer (the default is 20 µm)."
+        )
 
 
 def _checked_gene(sdata, gene: str, visium_table: str) -> str:

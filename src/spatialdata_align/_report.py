@@ -284,6 +284,7 @@ def assess_alignment(
         summary = _quality.jacobian_summary(jac.values, tissue)
         metrics["jacobian"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
         vmetrics["jacobian"] = summary
+    if "diverged" in reg.params or not reg.is_affine:  # an LDDMM fit, even one that ended as its affine
         levels = reg.params.get("levels") or []
         vmetrics["lddmm"] = {
             "diverged": bool(reg.params.get("diverged", False)),
