@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,6 +141,27 @@ def test_rigid_landmark_fit_uses_the_scale_factors_scale(sdata, twin):
     np.testing.assert_allclose(
         rigid.residuals, np.linalg.norm(rigid.transform_points(rigid.src) - rigid.dst, axis=1), rtol=1e-9
     )
+
+
+def test_refitting_a_key_warns_that_its_aligned_copies_are_stale(sdata, twin):
+    """A refit under a key whose aligned copies exist: they still hold the previous alignment, said with the call
+    that updates them; no warning when nothing was applied, or once the copies are made again."""
+    from spatialdata_align._store import StaleAlignedCopyWarning
+
+    sdata.align.set_landmarks(source=twin.truth.landmarks_source, target=twin.truth.landmarks_target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleAlignedCopyWarning)
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES)
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="similarity")  # nothing applied yet: silent
+        sdata.align.apply(XENIUM_CELLS)
+    before = element_xy(sdata, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
+    with pytest.warns(StaleAlignedCopyWarning, match=r"'xenium_cells_aligned'.*sdata\.align\.apply\('xenium_cells'"):
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="affine")
+    np.testing.assert_array_equal(element_xy(sdata, f"{XENIUM_CELLS}_aligned", VISIUM_CS), before)  # not mutated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleAlignedCopyWarning)
+        sdata.align.apply(XENIUM_CELLS)
+        sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, key="another")  # another key replaces nothing
 
 
 def test_affine_from_landmarks_in_one_corner_warns_about_coverage(sdata, twin):

@@ -70,6 +70,10 @@ class TransformDroppedWarning(UserWarning):
     """A stored transform is no longer usable (an operation dropped or replaced its field arrays)."""
 
 
+class StaleAlignedCopyWarning(UserWarning):
+    """A transform was refitted under a key whose aligned copies (``sdata.align.apply``) were made before the refit."""
+
+
 def package_version() -> str:
     try:
         return version("spatialdata-align")
@@ -454,6 +458,9 @@ def store_registration(
     for e in node["transforms"].values():
         if e.get("target_cs") == target_cs:
             previously.update(e.get("native_elements", []))
+    stale: dict[str, str] = {}
+    if key in node["transforms"]:  # aligned copies made with the transform this one replaces (element -> copy)
+        stale = {e: c for e, c in node["transforms"][key].get("applied", {}).items() if c in sdata}
     if key in resolve(sdata, warn=False) or key in node["transforms"]:
         remove_registration(sdata, key, missing_ok=True)
     stored = sampled(sdata, reg, source_cs, target_cs, spacing)
@@ -515,6 +522,16 @@ def store_registration(
     node["transforms"][key] = entry
     node["default"] = key
     write_root(sdata, node)
+    if stale:
+        copies = ", ".join(repr(c) for c in stale.values())
+        again = "; ".join(f"sdata.align.apply({e!r}, key={key!r})" for e in stale if e in sdata)
+        warnings.warn(
+            f"{copies} {'was' if len(stale) == 1 else 'were'} made with the transform {key!r} that this fit replaces "
+            f"and still {'holds' if len(stale) == 1 else 'hold'} the previous alignment (the sda.tl functions read "
+            f"the aligned copies); update with {again or 'sdata.align.apply(...)'}.",
+            StaleAlignedCopyWarning,
+            stacklevel=3,
+        )
     return copy.deepcopy(entry), load_registration(sdata, key)
 
 
