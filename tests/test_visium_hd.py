@@ -225,6 +225,27 @@ def test_bin_level_comparison_with_the_true_affine(hd_twin):
     assert abs(shuffled.loc["EGFR", "pearson"]) < 0.15
 
 
+def test_spot_functions_on_a_visium_hd_object_point_to_the_bin_functions(hd_twin):
+    """pl.overlay draws the cells without spots on a Visium HD object (no spots there); spot-level functions say it
+    is a Visium HD object and name the bin-level ones (they said: read the folder with read_pair, which was done)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sdata = sda.io.read_pair(hd_twin.xenium_path, hd_twin.visium_path)
+    sdata.align.set_landmarks(source=hd_twin.truth.landmarks_source, target=hd_twin.truth.landmarks_target)
+    sdata.align.affine(XENIUM_CELLS)
+    sdata.align.apply(XENIUM_CELLS)
+    ax = sda.pl.overlay(sdata)
+    assert any("Xenium cells" in t.get_text() for t in ax.get_legend().get_texts())
+    assert not any("Visium spots" in t.get_text() for t in ax.get_legend().get_texts())
+    plt.close("all")
+    for f in (lambda: sda.pl.gene(sdata, "EGFR"), lambda: sda.tl.shared_region(sdata)):
+        with pytest.raises(ValueError, match=r"Visium HD object.*sda\.tl\.bin_cells.*sda\.pl\.bins_gene"):
+            f()
+
+
 def test_run_aligns_xenium_onto_visium_hd(hd_twin, tmp_path):
     from spatialdata_align.cli import main
 
@@ -251,6 +272,21 @@ def test_run_aligns_xenium_onto_visium_hd(hd_twin, tmp_path):
     err = np.linalg.norm(element_xy(back, "xenium_cells_aligned", VISIUM_CS) - hd_twin.truth.forward(cells), axis=1)
     assert np.median(err * hd_twin.truth.um_per_px) < 10.0
     assert "xenium_bins_016um" in back.tables
+    # 'in_shared' and n_cells_shared: the cells over an in-tissue 16 µm bin (not every cell: the capture area and
+    # the tissue end somewhere), counted here from the written bins
+    exported = pd.read_csv(report / "aligned_cells.csv.gz")
+    bins = back.tables["visium_hd_table_016um"]
+    xy = element_xy(back, "visium_hd_bins_016um", VISIUM_CS)
+    half = 16 / 2 / (summary["n_cells"] and hd_twin.truth.um_per_px)
+    from scipy.spatial import cKDTree
+
+    order = back["visium_hd_bins_016um"].index.get_indexer(bins.obs[bins.uns["spatialdata_attrs"]["instance_key"]])
+    tissue = bins.obs["in_tissue"].to_numpy(bool)[np.argsort(order)]
+    dist, nearest = cKDTree(xy).query(exported[["x_px", "y_px"]].to_numpy(), p=np.inf)
+    expect = (dist <= half * 1.0001) & tissue[nearest]
+    assert 0 < expect.sum() < len(exported)
+    assert (exported["in_shared"].to_numpy(bool) == expect).mean() > 0.995
+    assert summary["n_cells_shared"] == int(exported["in_shared"].sum())
 
 
 @pytest.mark.slow

@@ -171,6 +171,7 @@ def run_pipeline(
     if not (isinstance(dx, int | float) and np.isfinite(dx) and dx > 0):
         raise ValueError(f"--dx must be a positive pixel size in µm, got {dx!r}.")
     hd = sda.io.is_visium_hd(visium)  # HD: bin + compare instead of region, pseudo-spots, compare, subset
+    shared_cells = None  # HD: the cells over in-tissue bins (for Visium spots the shared subset tells them)
     stages = _Stages((8 if hd else 10) + (out is not None) + (report is not None), verbose)
     findings: list = []
     lm = inliers = None
@@ -248,6 +249,7 @@ def run_pipeline(
             shared, shared_poly = sdata, None
             with stages(f"bin cells ({bin_size} µm)"):
                 sda.tl.bin_cells(sdata, bin_size)
+                shared_cells = sda.tl._bins.cells_in_tissue_bins(sdata, bin_size)  # beyond the capture area: not shared
             with stages("compare genes"):
                 sda.tl.compare_bins(sdata, bin_size, binned=BINNED_CELLS_KEY.format(bin_size))
                 comparison = sdata.tables[VISIUM_HD_TABLE.format(bin_size)].uns[UNS_COMPARE_BINS_KEY]
@@ -285,7 +287,9 @@ def run_pipeline(
             "visium": str(visium),
             "n_cells": int(sdata.tables[XENIUM_TABLE].n_obs),
             "n_spots": int(sdata.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in sdata.tables else None,
-            "n_cells_shared": int(shared.tables[XENIUM_TABLE].n_obs) if XENIUM_TABLE in shared.tables else None,
+            "n_cells_shared": len(shared_cells)
+            if shared_cells is not None
+            else (int(shared.tables[XENIUM_TABLE].n_obs) if XENIUM_TABLE in shared.tables else None),
             "n_spots_shared": int(shared.tables[VISIUM_TABLE].n_obs) if VISIUM_TABLE in shared.tables else None,
             "n_shared_genes": len(comparison),
             "registration_target": target,
@@ -339,6 +343,7 @@ def run_pipeline(
                     assessment=assessment,
                     dx=dx,
                     stage_times=stages.times,
+                    shared_cells=shared_cells,
                 )
             summary["time_per_stage_s"] = stages.times
             (staged.path("report") / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))

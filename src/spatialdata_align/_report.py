@@ -343,7 +343,9 @@ def _near_cut(sdata, xy: np.ndarray, aligned: np.ndarray, upp: float) -> np.ndar
 # ----------------------------------------------------------------------------------------------------------------
 # exports for R
 # ----------------------------------------------------------------------------------------------------------------
-def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=None, near_cut=None) -> Path:
+def export_cells(
+    sdata, shared, path, *, key: str | None = None, extrapolation=None, near_cut=None, shared_cells=None
+) -> Path:
     """``aligned_cells.csv.gz``: one row per Xenium cell, its positions and how far to trust them.
 
     Columns ``cell_id, x_um, y_um, x_px, y_px, in_shared, match_weight, landmark_extrapolation, near_cut``.
@@ -360,7 +362,10 @@ def export_cells(sdata, shared, path, *, key: str | None = None, extrapolation=N
     table = sdata.tables[XENIUM_TABLE]
     xy = element_xy(sdata, XENIUM_CELLS, XENIUM_CS)
     px = sdata.align.get(key).transform_points(xy)
-    shared_ids = set(shared.tables[XENIUM_TABLE].obs_names) if XENIUM_TABLE in shared.tables else set()
+    if shared_cells is not None:  # given (Visium HD: the cells over in-tissue bins)
+        shared_ids = set(map(str, shared_cells))
+    else:
+        shared_ids = set(shared.tables[XENIUM_TABLE].obs_names) if XENIUM_TABLE in shared.tables else set()
     weight = table.obs[MATCH_WEIGHT_KEY].to_numpy(float) if MATCH_WEIGHT_KEY in table.obs else np.full(len(xy), np.nan)
     cells = sdata.shapes[XENIUM_CELLS] if XENIUM_CELLS in sdata.shapes else None
     ids = cells.index.astype(str) if cells is not None else table.obs_names
@@ -878,10 +883,13 @@ def write_report(
     assessment: Assessment | None = None,
     dx: float = 20.0,
     stage_times: dict | None = None,
+    shared_cells=None,
 ) -> dict[str, Path]:
     """Write the report folder (see the module docstring); returns ``{what: path}``.
 
-    ``summary`` is completed with the verdict and written as ``summary.json`` and ``summary.md``.
+    ``summary`` is completed with the verdict and written as ``summary.json`` and ``summary.md``. ``shared_cells``:
+    the Xenium cells (table ``obs_names``) in the tissue both sections cover, when ``shared`` does not tell them
+    (Visium HD: :func:`~spatialdata_align.tl._bins.cells_in_tissue_bins`).
     """
     import matplotlib
 
@@ -929,7 +937,12 @@ def write_report(
         files["landmarks"] = report / "landmarks_loo.csv"
         assessment.landmarks.to_csv(files["landmarks"], index=False)
     files["cells"] = export_cells(
-        sdata, shared, report / CELLS_CSV, extrapolation=assessment.extrapolation, near_cut=assessment.near_cut
+        sdata,
+        shared,
+        report / CELLS_CSV,
+        extrapolation=assessment.extrapolation,
+        near_cut=assessment.near_cut,
+        shared_cells=shared_cells,
     )
     if VISIUM_TABLE in sdata.tables:
         files["spots"] = export_spots(sdata, shared, report / SPOTS_CSV)

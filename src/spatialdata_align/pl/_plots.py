@@ -15,7 +15,7 @@ from matplotlib.collections import EllipseCollection
 from spatialdata import SpatialData
 
 from .. import _store
-from .._constants import SHARED_REGION_KEY, VISIUM_CS, VISIUM_TARGET_ORDER, XENIUM_CELLS, XENIUM_CS
+from .._constants import SHARED_REGION_KEY, VISIUM_CS, VISIUM_SPOTS, VISIUM_TARGET_ORDER, XENIUM_CELLS, XENIUM_CS
 from .._elements import element_xy, image_in_cs
 from ..tl import _data
 from ..tl._compare import paired_expression
@@ -118,7 +118,7 @@ def overlay(
     *,
     image: str | bool | None = None,
     cells: str | None = None,
-    spots: bool = True,
+    spots: bool | None = None,
     in_tissue_only: bool = True,
     region: bool = True,
     max_cells: int | None = 200_000,
@@ -137,7 +137,8 @@ def overlay(
     cells
         Cells element (default ``xenium_cells_aligned``, else ``xenium_cells`` via its affine).
     spots
-        Draw the Visium spots (outlines, true size).
+        Draw the Visium spots (outlines, true size). ``None`` (default): when the object has them (a Visium HD object
+        has bins instead, and is drawn without).
     in_tissue_only
         Draw only in-tissue spots.
     region
@@ -158,6 +159,8 @@ def overlay(
     ax.scatter(xen.xy[keep, 0], xen.xy[keep, 1], s=cell_size, c="tab:blue", lw=0, rasterized=True)
     ax.scatter([], [], s=12, c="tab:blue", lw=0, label=f"Xenium cells ({xen.element}, n={len(xen.xy):,})")
     frame = [xen.xy]
+    if spots is None:
+        spots = VISIUM_SPOTS in sdata.shapes
     if spots:
         vis = _data.visium(sdata)
         sel = _data.in_tissue(vis) if in_tissue_only else np.ones(len(vis.xy), dtype=bool)

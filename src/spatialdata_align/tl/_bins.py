@@ -110,11 +110,7 @@ def bin_cells(
     xen = _data.xenium(sdata, VISIUM_CS)
     gm = _data._match(xen.table, vis.table, genes)
     n_bins, n_cells = vis.table.n_obs, xen.table.n_obs
-    if n_cells and n_bins:
-        _, idx = cKDTree(vis.xy).query(xen.xy, k=1)
-        inside = (np.abs(xen.xy - vis.xy[idx]) <= side / 2).all(axis=1)
-    else:
-        idx, inside = np.zeros(n_cells, dtype=np.int64), np.zeros(n_cells, dtype=bool)
+    idx, inside = _cell_bins(xen, vis, side)
     cells = np.flatnonzero(inside)
     S = sp.csr_matrix((np.ones(len(cells), np.float32), (idx[inside], cells)), shape=(n_bins, n_cells))
     P = sp.csr_matrix(S @ _data.shared_counts(xen.table, gm["xenium_var"], layer))
@@ -142,6 +138,29 @@ def bin_cells(
     key = _key(BINNED_CELLS_KEY.format(int(bin_size)) if key_added is None else key_added)
     sdata.tables[key] = TableModel.parse(out, region=vis.element, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     return None
+
+
+def _cell_bins(xen, vis, side: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per aligned cell (``xen`` rows): the index of the nearest bin of ``vis`` and whether the cell lies in it."""
+    n_cells = len(xen.xy)
+    if not (n_cells and len(vis.xy)):
+        return np.zeros(n_cells, dtype=np.int64), np.zeros(n_cells, dtype=bool)
+    _, idx = cKDTree(vis.xy).query(xen.xy, k=1)
+    return idx, (np.abs(xen.xy - vis.xy[idx]) <= side / 2).all(axis=1)
+
+
+def cells_in_tissue_bins(sdata: SpatialData, bin_size: int = 16) -> pd.Index:
+    """The aligned Xenium cells (their table's ``obs_names``) that lie in an in-tissue Visium HD bin of ``bin_size``.
+
+    What the tissue both sections cover means for Visium HD (cells beyond the capture area, or over bins outside the
+    tissue, are not shared); :func:`bin_cells`' assignment of cells to bins.
+    """
+    vis, side = _bins(sdata, bin_size)
+    xen = _data.xenium(sdata, VISIUM_CS)
+    idx, inside = _cell_bins(xen, vis, side)
+    if len(vis.xy):
+        inside &= _data.in_tissue(vis)[idx]
+    return xen.table.obs_names[inside]
 
 
 def compare_bins(
