@@ -783,7 +783,7 @@ def _drawn_circles(ax) -> tuple[np.ndarray, np.ndarray]:
     return centres[order], radii[order]
 
 
-def test_scanpy_draws_spots_and_cells_on_their_images_without_arguments(vdirs, xdirs):
+def test_scanpy_draws_spots_and_cells_on_their_images_without_arguments(vdirs, xdirs, tmp_path):
     """``uns['spatial']`` at read time: sc.pl.spatial needs no library id, image or scale factor argument."""
     import matplotlib
 
@@ -810,6 +810,20 @@ def test_scanpy_draws_spots_and_cells_on_their_images_without_arguments(vdirs, x
 
     thumb, factor = morphology_thumbnail(xdirs["full"], max_px=100)  # every 5th pixel of the 329 x 471 image
     assert factor == 5 and thumb.shape == (66, 95, 3)
+    centres, _ = _drawn_circles(ax)
+    expected = xen.obsm["spatial"] * s
+    np.testing.assert_allclose(centres, expected[np.lexsort((expected[:, 1], expected[:, 0]))], atol=1e-6)
+    plt.close("all")
+    # a minimal download without a morphology image: a white canvas over the cells (scanpy raised StopIteration)
+    bare = shutil.copytree(xdirs["minimal_csv_h5"], tmp_path / "bare")
+    for f in bare.glob("morphology*"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    xen = sda.io.read_xenium(bare).tables[XENIUM_TABLE]
+    ax = sc.pl.spatial(xen, color="total_counts", show=False)[0]
+    node = next(iter(xen.uns["spatial"].values()))
+    s = node["scalefactors"]["tissue_hires_scalef"]
+    assert node["images"]["hires"].min() == 255 and max(node["images"]["hires"].shape[:2]) <= 1000
+    assert (node["images"]["hires"].shape[:2] >= np.ceil(xen.obsm["spatial"].max(axis=0)[::-1] * s)).all()
     centres, _ = _drawn_circles(ax)
     expected = xen.obsm["spatial"] * s
     np.testing.assert_allclose(centres, expected[np.lexsort((expected[:, 1], expected[:, 0]))], atol=1e-6)

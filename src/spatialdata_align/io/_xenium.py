@@ -437,6 +437,10 @@ def _assemble(
     return SpatialData(images=images, labels=labels, points=points, shapes=shapes, tables={XENIUM_TABLE: table})
 
 
+#: longer side (px) of the blank ``hires`` canvas of a Xenium table without a morphology image
+BLANK_CANVAS_PX = 1000
+
+
 def _spatial_uns(path: Path, table: ad.AnnData, pixel_size: float | None) -> dict:
     """``uns['spatial']`` for scanpy/squidpy: cells (µm) on a small DAPI image (``tissue_hires_scalef`` = px/µm)."""
     from ._visium import spatial_uns
@@ -447,11 +451,22 @@ def _spatial_uns(path: Path, table: ad.AnnData, pixel_size: float | None) -> dic
     scalefactors = {"spot_diameter_fullres": diameter}
     images = {}
     thumb = morphology_thumbnail(path) if pixel_size is not None else None
+    meta = {"source": str(path), "units": "um"}
     if thumb is not None:
         images["hires"], factor = thumb[0].transpose(2, 0, 1), thumb[1]
         scalefactors["tissue_hires_scalef"] = 1.0 / (pixel_size * factor)
+    elif "spatial" in table.obsm and len(table.obsm["spatial"]):
+        # no morphology image (a minimal download): a white canvas over the cells, so scanpy's spatial plots still
+        # work with no extra arguments (scanpy stops with a bare StopIteration on a library without images)
+        far = np.nanmax(np.asarray(table.obsm["spatial"], dtype=float), axis=0)
+        far = np.where(np.isfinite(far) & (far > 0), far, 1.0) * 1.02
+        scalef = min(1.0, BLANK_CANVAS_PX / float(far.max()))  # px per µm
+        shape = np.maximum(np.ceil(far[::-1] * scalef).astype(int), 1)
+        images["hires"] = np.full((3, *shape), 255, dtype=np.uint8)
+        scalefactors["tissue_hires_scalef"] = scalef
+        meta["hires_image"] = "blank canvas: the folder has no morphology image"
     library = str(table.uns.get(UNS_XENIUM_KEY, {}).get("region_name") or "xenium")
-    return spatial_uns(library, images, scalefactors, {"source": str(path), "units": "um"})
+    return spatial_uns(library, images, scalefactors, meta)
 
 
 def read_boundaries(file: Path):
