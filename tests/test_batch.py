@@ -288,6 +288,34 @@ def test_summary_rows_follow_the_manifest_with_each_pairs_numbers(thread_client,
     assert json.loads((out / "p1" / "status.json").read_text())["n_cells"] == 1001
 
 
+def test_force_inputs_and_flip_reach_every_pair_and_the_hint_names_the_batch_flag(thread_client, tmp_path, monkeypatch):
+    """A mirrored section in a batch: ``flip`` and ``force_inputs`` reach every pair's pipeline (as ``flip`` and
+    ``force``); a pair refused for a suspect input names the batch's --force-inputs, not run's --force (which in a
+    batch redoes finished pairs)."""
+    from pathlib import Path
+
+    from spatialdata_align import _pipeline
+
+    seen = {}
+
+    def fake(xenium, visium, **kw):
+        seen[Path(kw["out"]).parent.name] = kw
+        raise ValueError("mirrored. (If you are sure the input is right, --force (Python: force=True) runs anyway.)")
+
+    monkeypatch.setattr(_pipeline, "run_pipeline", fake)
+    m = _manifest(tmp_path / "m", THREE[:2])
+    summary = sda.batch(m, tmp_path / "o", client=thread_client, verbose=False, progress=False)
+    assert {k: (kw.get("force", False), kw.get("flip", False)) for k, kw in seen.items()} == {
+        "p1": (False, False),
+        "p2": (False, False),
+    }
+    assert all("--force-inputs (Python: sda.batch(..., force_inputs=True))" in e for e in summary["error"])
+    assert not any("--force (Python" in e for e in summary["error"])
+    seen.clear()
+    sda.batch(m, tmp_path / "o", client=thread_client, verbose=False, progress=False, force_inputs=True, flip=True)
+    assert {k: (kw.get("force"), kw.get("flip")) for k, kw in seen.items()} == {"p1": (True, True), "p2": (True, True)}
+
+
 def test_rerun_skips_only_finished_pairs_with_unchanged_inputs_and_a_store(thread_client, tmp_path, monkeypatch):
     calls = _stand_in(monkeypatch, fail={"p3"})
     m = _manifest(tmp_path / "m", THREE)

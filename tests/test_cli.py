@@ -346,6 +346,7 @@ def test_batch_passes_its_flags_to_sda_batch(monkeypatch, tmp_path):
     m, o = tmp_path / "m.csv", tmp_path / "out"
     argv = ["batch", str(m), "--out-dir", str(o), "--scheduler", "tcp://h:8786", "--workers", "3", "--force"]
     argv += ["--dx", "15", "--gene", "ACTB", "--bin-size", "8", "--device", "cuda", "--loo", "affine", "--quiet"]
+    argv += ["--force-inputs", "--allow-flip", "--landmark-units", "hires"]
     assert main(argv) == 0
     ((args, kw),) = seen
     assert args == (m, o)
@@ -360,11 +361,15 @@ def test_batch_passes_its_flags_to_sda_batch(monkeypatch, tmp_path):
         "lddmm_params": {"device": "cuda"},
         "loo": "affine",
         "bin_size": 8,
+        "force_inputs": True,
+        "flip": True,
+        "landmark_units": "hires",
     }
     seen.clear()
     assert main(["batch", str(m), "--out-dir", str(o)]) == 0
     kw = seen[0][1]
     assert (kw["scheduler"], kw["n_workers"], kw["force"], kw["verbose"]) == (None, None, False, True)
+    assert (kw["force_inputs"], kw["flip"], kw["landmark_units"]) == (False, False, "fullres")
     want = (20.0, None, "lddmm", 16, {"device": "cpu"})
     assert (kw["dx"], kw["gene"], kw["loo"], kw["bin_size"], kw["lddmm_params"]) == want
 

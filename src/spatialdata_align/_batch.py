@@ -192,7 +192,11 @@ def run_pair(pair: dict[str, Any], out_dir: str, pipeline_kwargs: dict[str, Any]
             heldout_median_um=loo.get("median"),
         )
     except Exception as e:  # one pair's failure, whatever it is, must not stop the batch
-        row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        # the pipeline's hint names run's --force; a batch offers it as --force-inputs
+        msg = str(e).replace(
+            "--force (Python: force=True)", "--force-inputs (Python: sda.batch(..., force_inputs=True))"
+        )
+        row.update(status="failed", error=f"{type(e).__name__}: {msg}", traceback=traceback.format_exc())
     row["runtime_s"] = round(time.perf_counter() - t0, 2)
     _write_status(p["status"], row)
     return row
@@ -222,6 +226,7 @@ def batch(
     scheduler: str | None = None,
     n_workers: int | None = None,
     force: bool = False,
+    force_inputs: bool = False,
     verbose: bool = True,
     progress: bool = True,
     **pipeline_kwargs,
@@ -247,6 +252,9 @@ def batch(
         Workers of the local cluster (default: one per pair, at most the number of CPUs).
     force
         Redo pairs that finished earlier (default: skip them).
+    force_inputs
+        Run pairs despite suspect inputs (:func:`~spatialdata_align._pipeline.run_pipeline`'s ``force``: each is
+        then a warning and the pair's verdict "unreliable"; CLI ``--force-inputs``).
     verbose, progress
         One line per pair as it finishes; a tqdm bar over the pairs.
     **pipeline_kwargs
@@ -264,6 +272,8 @@ def batch(
     """
     from tqdm.auto import tqdm
 
+    if force_inputs:
+        pipeline_kwargs = {**pipeline_kwargs, "force": True}
     pairs = read_manifest(manifest)
     if out_dir is None:
         out_dir = (

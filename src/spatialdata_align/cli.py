@@ -96,6 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--scheduler", metavar="ADDRESS", help="address of a running dask scheduler (tcp://host:8786)")
     batch.add_argument("--workers", type=int, help="workers of the local cluster (default: one per pair, <= CPUs)")
     batch.add_argument("--force", action="store_true", help="redo pairs that finished in an earlier run")
+    batch.add_argument(
+        "--force-inputs",
+        action="store_true",
+        help="run pairs despite suspect inputs (as run --force: the verdict is then 'unreliable')",
+    )
+    batch.add_argument(
+        "--allow-flip",
+        action="store_true",
+        help="accept mirrored alignments (sections mounted upside down); refused by default",
+    )
+    batch.add_argument(
+        "--landmark-units",
+        choices=("fullres", "hires"),
+        default="fullres",
+        help="units of the Visium landmarks of every pair: full-resolution pixels (default) or hires-image pixels",
+    )
     _common(batch, force=False)
     return ap
 
@@ -253,6 +269,9 @@ def _batch(args, verbose: bool) -> int:
             lddmm_params={"device": args.device},
             loo=args.loo,
             bin_size=args.bin_size,
+            force_inputs=args.force_inputs,
+            flip=args.allow_flip,
+            landmark_units=args.landmark_units,
         )
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
         print(f"spatialdata-align: error: {err}", file=sys.stderr)
