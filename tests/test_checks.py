@@ -113,6 +113,26 @@ def test_a_repeated_landmark_row_is_refused_naming_both_lines(case, capsys):
     assert _checks.check_landmarks(src, src * 3.6 + 4000.0, um_per_px=1 / 3.6).findings == []
 
 
+def test_target_landmarks_off_the_image_are_refused_before_the_work(case, capsys):
+    """Every target landmark shifted off the H&E (consistent with each other, so no typo check fires): refused
+    naming the image's extent, instead of a whole alignment ending in "the modalities share no tissue"."""
+    lm = pd.read_csv(case.landmarks)
+    lm["target_x"] -= 50000
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", f"{len(lm)} of {len(lm)} target landmarks lie outside the Visium image")
+    case.assert_untouched()
+
+
+def test_no_spot_in_tissue_is_refused_before_the_work(case, capsys):
+    pos = _positions(case)
+    pos["in_tissue"] = 0
+    pos.to_csv(case.spatial / "tissue_positions.csv", index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "marks none of the", "in_tissue is 0 everywhere")
+    case.assert_untouched()
+
+
 def test_two_swapped_landmark_targets_are_both_named(case, capsys):
     """Another form of a bad landmark: two rows whose targets were exchanged."""
     lm = pd.read_csv(case.landmarks)

@@ -664,6 +664,42 @@ def _landmark_label(names, i: int, file) -> str:
     return f"{name!r}{line}"
 
 
+def check_landmarks_on_image(dst, extent: dict, *, file=None, names=None, margin: float = 0.05) -> None:
+    """Target landmarks (Visium full-resolution px) must lie on the image they were placed on.
+
+    ``extent``: the registration image's ``{"x": (min, max), "y": (min, max)}`` in full-resolution px
+    (:func:`spatialdata.get_extent`). Landmarks more than ``margin`` of its size outside are a suspect input: e.g. a
+    column offset, coordinates of another image, or a file for another section. Before, such a run did the whole
+    alignment and then failed with "the modalities share no tissue".
+    """
+    d = np.asarray(dst, float).reshape(-1, 2)
+    (x0, x1), (y0, y1) = extent["x"], extent["y"]
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    off = (d[:, 0] < x0 - mx) | (d[:, 0] > x1 + mx) | (d[:, 1] < y0 - my) | (d[:, 1] > y1 + my)
+    if not off.any():
+        return
+    where = file if file is not None else "landmarks"
+    shown = ", ".join(
+        f"{_landmark_label(names, int(i), file)} at ({d[i, 0]:.6g}, {d[i, 1]:.6g})" for i in np.flatnonzero(off)[:3]
+    )
+    report_suspects(
+        [
+            Finding(
+                "landmarks_off_image",
+                _fmt(
+                    where,
+                    f"{int(off.sum())} of {len(d)} target landmarks lie outside the Visium image, which spans x "
+                    f"{x0:.6g}-{x1:.6g} and y {y0:.6g}-{y1:.6g} full-resolution px: {shown}.",
+                ),
+                "target landmarks are positions on the H&E in full-resolution pixels (hires-image pixels need "
+                "--landmark-units hires); correct the file (a shifted column, another image's or section's "
+                "coordinates?).",
+                None if file is None else str(file),
+            )
+        ]
+    )
+
+
 def _check_repeated_landmarks(s: np.ndarray, d: np.ndarray, names, file, um_per_px: float | None) -> None:
     """Fail on a landmark pair given twice (both ends within 1 µm).
 

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import spatialdata
 
 from . import _checks, _store
 from ._constants import (
     PSEUDO_SPOTS_KEY,
     SHARED_REGION_KEY,
     UNS_COMPARE_KEY,
+    VISIUM_CS,
     VISIUM_HD_TABLE,
     VISIUM_TABLE,
     XENIUM_CELLS,
@@ -182,6 +184,8 @@ def run_pipeline(
             sdata = sda.io.read_pair(xenium, visium, **hd_kw)
             target = sda.io.registration_target(sdata)  # the best Visium image present
             _check_raster_size(sdata, dx)
+            if not hd:
+                _check_in_tissue(sdata, visium)
             if gene is not None:  # a typo or a gene of one panel only: said now, not by a report without its plots
                 gene = _checked_gene(sdata, gene, VISIUM_HD_TABLE.format(bin_size) if hd else VISIUM_TABLE)
             if landmarks is not None:
@@ -200,6 +204,12 @@ def run_pipeline(
                     flip=flip,
                     scalefactors=sf,
                     landmark_units=landmark_units,
+                )
+                _checks.check_landmarks_on_image(
+                    dst,
+                    spatialdata.get_extent(sdata[target], coordinate_system=VISIUM_CS),
+                    file=landmarks_target if landmarks_target is not None else landmarks,
+                    names=names,
                 )
                 lm = (src, dst, names)
                 inliers = np.ones(len(src), bool)
@@ -383,6 +393,23 @@ def _check_raster_size(sdata, dx: float) -> None:
             f"--dx {dx:g} µm is too coarse for these cells: their smaller side spans {side:.0f} µm, "
             f"{side / dx:.1f} raster pixels, and the alignment needs at least {MIN_RASTER_PX}. Use --dx "
             f"{side / (4 * MIN_RASTER_PX):.0f} or finer (the default is 20 µm)."
+        )
+
+
+def _check_in_tissue(sdata, visium) -> None:
+    """Refuse a Visium table whose ``in_tissue`` flags are all 0.
+
+    There is nothing to compare then, and the run failed only after the alignment, blaming it ("the modalities share
+    no tissue").
+    """
+    table = sdata.tables.get(VISIUM_TABLE) if VISIUM_TABLE in sdata.tables else None
+    if table is None or "in_tissue" not in table.obs or table.n_obs == 0:
+        return
+    if not (table.obs["in_tissue"].astype(int) == 1).any():
+        raise ValueError(
+            f"{visium}: the tissue positions file marks none of the {table.n_obs} spots as in tissue (in_tissue is 0 "
+            "everywhere), so there is nothing to compare the Xenium cells with. Fix: use the tissue_positions file "
+            "Space Ranger wrote (1 for spots under tissue)."
         )
 
 
