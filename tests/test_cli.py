@@ -38,6 +38,9 @@ def test_run_reproduces_the_python_api(twin, tmp_path, capsys):
         warnings.simplefilter("always")
         rc = main(_run_args(twin, out, *args))
     assert rc == 0
+    # the last line says the held-out error is the affine's when the LDDMM was not refitted (--loo affine)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "held-out landmark error of the affine alone" in last, last
     # --quiet: not zarr's notice for every array written (208 lines on stderr)
     assert not [w for w in caught if "autosharding" in str(w.message)]
     # the same calls through the Python API

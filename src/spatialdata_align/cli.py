@@ -242,7 +242,8 @@ def _print_verdict(summary: dict, verbose: bool) -> None:
     v = summary.get("verdict", {})
     acc = summary.get("accuracy", {})
     loo = acc.get("loo_lddmm_um") or acc.get("loo_affine_um")
-    est = f"; held-out landmark error median {loo['median']:.1f} µm, max {loo['max']:.1f} µm" if loo else ""
+    of = "" if acc.get("loo_lddmm_um") else " of the affine alone (--loo affine / none: the LDDMM not refitted)"
+    est = f"; held-out landmark error{of} median {loo['median']:.1f} µm, max {loo['max']:.1f} µm" if loo else ""
     stream = sys.stderr if v.get("level") == "unreliable" else sys.stdout
     if verbose:
         for line in accuracy_lines(summary):
