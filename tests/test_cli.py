@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -114,10 +115,14 @@ def test_run_on_a_folder_with_the_lowres_image_only(twin, tmp_path, capsys):
     (outs / "spatial" / "tissue_hires_image.png").unlink()
     out = tmp_path / "aligned.zarr"
     with pytest.warns(UserWarning, match="tissue_hires_image.png not found"):
-        args = _run_args(twin, out, "--landmarks", str(twin.landmarks_path), "--dx", "30", "--quiet", visium=outs)
+        args = _run_args(twin, out, "--landmarks", str(twin.landmarks_path), "--dx", "30", visium=outs)
         args += ["--loo", "affine"]  # (the LDDMM refits are tested in test_report.py)
         rc = main(args)
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    # the stage counter counts the stages run: nine and the write (it ended at [10/11])
+    counters = re.findall(r"^\[(\d+)/(\d+)\] .* done", captured.out, flags=re.M)
+    assert counters[-1] == ("10", "10") and len(counters) == 10, counters
     back = spatialdata.read_zarr(out)
     assert "visium_hires_image" not in back.images and "visium_lowres_image" in back.images
     assert back.align.transforms.loc["xenium_to_visium_lddmm", "target_element"] == "visium_lowres_image"

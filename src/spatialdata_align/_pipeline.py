@@ -174,7 +174,7 @@ def run_pipeline(
         raise ValueError(f"--dx must be a positive pixel size in µm, got {dx!r}.")
     hd = sda.io.is_visium_hd(visium)  # HD: bin + compare instead of region, pseudo-spots, compare, subset
     shared_cells = None  # HD: the cells over in-tissue bins (for Visium spots the shared subset tells them)
-    stages = _Stages((8 if hd else 10) + (out is not None) + (report is not None), verbose)
+    stages = _Stages((7 if hd else 9) + (out is not None) + (report is not None), verbose)  # the stages below
     findings: list = []
     lm = inliers = None
     with _checks.collecting(findings, force=force):
