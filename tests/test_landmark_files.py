@@ -132,3 +132,21 @@ def test_export_explorer_uses_the_datasets_own_pixel_size(tmp_path):
     del s.tables[XENIUM_TABLE]
     bare = export_explorer(s, tmp_path / "bare")["explorer_alignment"]
     np.testing.assert_allclose(sda.io.read_explorer_alignment(bare, pixel_size=PIXEL_SIZE), fit.matrix, atol=1e-9)
+
+
+def test_landmark_csv_headers_as_typed_and_misplaced_files_get_clear_messages(tmp_path):
+    """Headers with spaces or capitals are read (as batch manifests are); a CSV given with --landmarks-target and a
+    .npy without it say which flag goes with which file."""
+    from spatialdata_align._landmark_files import read_landmarks
+
+    path = tmp_path / "typed.csv"
+    path.write_text("Name, Source_X, Source_Y, Target_X, Target_Y\na,1,2,10,20\nb,3,4,30,40\nc,5,7,50,71\n")
+    s, d, names = read_landmarks(path)
+    np.testing.assert_array_equal(s, [[1, 2], [3, 4], [5, 7]])
+    np.testing.assert_array_equal(d, [[10, 20], [30, 40], [50, 71]])
+    assert names == ["a", "b", "c"]
+    np.save(tmp_path / "s.npy", {"a": [[1.0, 2.0]]}, allow_pickle=True)
+    with pytest.raises(ValueError, match="a CSV holds both sides"):
+        read_landmarks(path, tmp_path / "s.npy")
+    with pytest.raises(ValueError, match="--landmarks-target"):
+        read_landmarks(tmp_path / "s.npy")

@@ -57,9 +57,15 @@ def read_landmarks(path, target_path=None) -> tuple[np.ndarray, np.ndarray, list
     if target_path is None:
         if path.suffix.lower() == ".npy":
             raise ValueError(
-                f"{path}: an STalign-style .npy landmark dict holds one side only; pass the target .npy too."
+                f"{path}: an STalign-style .npy landmark dict holds one side only; pass the target .npy too "
+                "(--landmarks-target; Python: landmarks_target=...)."
             )
         return _read_csv(path)
+    if path.suffix.lower() != ".npy":
+        raise ValueError(
+            f"{path}: a second landmark file (--landmarks-target) goes with an STalign-style .npy dict of source "
+            "points only; a CSV holds both sides (source_x, source_y, target_x, target_y): give it alone."
+        )
     return _read_npy_pair(path, Path(target_path))
 
 
@@ -70,6 +76,10 @@ def _read_csv(path: Path):
         raise ValueError(f"{path}: cannot be read as CSV ({err}).") from err
     if all(c in df.columns for c in EXPLORER_COLUMNS):
         return read_explorer_keypoints(path)
+    # headers as people type them ("Source_X", "source_x " after a comma and a space): matched like batch manifests
+    canon = {c: str(c).strip().lower() for c in df.columns}
+    if len(set(canon.values())) == len(canon) and all(c in canon.values() for c in CSV_COLUMNS):
+        df = df.rename(columns=canon)
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(
