@@ -158,7 +158,7 @@ def read_positions(file: str | Path) -> pd.DataFrame:
         )
     if not out["barcode"].is_unique:
         dup = out["barcode"][out["barcode"].duplicated()].unique()
-        raise ValueError(f"{file}: {len(dup)} barcode(s) are listed more than once (e.g. {list(dup[:3])}).")
+        raise ValueError(f"{file}: {len(dup)} barcode(s) are listed more than once (e.g. {[str(v) for v in dup[:3]]}).")
     return out
 
 
@@ -459,8 +459,8 @@ def read_visium(
     if absent.any():
         raise ValueError(
             f"{int(absent.sum())} of {len(rows)} barcodes of {counts_path.name} are not in {pos_file.name} "
-            f"({len(positions)} barcodes there; e.g. {list(barcodes_m[absent][:3])}): the matrix and the positions "
-            "do not come from the same Space Ranger run."
+            f"({len(positions)} barcodes there; e.g. {[str(v) for v in barcodes_m[absent][:3]]}): the matrix and "
+            "the positions do not come from the same Space Ranger run."
         )
     obs = positions.iloc[rows].reset_index(drop=True)
     if counts_path.name.startswith(_MATRIX_DIR) or counts_path.name.endswith(_MATRIX_H5):

@@ -108,7 +108,7 @@ def _bin_elements(size: int, positions: pd.DataFrame, mat: ad.AnnData, scalefact
     if (rows < 0).any():
         raise ValueError(
             f"{int((rows < 0).sum())} of {len(rows)} barcodes of the {size} µm matrix are not in its "
-            f"tissue_positions.parquet (e.g. {list(barcodes[rows < 0][:3])}): files from different runs."
+            f"tissue_positions.parquet (e.g. {[str(v) for v in barcodes[rows < 0][:3]]}): files from different runs."
         )
     obs = positions.iloc[rows].reset_index(drop=True)
     obs.index = pd.Index(barcodes)

@@ -160,7 +160,7 @@ def _cells_element(table: ad.AnnData, cells_as: str, source: str):
     if bad.any():
         raise ValueError(
             f"{source}: {int(bad.sum())} of {len(area)} cells have a missing or non-positive 'cell_area' "
-            f"(e.g. {list(ids[bad][:3])}); circles need positive radii, use cells_as='points'."
+            f"(e.g. {[str(v) for v in ids[bad][:3]]}); circles need positive radii, use cells_as='points'."
         )
     return ShapesModel.parse(
         xy,
@@ -217,7 +217,7 @@ def _read_cells_file(file: Path) -> pd.DataFrame:
     check_finite(cells, file, ("x_centroid", "y_centroid"), ids=cells["cell_id"], what="centroids")
     if not cells["cell_id"].is_unique:
         dup = cells["cell_id"][cells["cell_id"].duplicated()].unique()
-        raise ValueError(f"{file}: 'cell_id' is not unique ({len(dup)} duplicated, e.g. {list(dup[:3])}).")
+        raise ValueError(f"{file}: 'cell_id' is not unique ({len(dup)} duplicated, e.g. {[str(v) for v in dup[:3]]}).")
     return cells
 
 
