@@ -133,6 +133,19 @@ def test_no_spot_in_tissue_is_refused_before_the_work(case, capsys):
     case.assert_untouched()
 
 
+def test_landmark_rows_out_of_order_are_called_mismatched_not_typos_or_a_mirror(case, capsys):
+    """Target rows shifted by one against the source rows: no affine fits most pairs, so the message says the rows
+    do not belong together (it named single "typos", or a mirror with --allow-flip as the fix)."""
+    lm = pd.read_csv(case.landmarks)
+    assert len(lm) >= 5
+    lm[["target_x", "target_y"]] = np.roll(lm[["target_x", "target_y"]].to_numpy(), 1, axis=0)
+    lm.to_csv(case.landmarks, index=False)
+    rc, err = case.run(capsys)
+    _refused(rc, err, "landmarks.csv", "do not belong together")
+    assert "--allow-flip" not in err and "a typo" not in err, err
+    case.assert_untouched()
+
+
 def test_two_swapped_landmark_targets_are_both_named(case, capsys):
     """Another form of a bad landmark: two rows whose targets were exchanged."""
     lm = pd.read_csv(case.landmarks)
