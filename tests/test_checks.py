@@ -141,7 +141,7 @@ def test_landmark_rows_out_of_order_are_called_mismatched_not_typos_or_a_mirror(
     lm[["target_x", "target_y"]] = np.roll(lm[["target_x", "target_y"]].to_numpy(), 1, axis=0)
     lm.to_csv(case.landmarks, index=False)
     rc, err = case.run(capsys)
-    _refused(rc, err, "landmarks.csv", "do not belong together")
+    _refused(rc, err, "landmarks.csv", "do not belong together, or several are wrong")
     assert "--allow-flip" not in err and "a typo" not in err, err
     case.assert_untouched()
 
