@@ -587,7 +587,8 @@ def fig_zooms(sdata, assessment: Assessment, key: str | None = None):
         ax.set_title(f"{label}\n{len(sel)} cells, {ZOOM_UM:.0f} µm window", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].legend(loc="lower left", fontsize=7)
+    if assessment.landmarks is not None:  # (without landmarks nothing is labelled: no empty legend, no warning)
+        axes[0].legend(loc="lower left", fontsize=7)
     fig.suptitle("Aligned Xenium cells over the H&E (outline colour: match weight, viridis 0-1)", fontsize=10)
     return fig
 
