@@ -454,6 +454,26 @@ def test_landmark_coverage_in_the_verdict_and_the_confidence_figure(run):
         fig.clf()
 
 
+def test_zoom_figure_without_landmarks_draws_no_empty_legend(run):
+    """Without landmarks (--auto-init) nothing in the zooms is labelled: no legend, and no matplotlib warning through
+    --quiet; with landmarks the legend names them."""
+    import warnings
+
+    from spatialdata_align._report import assess_alignment, fig_zooms
+
+    back = spatialdata.read_zarr(run["out"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fig = fig_zooms(back, assess_alignment(back, landmarks=None, loo="none"))
+    assert fig.axes[0].get_legend() is None
+    fig.clf()
+    twin = run["twin"]
+    lm = (twin.truth.landmarks_source, twin.truth.landmarks_target, list(twin.truth.landmark_names))
+    fig = fig_zooms(back, assess_alignment(back, landmarks=lm, loo="none"))
+    assert "landmark (Visium)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig.clf()
+
+
 def test_accuracy_estimate_refits_a_fit_that_found_a_cut(tmp_path):
     """A torn section whose Xenium region cuts through the tissue on one side (``damaged``, seed 0, 900 cells/mm²):
     the fit's field of view has open sides (stored as None), and the held-out refits, which repeat the fit's
