@@ -322,6 +322,15 @@ def test_cli_defaults_are_the_api_defaults(monkeypatch, tmp_path):
     assert kw["lddmm_params"] == {"device": "cpu"}
 
 
+def test_demo_with_bad_sizes_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-cells", "0", "--quiet"]) == 2
+    assert "n_cells must be >= 50" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # an existing folder stays
+    assert main(["demo", "--out", str(out), "--n-cells", "0", "--quiet"]) == 2 and out.is_dir()
+
+
 def test_demo_passes_its_flags_to_run_demo(monkeypatch, tmp_path):
     calls = _record_calls(monkeypatch)
     argv = ["demo", "--out", str(tmp_path), "--n-cells", "1234", "--n-spots", "77", "--seed", "5", "--auto-init"]

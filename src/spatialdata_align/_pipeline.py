@@ -7,6 +7,7 @@ same order, so the command line reproduces the Python API's result.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -463,11 +464,19 @@ def run_demo(
     from ._elements import element_xy
 
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if verbose:
         kind = "Visium HD" if visium_hd else "Visium"
         print(f"generating twin sections ({n_cells} cells, {kind}, {n_spots} spots of tissue, seed {seed})")
-    twin = sda.datasets.twin_sections(out / "data", n_cells=n_cells, n_spots=n_spots, seed=seed, visium_hd=visium_hd)
+    try:
+        twin = sda.datasets.twin_sections(
+            out / "data", n_cells=n_cells, n_spots=n_spots, seed=seed, visium_hd=visium_hd
+        )
+    except ValueError:
+        if made:  # bad sizes: no empty output folder left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     lm_csv = out / "data" / "truth" / "landmarks.csv"
 
     def truth_tre(sdata) -> dict:
