@@ -1069,7 +1069,8 @@ def lddmm(
     except FloatingPointError as err:
         diverged = True
         warnings.warn(
-            f"LDDMM diverged ({err}); returning the last good state. Try a smaller sigma_r or a larger a.",
+            f"LDDMM diverged ({err}); returning the last good state. Try a smaller sigma_r or a larger a "
+            "(sdata.align.lddmm(..., sigma_r=..., a=...)); from the command line, a finer --dx.",
             RegistrationDivergedWarning,
             stacklevel=2,
         )
