@@ -155,8 +155,10 @@ def test_refitting_a_key_warns_that_its_aligned_copies_are_stale(sdata, twin):
         sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="similarity")  # nothing applied yet: silent
         sdata.align.apply(XENIUM_CELLS)
     before = element_xy(sdata, f"{XENIUM_CELLS}_aligned", VISIUM_CS)
-    with pytest.warns(StaleAlignedCopyWarning, match=r"'xenium_cells_aligned'.*sdata\.align\.apply\('xenium_cells'"):
+    stale = r"'xenium_cells_aligned'.*sdata\.align\.apply\('xenium_cells'"
+    with pytest.warns(StaleAlignedCopyWarning, match=stale) as w:
         sdata.align.affine(XENIUM_CELLS, VISIUM_HIRES, kind="affine")
+    assert "apply('xenium_table'" not in str(w[0].message)  # applying the cells copies their table too
     np.testing.assert_array_equal(element_xy(sdata, f"{XENIUM_CELLS}_aligned", VISIUM_CS), before)  # not mutated
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleAlignedCopyWarning)

@@ -405,16 +405,16 @@ def _check_in_tissue(sdata, visium) -> None:
     There is nothing to compare then, and the run failed only after the alignment, blaming it ("the modalities share
     no tissue").
     """
-    table = sdata.tables.get(VISIUM_TABLE) if VISIUM_TABLE in sdata.tables else None
-    if table is None or "in_tissue" not in table.obs or table.n_obs == 0:
-        return
-    import pandas as pd
+    from .tl import _data
 
-    if not (pd.to_numeric(table.obs["in_tissue"], errors="coerce") == 1).any():
+    if VISIUM_TABLE not in sdata.tables or sdata.tables[VISIUM_TABLE].n_obs == 0:
+        return
+    vis = _data.visium(sdata, VISIUM_CS)
+    if not _data.in_tissue(vis).any():  # the flag as every tl function reads it
         raise ValueError(
-            f"{visium}: the tissue positions file marks none of the {table.n_obs} spots as in tissue (in_tissue is 0 "
-            "everywhere), so there is nothing to compare the Xenium cells with. Fix: use the tissue_positions file "
-            "Space Ranger wrote (1 for spots under tissue)."
+            f"{visium}: the tissue positions file marks none of the {vis.table.n_obs} spots as in tissue (in_tissue "
+            "is 0 everywhere), so there is nothing to compare the Xenium cells with. Fix: use the tissue_positions "
+            "file Space Ranger wrote (1 for spots under tissue)."
         )
 
 

@@ -524,7 +524,9 @@ def store_registration(
     write_root(sdata, node)
     if stale:
         copies = ", ".join(repr(c) for c in stale.values())
-        again = "; ".join(f"sdata.align.apply({e!r}, key={key!r})" for e in stale if e in sdata)
+        # the spatial elements: applying one also copies the tables annotating it
+        spatial = [e for e in stale if e in sdata and e not in sdata.tables]
+        again = "; ".join(f"sdata.align.apply({e!r}, key={key!r})" for e in spatial)
         warnings.warn(
             f"{copies} {'was' if len(stale) == 1 else 'were'} made with the transform {key!r} that this fit replaces "
             f"and still {'holds' if len(stale) == 1 else 'hold'} the previous alignment (the sda.tl functions read "
