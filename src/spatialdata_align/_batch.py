@@ -193,9 +193,9 @@ def run_pair(pair: dict[str, Any], out_dir: str, pipeline_kwargs: dict[str, Any]
         )
     except Exception as e:  # one pair's failure, whatever it is, must not stop the batch
         # the pipeline's hint names run's --force; a batch offers it as --force-inputs
-        msg = str(e).replace(
-            "--force (Python: force=True)", "--force-inputs (Python: sda.batch(..., force_inputs=True))"
-        )
+        from ._checks import FORCE_HINT
+
+        msg = str(e).replace(FORCE_HINT, "--force-inputs (Python: sda.batch(..., force_inputs=True))")
         row.update(status="failed", error=f"{type(e).__name__}: {msg}", traceback=traceback.format_exc())
     row["runtime_s"] = round(time.perf_counter() - t0, 2)
     _write_status(p["status"], row)

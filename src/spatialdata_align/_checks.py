@@ -148,6 +148,10 @@ def _fmt(file, problem: str) -> str:
     return f"{file}: {problem}" if file is not None else problem
 
 
+#: how the hint of a refused suspect input names the override (``sda.batch`` rewrites it into its own flag)
+FORCE_HINT = "--force (Python: force=True)"
+
+
 def report_suspects(findings: Sequence[Finding]) -> None:
     """Raise the suspects as one :class:`PlausibilityError`, or, when forced (:func:`relaxed`), warn and record them."""
     if not findings:
@@ -157,7 +161,7 @@ def report_suspects(findings: Sequence[Finding]) -> None:
         text = "\n".join(str(f) for f in findings)
         more = "" if len(findings) == 1 else f"{len(findings)} problems:\n"
         raise PlausibilityError(
-            more + text + "\n(If you are sure the input is right, --force (Python: force=True) runs anyway; the "
+            more + text + f"\n(If you are sure the input is right, {FORCE_HINT} runs anyway; the "
             "result is then marked unreliable.)",
             code=findings[0].code,
             findings=findings,

@@ -148,12 +148,14 @@ def xenium(sdata: SpatialData, cs: str = VISIUM_CS, element: str | None = None) 
 def visium(sdata: SpatialData, cs: str = VISIUM_CS) -> Modality:
     """The Visium spots (``visium_spots`` / ``visium_table``) in ``cs``."""
     if VISIUM_SPOTS not in sdata.shapes:
-        hd = sorted(k for k in sdata.shapes if k.startswith("visium_hd_bins_"))
+        from ._bins import hd_bin_sizes  # (here: _bins imports this module)
+
+        hd = hd_bin_sizes(sdata)
         if hd:  # a Visium HD object: bins, no spots
             raise ValueError(
-                f"no Visium spots: this is a Visium HD object (bins {hd}). This function works on Visium spots; for "
-                "Visium HD use sda.tl.bin_cells and sda.tl.compare_bins (genes at one bin size), sda.pl.bins_gene "
-                "(a gene side by side) and sda.pl.overlay(sdata) (cells over the H&E)."
+                f"no Visium spots: this is a Visium HD object (bins of {hd} µm). This function works on Visium "
+                "spots; for Visium HD use sda.tl.bin_cells and sda.tl.compare_bins (genes at one bin size), "
+                "sda.pl.bins_gene (a gene side by side) and sda.pl.overlay(sdata) (cells over the H&E)."
             )
         raise ValueError(
             f"no Visium spots: {VISIUM_SPOTS!r} is not a shapes element here (shapes present: "
